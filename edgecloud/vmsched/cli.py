@@ -1,0 +1,130 @@
+"""``edgecloud vmsched ...``: evaluate schedulers on the Huawei-East-1 trace, and the flex study over N."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from edgecloud.errors import UserError
+from edgecloud.progress import progress_bar
+from edgecloud.vmsched.cluster import ClusterConfig
+from edgecloud.vmsched.evaluate import evaluate, write_table
+from edgecloud.vmsched.policies import make_policy
+from edgecloud.vmsched.trace import load_starts, load_trace
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+console = Console(width=None if sys.stdout.isatty() else 160)
+
+TraceOpt = typer.Option(None, "--trace", help="Trace CSV (lifetime or raw event form). Default: "
+                        "$EDGECLOUD_DATA/huawei-east-1/Huawei-East-1-lt.csv, data root ../shared/data.")
+CpuOpt = typer.Option(40.0, "--cpu", help="CPU per NUMA node.")
+MemOpt = typer.Option(90.0, "--mem", help="Memory (GB) per NUMA node.")
+DoubleOpt = typer.Option(10.0, "--double-threshold", help="A VM is double-NUMA when mem > this.")
+JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of a table.")
+SeedOpt = typer.Option(0, "--seed", help="Seed for stochastic policies (random).")
+
+
+def _cluster(pms: int, cpu: float, mem: float, double_threshold: float) -> ClusterConfig:
+    return ClusterConfig(n_pms=pms, node_cpu=cpu, node_mem=mem, double_threshold=double_threshold)
+
+
+def _print_summary(rows: list[dict], title: str) -> None:
+    table = Table(title=title)
+    for col in ("policy", "n_pms", "split", "episodes", "trimmed_mean", "mean", "p50", "p90", "p99"):
+        table.add_column(col, justify="right" if col not in ("policy", "split") else "left")
+    for r in rows:
+        table.add_row(*[f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in
+                        ("policy", "n_pms", "split", "episodes", "trimmed_mean", "mean", "p50", "p90", "p99")])
+    console.print(table)
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    policy: list[str] = typer.Option(["first-fit"], "--policy", "-p",
+                                     help="first-fit, balance-fit, best-fit, worst-fit, random, a shipped model "
+                                          "(spane, ...) or checkpoint:DIR. Repeat for several."),
+    split: str = typer.Option("test", "--split", help="test, valid, or a .npy / text file of start rows."),
+    pms: int = typer.Option(5, "--pms", help="Number of PMs (N >= 1)."),
+    trace: Optional[Path] = TraceOpt,
+    cpu: float = CpuOpt,
+    mem: float = MemOpt,
+    double_threshold: float = DoubleOpt,
+    seed: int = SeedOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Total wait per episode on a split, as SPANE scores it: 10% trimmed mean, mean, p50/p90/p99."""
+    cluster = _cluster(pms, cpu, mem, double_threshold)
+    tr = load_trace(trace)
+    starts = load_starts(split, len(tr))
+    rows = []
+    for name in policy:
+        pol = make_policy(name, seed=seed, n_pms=pms)
+        with progress_bar(f"{name} on {split}", enabled=not as_json) as bar:
+            res = evaluate(tr, cluster, pol, starts, split_name=split, progress=bar)
+        row = res.summary()
+        row["policy"] = name
+        rows.append(row)
+    if as_json:
+        print(json.dumps(rows[0] if len(rows) == 1 else rows))
+    else:
+        _print_summary(rows, f"Total wait per episode (s), N={pms} PMs")
+
+
+@app.command("flex")
+def flex_cmd(
+    policy: list[str] = typer.Option([], "--policy", "-p", help="Extra policies beside first-fit and balance-fit "
+                                                                "(e.g. checkpoint:DIR trained at N=5)."),
+    pms_min: int = typer.Option(2, "--pms-min"),
+    pms_max: int = typer.Option(9, "--pms-max"),
+    split: str = typer.Option("test", "--split"),
+    out: Path = typer.Option(Path("out/vmsched-flex"), "--out", help="Folder for flex.md, flex.csv, flex.png."),
+    trace: Optional[Path] = TraceOpt,
+    cpu: float = CpuOpt,
+    mem: float = MemOpt,
+    double_threshold: float = DoubleOpt,
+    seed: int = SeedOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Trimmed-mean total wait for N = pms-min..pms-max PMs: First-Fit, Balance-Fit and any --policy."""
+    if pms_min < 1 or pms_max < pms_min:
+        raise UserError(f"--pms-min {pms_min} / --pms-max {pms_max}: need 1 <= pms-min <= pms-max")
+    from edgecloud.vmsched.flex import flex_table, plot_flex
+
+    tr = load_trace(trace)
+    starts = load_starts(split, len(tr))
+    names = ["first-fit", "balance-fit"] + [p for p in policy if p not in ("first-fit", "balance-fit")]
+    rows = flex_table(tr, starts, names, range(pms_min, pms_max + 1), cpu, mem, double_threshold, seed,
+                      show_progress=not as_json)
+    cols = ["n_pms"] + names
+    write_table(out / "flex", rows, cols)
+    plot_flex(rows, names, out / "flex.png")
+    if as_json:
+        print(json.dumps({"split": split, "rows": rows, "out": str(out)}))
+        return
+    table = Table(title=f"Trimmed-mean total wait by number of PMs ({split} split)")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(*[str(r["n_pms"])] + [f"{r[n]:.2f}" for n in names])
+    console.print(table)
+    console.print(f"wrote {out / 'flex.md'}, {out / 'flex.csv'}, {out / 'flex.png'}")
+
+
+# Other vmsched modules add their own commands (learners, MILP) without editing this file: each defines
+# ``register(app)``.
+for _mod in ("edgecloud.vmsched.cli_learn", "edgecloud.vmsched.cli_milp"):
+    try:
+        _m = importlib.import_module(_mod)
+    except ModuleNotFoundError as _e:
+        if _e.name != _mod:
+            raise
+    else:
+        _m.register(app)
