@@ -14,7 +14,7 @@ import numpy as np
 from edgecloud.errors import UserError
 from edgecloud.vmsched.cluster import ClusterConfig, action_mask, vm_demand
 from edgecloud.vmsched.policies import Decision, FirstFit, Policy
-from edgecloud.vmsched.simulator import PROBE_EXTRA, check_episode
+from edgecloud.vmsched.simulator import PROBE_EXTRA, check_episode, check_start
 from edgecloud.vmsched.trace import Trace
 
 DOUBLE = 2  # slot node code for a VM that holds both nodes of its PM
@@ -37,9 +37,9 @@ class BatchedSim:
         if not probe:
             for s, n in zip(starts, n_vms):
                 check_episode(trace, int(s), int(n))
-        elif B and (starts.min() < 0 or starts.max() >= len(trace)):
-            bad = starts[(starts < 0) | (starts >= len(trace))][0]
-            raise UserError(f"start row {bad} is outside the trace (0..{len(trace) - 1}); pick a start inside it")
+        else:
+            for s in starts:
+                check_start(trace, int(s))
         self.double_all = cluster.is_double(trace.mem)
         self.need_cpu_all, self.need_mem_all = vm_demand(trace.cpu, trace.mem, self.double_all)
         self.starts, self.n_vms = starts, n_vms

@@ -6,9 +6,7 @@ import importlib
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
-import numpy as np
 import typer
 from rich.console import Console
 from rich.table import Table
@@ -16,7 +14,7 @@ from rich.table import Table
 from edgecloud.errors import UserError
 from edgecloud.progress import progress_bar
 from edgecloud.vmsched.cluster import ClusterConfig
-from edgecloud.vmsched.evaluate import evaluate, write_table
+from edgecloud.vmsched.evaluate import evaluate, fmt2, write_table
 from edgecloud.vmsched.policies import make_policy
 from edgecloud.vmsched.trace import load_starts, load_trace
 
@@ -41,7 +39,7 @@ def _print_summary(rows: list[dict], title: str) -> None:
     for col in ("policy", "n_pms", "split", "episodes", "trimmed_mean", "mean", "p50", "p90", "p99"):
         table.add_column(col, justify="right" if col not in ("policy", "split") else "left")
     for r in rows:
-        table.add_row(*[f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in
+        table.add_row(*[fmt2(r[c]) for c in
                         ("policy", "n_pms", "split", "episodes", "trimmed_mean", "mean", "p50", "p90", "p99")])
     console.print(table)
 
@@ -53,7 +51,7 @@ def evaluate_cmd(
                                           "(spane, ...) or checkpoint:DIR. Repeat for several."),
     split: str = typer.Option("test", "--split", help="test, valid, or a .npy / text file of start rows."),
     pms: int = typer.Option(5, "--pms", help="Number of PMs (N >= 1)."),
-    trace: Optional[Path] = TraceOpt,
+    trace: Path | None = TraceOpt,
     cpu: float = CpuOpt,
     mem: float = MemOpt,
     double_threshold: float = DoubleOpt,
@@ -86,7 +84,7 @@ def flex_cmd(
     pms_max: int = typer.Option(9, "--pms-max"),
     split: str = typer.Option("test", "--split"),
     out: Path = typer.Option(Path("out/vmsched-flex"), "--out", help="Folder for flex.md, flex.csv, flex.png."),
-    trace: Optional[Path] = TraceOpt,
+    trace: Path | None = TraceOpt,
     cpu: float = CpuOpt,
     mem: float = MemOpt,
     double_threshold: float = DoubleOpt,
@@ -113,7 +111,7 @@ def flex_cmd(
     for c in cols:
         table.add_column(c, justify="right")
     for r in rows:
-        table.add_row(*[str(r["n_pms"])] + [f"{r[n]:.2f}" for n in names])
+        table.add_row(*[str(r["n_pms"])] + [fmt2(r[n]) for n in names])
     console.print(table)
     console.print(f"wrote {out / 'flex.md'}, {out / 'flex.csv'}, {out / 'flex.png'}")
 

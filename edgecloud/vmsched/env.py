@@ -9,15 +9,15 @@ Reward: ``-log1p(wait)`` of the VM just placed (configurable). An episode ends a
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from edgecloud.errors import UserError
 from edgecloud.vmsched.cluster import ClusterConfig
-from edgecloud.vmsched.simulator import Simulator, episode_length
+from edgecloud.vmsched.simulator import Simulator, check_start, episode_length
 from edgecloud.vmsched.trace import Trace
 
 TRAIN_START_RANGE = (0, 50_000)  # SPANE samples training starts uniformly from here
@@ -77,8 +77,7 @@ class DVAMPEnv(gym.Env):
             start = int(options["start"])
         else:
             start = int(self.np_random.integers(*self.start_range))
-        if not 0 <= start < len(self.trace):
-            raise UserError(f"start row {start} is outside the trace (0..{len(self.trace) - 1}); pick a start inside it")
+        check_start(self.trace, start)
         n_vm = int(options["n_vm"]) if options.get("n_vm") is not None else self.episode_length(start)
         self.sim.reset(start, n_vm)
         self._started = True

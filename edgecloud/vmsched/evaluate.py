@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,15 @@ def trimmed_mean(x, trim: float = TRIM) -> float:
     x = np.sort(np.asarray(x, dtype=np.float64))
     k = int(np.floor(trim * len(x)))
     return float(x[k : len(x) - k].mean()) if len(x) > 2 * k else float(x.mean())
+
+
+def round2(x: float) -> float:
+    """Round half up to 0.01, as the published tables do (52483.255 -> 52483.26; float round() gives .25)."""
+    return float(Decimal(repr(float(x))).quantize(Decimal("0.01"), rounding=ROUND_HALF_UP))
+
+
+def fmt2(x) -> str:
+    return f"{round2(x):.2f}" if isinstance(x, float) else str(x)
 
 
 def summarize(totals) -> dict[str, float]:
@@ -94,6 +104,6 @@ def write_table(path: Path, rows: list[dict], columns: list[str]) -> None:
     csv_lines = [",".join(columns)] + [",".join(str(r[c]) for c in columns) for r in rows]
     atomic.write_text(path.with_suffix(".csv"), "\n".join(csv_lines) + "\n")
     md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    md += ["| " + " | ".join(f"{r[c]:.2f}" if isinstance(r[c], float) else str(r[c]) for c in columns) + " |"
+    md += ["| " + " | ".join(fmt2(r[c]) for c in columns) + " |"
            for r in rows]
     atomic.write_text(path.with_suffix(".md"), "\n".join(md) + "\n")

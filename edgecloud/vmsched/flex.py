@@ -9,7 +9,7 @@ import numpy as np
 from edgecloud import atomic
 from edgecloud.progress import progress_bar
 from edgecloud.vmsched.cluster import ClusterConfig
-from edgecloud.vmsched.evaluate import evaluate
+from edgecloud.vmsched.evaluate import evaluate, round2
 from edgecloud.vmsched.policies import make_policy
 from edgecloud.vmsched.trace import Trace
 
@@ -24,7 +24,7 @@ def flex_table(trace: Trace, starts: np.ndarray, names: list[str], sizes, cpu: f
         for name in names:
             policy = make_policy(name, seed=seed, n_pms=n)
             with progress_bar(f"N={n} {name}", enabled=show_progress) as bar:
-                row[name] = round(evaluate(trace, cluster, policy, starts, progress=bar).summary()["trimmed_mean"], 2)
+                row[name] = round2(evaluate(trace, cluster, policy, starts, progress=bar).summary()["trimmed_mean"])
         rows.append(row)
     return rows
 

@@ -7,8 +7,9 @@ A learned policy plugs in by implementing the same ``__call__(decision) -> actio
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 

@@ -24,7 +24,6 @@ class Simulator:
     """One episode of the DVAMP queue on a cluster. Use :meth:`reset`, then :meth:`place` until :attr:`done`."""
 
     def __init__(self, trace: Trace, cluster: ClusterConfig) -> None:
-        cluster.check_trace(trace) if len(trace) < 1 else None
         self.trace = trace
         self.cluster = cluster
         self.double = cluster.is_double(trace.mem)
@@ -105,9 +104,13 @@ class Simulator:
                 return
 
 
-def check_episode(trace: Trace, start: int, n_vm: int) -> None:
+def check_start(trace: Trace, start: int) -> None:
     if not 0 <= start < len(trace):
         raise UserError(f"start row {start} is outside the trace (0..{len(trace) - 1}); pick a start inside it")
+
+
+def check_episode(trace: Trace, start: int, n_vm: int) -> None:
+    check_start(trace, start)
     if n_vm < 1:
         raise UserError(f"episode length n_vm={n_vm}; it must be >= 1")
     if start + n_vm > len(trace):
@@ -120,14 +123,12 @@ def check_episode(trace: Trace, start: int, n_vm: int) -> None:
 def probe_length(trace: Trace, cluster: ClusterConfig, start: int) -> int:
     """P for start row s: First-Fit with full dynamics until, right after a placement and before any release,
     the next VM does not fit. Returns P (that placement included); the episode has P + 40 VMs."""
-    if not 0 <= start < len(trace):
-        raise UserError(f"start row {start} is outside the trace (0..{len(trace) - 1}); pick a start inside it")
+    check_start(trace, start)
     sim = Simulator(trace, cluster)
     sim.reset(start, len(trace) - start)
     ff = FirstFit()
     placed = 0
     while True:
-        sim.place_no_advance = None  # noqa: B018 - documentation: we step manually below
         t, r = sim.trace, sim.row
         action = int(ff(sim.decision())[0])
         apply_placement(sim.free, action, t.cpu[r], t.mem[r], sim.double[r])

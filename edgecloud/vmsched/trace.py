@@ -42,7 +42,7 @@ class Trace:
     def __len__(self) -> int:
         return len(self.at)
 
-    def slice(self, start: int, stop: int) -> "Trace":
+    def slice(self, start: int, stop: int) -> Trace:
         s = slice(start, stop)
         return Trace(self.vmid[s], self.cpu[s], self.mem[s], self.at[s], self.lt[s], self.source)
 
@@ -158,7 +158,9 @@ def load_event_trace(path: str | Path, horizon: float | None = None) -> Trace:
     kinds = c["type"]
     bad = np.flatnonzero((kinds != 0) & (kinds != 1))
     if bad.size:
-        raise UserError(f"trace {path}, line {bad[0] + 2}, field 'type': {kinds[bad[0]]:g} must be 0 (create) or 1 (delete)")
+        raise UserError(
+            f"trace {path}, line {bad[0] + 2}, field 'type': {kinds[bad[0]]:g} must be 0 (create) or 1 (delete)"
+        )
     create = kinds == 0
     ids_c = c["vmid"][create].astype(np.int64)
     if len(np.unique(ids_c)) != len(ids_c):
@@ -221,7 +223,9 @@ def load_starts(split: str | Path, trace_len: int | None = None) -> np.ndarray:
         else:
             starts = np.loadtxt(path, dtype=np.float64, ndmin=1, delimiter=None)
     except Exception as e:  # noqa: BLE001 - numpy raises many types; all mean "unreadable"
-        raise UserError(f"split file {path} could not be read as integers ({e}); write one start row per line") from None
+        raise UserError(
+            f"split file {path} could not be read as integers ({e}); write one start row per line"
+        ) from None
     starts = np.asarray(starts).reshape(-1)
     if starts.size == 0:
         raise UserError(f"split file {path} holds no start rows")
