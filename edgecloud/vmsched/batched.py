@@ -59,6 +59,8 @@ class BatchedSim:
         # free slots as a stack per episode: stack[b, :n_free[b]] are the unused slot numbers
         self.stack = np.broadcast_to(np.arange(slots)[::-1], (B, slots)).copy()
         self.n_free = np.full(B, slots, dtype=np.int64)
+        self.mask_cache = np.zeros((B, cluster.n_actions), dtype=bool)  # head VM's mask, valid where mask_ok
+        self.mask_ok = np.zeros(B, dtype=bool)
 
     def reset_episodes(self, idx, starts, n_vms) -> None:
         """Restart episodes ``idx`` from new start rows with an empty cluster (for auto-reset collectors)."""
@@ -79,6 +81,7 @@ class BatchedSim:
         self.next_end[idx] = np.inf
         self.stack[idx] = np.arange(K)[::-1]
         self.n_free[idx] = K
+        self.mask_ok[idx] = False
 
     # --- queries ------------------------------------------------------------------------------------
     @property
@@ -94,7 +97,11 @@ class BatchedSim:
         idx = np.flatnonzero(self.active)
         rows = self.row[idx]
         t = self.trace
-        d = Decision(self.free[idx], t.cpu[rows], t.mem[rows], self.double_all[rows], self._masks(idx, rows),
+        stale = idx[~self.mask_ok[idx]]
+        if stale.size:
+            self.mask_cache[stale] = self._masks(stale, self.row[stale])
+            self.mask_ok[stale] = True
+        d = Decision(self.free[idx], t.cpu[rows], t.mem[rows], self.double_all[rows], self.mask_cache[idx],
                      self.cluster)
         return idx, d
 
@@ -107,12 +114,8 @@ class BatchedSim:
         e = self.ends[idx]
         r, c = np.nonzero(e <= until[:, None])
         b = idx[r]
-        pm, node = self.s_pm[b, c], self.s_node[b, c]
-        cpu, mem = self.s_cpu[b, c], self.s_mem[b, c]
-        for nd in (0, 1):
-            touch = (node == nd) | (node == DOUBLE)
-            np.add.at(self.free, (b[touch], pm[touch], nd, 0), cpu[touch])
-            np.add.at(self.free, (b[touch], pm[touch], nd, 1), mem[touch])
+        ix, val = self._flat_usage(b, self.s_pm[b, c], self.s_node[b, c], self.s_cpu[b, c], self.s_mem[b, c])
+        np.add.at(self.free.reshape(-1), ix, val)
         self.ends[b, c] = np.inf
         first = np.searchsorted(r, r)  # r is sorted: rank of each freed slot within its episode
         pos = self.n_free[b] + np.arange(r.size) - first
@@ -120,6 +123,16 @@ class BatchedSim:
         self.n_free[idx] += np.bincount(r, minlength=idx.size)
         e[r, c] = np.inf
         self.next_end[idx] = e.min(axis=1)
+
+    def _flat_usage(self, b, pm, node, cpu, mem) -> tuple[np.ndarray, np.ndarray]:
+        """Flat indices into ``free`` and the amounts a VM holds there: cpu and mem on its node, or on both
+        nodes of its PM for a double VM (node code DOUBLE)."""
+        base = (b * self.cluster.n_pms + pm) * 4
+        dbl = node == DOUBLE
+        n0 = np.where(dbl, 0, node) * 2 + base
+        ix = [n0, n0 + 1, base[dbl] + 2, base[dbl] + 3]
+        val = [cpu, mem, cpu[dbl], mem[dbl]]
+        return np.concatenate(ix), np.concatenate(val)
 
     def _grow(self) -> None:
         B, K = self.ends.shape
@@ -149,10 +162,10 @@ class BatchedSim:
         pm, node = actions // 2, actions % 2
         dbl = self.double_all[rows]
         ncpu, nmem = self.need_cpu_all[rows], self.need_mem_all[rows]
-        for nd in (0, 1):
-            touch = dbl | (node == nd)
-            self.free[idx[touch], pm[touch], nd, 0] -= ncpu[touch]
-            self.free[idx[touch], pm[touch], nd, 1] -= nmem[touch]
+        code = np.where(dbl, DOUBLE, node).astype(np.int8)
+        ix, val = self._flat_usage(idx, pm, code, ncpu, nmem)
+        self.free.reshape(-1)[ix] -= val  # no repeated index: one VM per episode
+        self.mask_ok[idx] = False
         waits = self.clock[idx] - t.at[rows]
         self.total[idx] += waits
         # a slot for each new running VM
@@ -164,7 +177,7 @@ class BatchedSim:
         self.ends[idx, slot] = end
         self.next_end[idx] = np.minimum(self.next_end[idx], end)
         self.s_pm[idx, slot] = pm
-        self.s_node[idx, slot] = np.where(dbl, DOUBLE, node)
+        self.s_node[idx, slot] = code
         self.s_cpu[idx, slot] = ncpu
         self.s_mem[idx, slot] = nmem
         self.row[idx] += 1
@@ -190,7 +203,11 @@ class BatchedSim:
         until = np.maximum(self.clock[idx], arrival)
         self._release(idx, until)
         self.clock[idx] = until
-        blocked = idx[~self._masks(idx, self.row[idx]).any(axis=1)]
+        m = self._masks(idx, self.row[idx])
+        self.mask_cache[idx] = m
+        fits = m.any(axis=1)
+        self.mask_ok[idx] = fits  # blocked heads get a new mask after their jump
+        blocked = idx[~fits]
         for lo in range(0, blocked.size, 128):  # chunks bound the (j, K, N, 2, 2) prefix tensor
             self._jump(blocked[lo : lo + 128], depth=16)
 
@@ -202,15 +219,16 @@ class BatchedSim:
         part of a group of equal end times already fits only if the whole group does.
         """
         e = self.ends[idx]
-        order = np.argsort(e, axis=1, kind="stable")
         k = int(np.isfinite(e).sum(axis=1).max())
         if k == 0:
             raise UserError("a VM does not fit even on an empty cluster; check the trace against the cluster")
         if depth is not None and depth < k:
             k = depth  # most heads fit after a few releases: try the first few, then all for the rest
+            part = np.argpartition(e, k - 1, axis=1)[:, :k]
+            order = np.take_along_axis(part, np.argsort(np.take_along_axis(e, part, axis=1), axis=1), axis=1)
         else:
             depth = None
-        order = order[:, :k]
+            order = np.argsort(e, axis=1)[:, :k]
         es = np.take_along_axis(e, order, axis=1)
         j = idx.size
         pm = np.take_along_axis(self.s_pm[idx], order, axis=1)
