@@ -103,7 +103,7 @@ def flex_cmd(
                       show_progress=not as_json)
     cols = ["n_pms"] + names
     write_table(out / "flex", rows, cols)
-    plot_flex(rows, names, out / "flex.png")
+    plot_flex(rows, names, out / "flex.png", split=split if split in ("test", "valid") else Path(split).name)
     if as_json:
         print(json.dumps({"split": split, "rows": rows, "out": str(out)}))
         return

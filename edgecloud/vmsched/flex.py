@@ -29,7 +29,7 @@ def flex_table(trace: Trace, starts: np.ndarray, names: list[str], sizes, cpu: f
     return rows
 
 
-def plot_flex(rows: list[dict], names: list[str], path: Path) -> None:
+def plot_flex(rows: list[dict], names: list[str], path: Path, split: str = "test") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,7 +41,7 @@ def plot_flex(rows: list[dict], names: list[str], path: Path) -> None:
         ax.plot(ns, [r[name] for r in rows], marker="o", label=name)
     ax.set_xlabel("number of PMs (N)")
     ax.set_ylabel("trimmed-mean total wait per episode (s)")
-    ax.set_title("Huawei-East-1 test split: total wait vs cluster size")
+    ax.set_title(f"Huawei-East-1 ({split} starts): total wait vs cluster size")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
