@@ -13,8 +13,8 @@ _console = Console(stderr=True)
 
 @contextmanager
 def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """Yield ``update(done, total)``; draws a bar on stderr when enabled."""
-    if not enabled:
+    """Yield ``update(done, total)``; draws a bar on stderr when enabled and stderr is a terminal."""
+    if not (enabled and _console.is_terminal):
         yield lambda done, total: None
         return
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
