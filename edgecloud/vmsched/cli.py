@@ -26,6 +26,8 @@ TraceOpt = typer.Option(None, "--trace", help="Trace CSV (lifetime or raw event 
 CpuOpt = typer.Option(40.0, "--cpu", help="CPU per NUMA node.")
 MemOpt = typer.Option(90.0, "--mem", help="Memory (GB) per NUMA node.")
 DoubleOpt = typer.Option(10.0, "--double-threshold", help="A VM is double-NUMA when mem > this.")
+HorizonOpt = typer.Option(None, "--horizon", help="Raw event traces: keep never-deleted VMs until this time "
+                          "(seconds) instead of dropping them.")
 JsonOpt = typer.Option(False, "--json", help="Print one JSON object instead of a table.")
 SeedOpt = typer.Option(0, "--seed", help="Seed for stochastic policies (random).")
 
@@ -52,6 +54,7 @@ def evaluate_cmd(
     split: str = typer.Option("test", "--split", help="test, valid, or a .npy / text file of start rows."),
     pms: int = typer.Option(5, "--pms", help="Number of PMs (N >= 1)."),
     trace: Path | None = TraceOpt,
+    horizon: float | None = HorizonOpt,
     cpu: float = CpuOpt,
     mem: float = MemOpt,
     double_threshold: float = DoubleOpt,
@@ -60,7 +63,7 @@ def evaluate_cmd(
 ) -> None:
     """Total wait per episode on a split, as SPANE scores it: 10% trimmed mean, mean, p50/p90/p99."""
     cluster = _cluster(pms, cpu, mem, double_threshold)
-    tr = load_trace(trace)
+    tr = load_trace(trace, horizon=horizon)
     starts = load_starts(split, len(tr))
     rows = []
     for name in policy:
@@ -85,6 +88,7 @@ def flex_cmd(
     split: str = typer.Option("test", "--split"),
     out: Path = typer.Option(Path("out/vmsched-flex"), "--out", help="Folder for flex.md, flex.csv, flex.png."),
     trace: Path | None = TraceOpt,
+    horizon: float | None = HorizonOpt,
     cpu: float = CpuOpt,
     mem: float = MemOpt,
     double_threshold: float = DoubleOpt,
@@ -96,7 +100,7 @@ def flex_cmd(
         raise UserError(f"--pms-min {pms_min} / --pms-max {pms_max}: need 1 <= pms-min <= pms-max")
     from edgecloud.vmsched.flex import flex_table, plot_flex
 
-    tr = load_trace(trace)
+    tr = load_trace(trace, horizon=horizon)
     starts = load_starts(split, len(tr))
     names = ["first-fit", "balance-fit"] + [p for p in policy if p not in ("first-fit", "balance-fit")]
     rows = flex_table(tr, starts, names, range(pms_min, pms_max + 1), cpu, mem, double_threshold, seed,
