@@ -1,0 +1,1 @@
+"""KV-cache systems: MPIC reuse of multimodal caches, CSR sparse-coded caches (``csr``)."""

@@ -1,0 +1,63 @@
+"""``edgecloud kvcache csr-bench``: the CSR vs KIVI comparison; ``register(app)`` hooks it into the kvcache group."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import typer
+
+from edgecloud.errors import UserError
+
+
+def csr_bench(
+    quick: bool = typer.Option(False, "--quick", help="Small run (2x512 tokens, 512 atoms): minutes on one core."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    seed: int = typer.Option(0, "--seed", help="Seed for k-means, NeuralDict and online-atom sampling."),
+    seq_len: int = typer.Option(0, "--seq-len", help="Held-out tokens per sequence (0: the preset's)."),
+    eval_seqs: int = typer.Option(0, "--eval-seqs", help="Held-out sequences (0: the preset's)."),
+    atoms: int = typer.Option(0, "--atoms", help="Dictionary size N (0: the preset's)."),
+    steps: int = typer.Option(-1, "--steps", help="NeuralDict steps (-1: the preset's)."),
+    out: Path | None = typer.Option(None, "--out", help="Also write the JSON here (atomically)."),
+    threads: int = typer.Option(1, "--threads", help="torch CPU threads."),
+) -> None:
+    """Bits per KV element, perplexity, top-1 agreement with fp16, codec time: fp16, KIVI-2/4, CSR variants."""
+    import torch
+
+    from edgecloud.atomic import write_text
+    from edgecloud.kvcache.csr.bench import BenchConfig, run
+
+    if threads < 1:
+        raise UserError(f"--threads={threads}: use 1 or more")
+    torch.set_num_threads(threads)
+    cfg = BenchConfig.quick(seed) if quick else BenchConfig(seed=seed)
+    for name, val, ok in (("seq_len", seq_len, seq_len > 0), ("eval_seqs", eval_seqs, eval_seqs > 0),
+                          ("atoms", atoms, atoms > 0), ("steps", steps, steps >= 0)):
+        if ok:
+            cfg = replace(cfg, **{name: val})
+    if cfg.seq_len < cfg.chunk or cfg.atoms > 32767:
+        raise UserError(f"--seq-len must be >= {cfg.chunk} and --atoms <= 32767")
+    res = run(cfg, log=(lambda m: print(m, file=sys.stderr)) if as_json else print)
+    text = json.dumps(res, indent=None if as_json else 1)
+    if out is not None:
+        write_text(out, text + "\n")
+    if as_json:
+        print(text)
+    else:
+        for k, v in res.items():
+            if not isinstance(v, list | dict):
+                print(f"{k}: {v}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("csr-bench")(csr_bench)
+
+
+app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+app.callback()(lambda: None)  # keep a command group even with one command
+register(app)
+
+if __name__ == "__main__":
+    app()

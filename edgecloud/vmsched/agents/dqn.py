@@ -1,0 +1,281 @@
+"""n-step double DQN with dueling heads, trained from many lockstep episodes of the batched simulator.
+
+One collector step acts in all ``n_envs`` episodes with one batched forward pass (epsilon-greedy over the valid
+actions), stores the copied states, and restarts finished episodes from fresh training starts, so that the CPU
+time goes to simulation and gradient steps rather than Python per-episode overhead. ``updates_per_step``
+gradient steps follow each collector step. Validation on the 150-start split every ``valid_every`` finished
+episodes keeps the best model (``OUT/best``); ``OUT/resume.safetensors`` holds everything needed to resume
+after a kill (weights, target, Adam moments, replay, counters, RNG states) in one atomically written file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from edgecloud import atomic
+from edgecloud.errors import UserError
+from edgecloud.vmsched.agents.config import DQNConfig
+from edgecloud.vmsched.agents.policy import QPolicy
+from edgecloud.vmsched.agents.qnet import build_qnet
+from edgecloud.vmsched.agents.replay import NStepReplay
+from edgecloud.vmsched.batched import BatchedSim, episode_lengths
+from edgecloud.vmsched.checkpoint import save_model
+from edgecloud.vmsched.cluster import ClusterConfig
+from edgecloud.vmsched.evaluate import evaluate, trimmed_mean
+from edgecloud.vmsched.trace import Trace
+
+RESUME = "resume.safetensors"
+
+
+@dataclass
+class Progress:
+    episodes: int = 0
+    env_steps: int = 0
+    grad_steps: int = 0
+    wall_s: float = 0.0
+    eps: float = 0.0
+    loss: float = float("nan")
+    valid: float | None = None
+    best_valid: float | None = None
+    best_episode: int = -1
+    next_valid: int = 0
+    history: list = field(default_factory=list)
+
+
+class Trainer:
+    """Owns the networks, optimiser, replay and collector of one training run."""
+
+    def __init__(self, cfg: DQNConfig, trace: Trace, valid_starts: np.ndarray, out: Path | None = None) -> None:
+        self.cfg, self.trace, self.out = cfg, trace, Path(out) if out is not None else None
+        self.cluster = ClusterConfig(n_pms=cfg.n_pms)
+        self.cluster.check_trace(trace)
+        if cfg.start_hi > len(trace) - 1:
+            raise UserError(f"start_hi={cfg.start_hi} is past the trace end ({len(trace)} rows); lower it")
+        self.valid_starts = np.asarray(valid_starts, np.int64)
+        if cfg.valid_limit:
+            self.valid_starts = self.valid_starts[: cfg.valid_limit]
+        torch.set_num_threads(cfg.threads)
+        torch.manual_seed(cfg.seed)
+        self.online = build_qnet(cfg)
+        self.target = copy.deepcopy(self.online)
+        for p in self.target.parameters():
+            p.requires_grad_(False)
+        self.opt = torch.optim.Adam(self.online.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.replay = NStepReplay(cfg.replay_size, cfg.n_envs, cfg.n_pms, cfg.n_step, cfg.gamma)
+        self.rng = np.random.default_rng([cfg.seed, 0])  # exploration and replay sampling
+        self.start_rng = np.random.default_rng([cfg.seed, 1])  # training start rows
+        self.p = Progress(next_valid=cfg.valid_every)
+        self.sim: BatchedSim | None = None
+        self._queue: list[tuple[int, int]] = []
+        self._credit = 0.0
+        self._ep_len = np.zeros(cfg.n_envs, np.int64)  # steps of each env's current episode (alias_states)
+
+    # --- episodes --------------------------------------------------------------------------------------------
+    def _next_starts(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """k fresh (start, N_vm) pairs; lengths come from the probe, batched over blocks of 256 starts."""
+        while len(self._queue) < k:
+            s = self.start_rng.integers(self.cfg.start_lo, self.cfg.start_hi, 256)
+            self._queue += list(zip(s.tolist(), episode_lengths(self.trace, self.cluster, s).tolist()))
+        take, self._queue = self._queue[:k], self._queue[k:]
+        return np.array([t[0] for t in take], np.int64), np.array([t[1] for t in take], np.int64)
+
+    def epsilon(self) -> float:
+        c = self.cfg
+        frac = min(1.0, self.p.episodes / max(1.0, c.eps_episodes * c.episodes))
+        return c.eps_start + (c.eps_end - c.eps_start) * frac
+
+    def _act(self, pm: np.ndarray, vm: np.ndarray, mask: np.ndarray, eps: float) -> np.ndarray:
+        with torch.no_grad():
+            q = self.online(torch.from_numpy(pm), torch.from_numpy(vm), torch.from_numpy(mask))
+        a = q.argmax(1).numpy()
+        explore = self.rng.random(len(a)) < eps
+        if explore.any():
+            rand = np.argmax(np.where(mask, self.rng.random(mask.shape), -1.0), axis=1)
+            a = np.where(explore, rand, a)
+        return a
+
+    def collect_step(self) -> None:
+        if self.sim is None:
+            s, n = self._next_starts(self.cfg.n_envs)
+            self.sim = BatchedSim(self.trace, self.cluster, s, n)
+        idx, d = self.sim.decision()
+        assert len(idx) == self.cfg.n_envs, "every lockstep episode is active (finished ones restart at once)"
+        pm, vm = d.features()
+        pm, vm = pm.astype(np.float32), vm.astype(np.float32)
+        self.p.eps = self.epsilon()
+        a = self._act(pm, vm, d.mask, self.p.eps)
+        waits = self.sim.step(idx, a, d.mask)
+        done = ~self.sim.active[idx]
+        self.replay.add(pm, vm, d.mask, a, -np.log1p(waits), done)
+        self.p.env_steps += len(idx)
+        self._ep_len += 1
+        if done.any():
+            fin = idx[done]
+            if self.cfg.alias_states:
+                self._alias(fin)
+            self._ep_len[fin] = 0
+            s, n = self._next_starts(len(fin))
+            self.sim.reset_episodes(fin, s, n)
+            self.p.episodes += len(fin)
+
+    def _alias(self, fin: np.ndarray) -> None:
+        """The published defect, for comparison only: the replay held a reference to the live cluster array, so
+        every stored state of an episode read as the cluster after the episode's last placement."""
+        r = self.replay
+        final = (self.sim.free[fin] / self.cluster.capacity).reshape(len(fin), self.cfg.n_pms, 4)
+        for e, f in zip(fin, final.astype(np.float32)):
+            rows = (r.head - 1 - np.arange(min(int(self._ep_len[e]), r.T))) % r.T
+            r.pm[rows, e] = f
+
+    # --- learning --------------------------------------------------------------------------------------------
+    def update(self) -> float:
+        c = self.cfg
+        b = self.replay.sample(c.batch_size, self.rng, permute=c.aug_perms)
+        for g in self.opt.param_groups:  # StepLR, written out so that resuming needs only the step count
+            g["lr"] = c.lr * c.lr_decay ** (self.p.grad_steps // c.lr_decay_every)
+        q = self.online(b["pm"], b["vm"], b["mask"]).gather(1, b["action"][:, None]).squeeze(1)
+        with torch.no_grad():
+            q_t = self.target(b["pm2"], b["vm2"], b["mask2"])
+            pick = self.online(b["pm2"], b["vm2"], b["mask2"]) if c.double_dqn else q_t
+            nxt = q_t.gather(1, pick.argmax(1, keepdim=True)).squeeze(1)  # masked: only valid next actions
+            y = b["ret"] + b["boot"] * torch.where(b["boot"] > 0, nxt, torch.zeros_like(nxt))
+        loss = F.mse_loss(q, y) if c.loss == "mse" else F.smooth_l1_loss(q, y)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if c.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.online.parameters(), c.grad_clip)
+        self.opt.step()
+        self.p.grad_steps += 1
+        if self.p.grad_steps % c.target_update == 0:
+            self.target.load_state_dict(self.online.state_dict())
+        return float(loss.detach())
+
+    def validate(self) -> float:
+        res = evaluate(self.trace, self.cluster, QPolicy(self.online, self.cfg.agent), self.valid_starts,
+                       split_name="valid")
+        self.online.train()
+        return trimmed_mean(res.totals)
+
+    # --- the loop --------------------------------------------------------------------------------------------
+    def train(self, on_progress: Callable[[Progress], None] | None = None) -> Progress:
+        c = self.cfg
+        t0 = time.perf_counter() - self.p.wall_s
+        while self.p.episodes < c.episodes:
+            if c.max_minutes and time.perf_counter() - t0 > 60 * c.max_minutes:
+                break
+            self.collect_step()
+            if len(self.replay) >= max(c.warmup_steps, c.batch_size) and self.replay.can_sample():
+                self._credit += c.updates_per_step
+                while self._credit >= 1.0:
+                    self.p.loss = self.update()
+                    self._credit -= 1.0
+            if self.p.episodes >= self.p.next_valid:
+                self._validation_round(time.perf_counter() - t0)
+            if on_progress is not None and self.p.env_steps % (c.n_envs * 50) == 0:
+                self.p.wall_s = time.perf_counter() - t0
+                on_progress(self.p)
+        self.p.wall_s = time.perf_counter() - t0
+        if not self.p.history or self.p.history[-1]["episode"] != self.p.episodes:
+            self._validation_round(self.p.wall_s)  # a final validation on the last weights
+        if on_progress is not None:
+            on_progress(self.p)
+        return self.p
+
+    def _validation_round(self, wall: float) -> None:
+        p = self.p
+        p.wall_s = wall
+        v = self.validate()
+        p.valid = v
+        p.history.append({"episode": p.episodes, "env_steps": p.env_steps, "grad_steps": p.grad_steps,
+                          "wall_s": round(wall, 2), "eps": round(p.eps, 4), "valid_trimmed_mean": round(v, 2)})
+        if p.best_valid is None or v < p.best_valid:
+            p.best_valid, p.best_episode = v, p.episodes
+            if self.out is not None:
+                save_model(self.out / "best", self.online, self.cfg,
+                           {"valid_trimmed_mean": round(v, 4), "episode": p.episodes, "env_steps": p.env_steps,
+                            "grad_steps": p.grad_steps, "valid_starts": int(len(self.valid_starts))})
+        while p.next_valid <= p.episodes:
+            p.next_valid += self.cfg.valid_every
+        if self.out is not None:
+            self.save_resume()
+            self.write_summary()
+
+    # --- persistence -----------------------------------------------------------------------------------------
+    def summary(self) -> dict:
+        p = self.p
+        return {"agent": self.cfg.agent, "seed": self.cfg.seed, "n_pms": self.cfg.n_pms, "episodes": p.episodes,
+                "env_steps": p.env_steps, "grad_steps": p.grad_steps, "wall_s": round(p.wall_s, 2),
+                "env_steps_per_s": round(p.env_steps / max(p.wall_s, 1e-9), 1),
+                "best_valid_trimmed_mean": p.best_valid, "best_episode": p.best_episode,
+                "finished": p.episodes >= self.cfg.episodes, "config": self.cfg.to_dict(), "history": p.history}
+
+    def write_summary(self) -> None:
+        atomic.write_text(self.out / "summary.json", json.dumps(self.summary(), indent=2) + "\n")
+
+    def save_resume(self) -> None:
+        """One file, written atomically: a kill at any moment leaves the previous complete state."""
+        t: dict[str, torch.Tensor] = {}
+        t.update({f"online.{k}": v.detach().clone() for k, v in self.online.state_dict().items()})
+        t.update({f"target.{k}": v.detach().clone() for k, v in self.target.state_dict().items()})
+        opt = self.opt.state_dict()
+        for i, st in opt["state"].items():
+            for k, v in st.items():
+                t[f"opt.{i}.{k}"] = torch.as_tensor(v).clone()
+        t.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.replay.state_arrays().items()})
+        p = self.p
+        meta = {"config": self.cfg.to_dict(), "opt_groups": opt["param_groups"], "credit": self._credit,
+                "queue": self._queue, "rng": self.rng.bit_generator.state,
+                "start_rng": self.start_rng.bit_generator.state,
+                "progress": {k: getattr(p, k) for k in ("episodes", "env_steps", "grad_steps", "wall_s", "eps",
+                                                        "valid", "best_valid", "best_episode", "next_valid",
+                                                        "history")}}
+        with atomic.atomic_path(self.out / RESUME) as tmp:
+            save_file(t, str(tmp), metadata={"state": json.dumps(meta)})
+
+    def load_resume(self) -> bool:
+        """Restore from OUT/resume.safetensors if present. In-flight episodes are not saved: the collector
+        restarts with fresh episodes from the saved start stream (the replay keeps all earlier transitions)."""
+        path = self.out / RESUME
+        if not path.exists():
+            return False
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                meta = json.loads(f.metadata()["state"])
+            t = load_file(str(path))
+        except (SafetensorError, OSError, KeyError, ValueError) as e:
+            raise UserError(f"{path} is unreadable ({e}); delete it to start over, or drop --resume") from None
+        saved = DQNConfig.from_dict(meta["config"])
+        if saved != self.cfg:
+            diff = [k for k, v in saved.to_dict().items() if self.cfg.to_dict()[k] != v]
+            raise UserError(f"--resume: {self.out} was trained with a different config ({', '.join(diff)}); "
+                            "resume with the same flags, or use a new --out")
+        self.online.load_state_dict({k[7:]: v for k, v in t.items() if k.startswith("online.")})
+        self.target.load_state_dict({k[7:]: v for k, v in t.items() if k.startswith("target.")})
+        state: dict = {}
+        for k, v in t.items():
+            if k.startswith("opt."):
+                _, i, name = k.split(".", 2)
+                state.setdefault(int(i), {})[name] = v
+        self.opt.load_state_dict({"state": state, "param_groups": meta["opt_groups"]})
+        self.replay.load_arrays({k: v.numpy() for k, v in t.items() if k.startswith("replay.")})
+        self.rng.bit_generator.state = meta["rng"]
+        self.start_rng.bit_generator.state = meta["start_rng"]
+        self._queue = [tuple(x) for x in meta["queue"]]
+        self._credit = meta["credit"]
+        for k, v in meta["progress"].items():
+            setattr(self.p, k, v)
+        self.sim = None
+        return True

@@ -1,0 +1,99 @@
+"""Trained Q-networks on disk: ``model.safetensors`` (weights) + ``config.json`` (the full DQNConfig and how the
+model was selected). Never pickle. ``load_policy`` resolves ``checkpoint:DIR`` and the shipped model names.
+
+A checkpoint dir is either a model dir (holding model.safetensors) or a training run dir, whose ``best/`` is used.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from edgecloud import atomic
+from edgecloud.errors import UserError
+from edgecloud.vmsched.agents.config import AGENTS, DQNConfig
+from edgecloud.vmsched.agents.policy import QPolicy
+from edgecloud.vmsched.agents.qnet import build_qnet
+
+FORMAT = "edgecloud.vmsched.dqn/1"
+MODELS_DIR = Path(__file__).resolve().parent / "models"
+WEIGHTS, CONFIG = "model.safetensors", "config.json"
+
+
+def save_model(path: Path, net: torch.nn.Module, cfg: DQNConfig, meta: dict | None = None) -> None:
+    """Write weights then config, each atomically (config last: a dir with a config has its weights)."""
+    path = Path(path)
+    tensors = {k: v.detach().float().contiguous().clone() for k, v in net.state_dict().items()}
+    with atomic.atomic_path(path / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": FORMAT, "agent": cfg.agent})
+    doc = {"format": FORMAT, "agent": cfg.agent, "n_pms": cfg.n_pms, "config": cfg.to_dict(), "meta": meta or {}}
+    atomic.write_text(path / CONFIG, json.dumps(doc, indent=2) + "\n")
+
+
+def model_dir(path: str | Path) -> Path:
+    """The dir holding the weights: ``path`` itself or, for a training run, ``path/best``."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise UserError(f"checkpoint dir {p} does not exist; pass a dir written by `edgecloud vmsched train --out`")
+    if (p / WEIGHTS).exists() or (p / CONFIG).exists():
+        return p
+    if (p / "best" / WEIGHTS).exists():
+        return p / "best"
+    raise UserError(f"checkpoint dir {p} has no {WEIGHTS} (nor best/{WEIGHTS}); train first, or point at a model dir")
+
+
+def load_model(path: str | Path) -> tuple[torch.nn.Module, DQNConfig, dict]:
+    """Rebuild the network from config.json and load the weights, checking every tensor name and shape."""
+    d = model_dir(path)
+    try:
+        doc = json.loads((d / CONFIG).read_text())
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {d} has weights but no {CONFIG}; it cannot be rebuilt") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"checkpoint {d / CONFIG} is not valid JSON ({e}); the file is corrupt, retrain") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise UserError(f"checkpoint {d / CONFIG}: format is {doc.get('format') if isinstance(doc, dict) else None!r},"
+                        f" expected {FORMAT!r}; it was not written by this version of edgecloud")
+    cfg = DQNConfig.from_dict(doc["config"])
+    try:
+        tensors = load_file(str(d / WEIGHTS))
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {d} has no {WEIGHTS}") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"checkpoint {d / WEIGHTS} is not a readable safetensors file ({e}); it is corrupt, "
+                        "retrain or copy it again") from None
+    net = build_qnet(cfg)
+    want = net.state_dict()
+    missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
+    if missing or extra:
+        raise UserError(f"checkpoint {d}: weights do not match a '{cfg.agent}' network (missing {missing[:3]}, "
+                        f"unexpected {extra[:3]}); config.json and model.safetensors come from different models")
+    for k, v in want.items():
+        if tuple(tensors[k].shape) != tuple(v.shape):
+            raise UserError(f"checkpoint {d}: tensor {k} has shape {tuple(tensors[k].shape)} but the '{cfg.agent}' "
+                            f"config needs {tuple(v.shape)} (wrong architecture or N)")
+    net.load_state_dict(tensors)
+    return net.eval(), cfg, doc.get("meta", {})
+
+
+def load_policy(name: str, n_pms: int | None = None) -> QPolicy | None:
+    """``checkpoint:DIR`` or a shipped model name (spane, spane-numa, mlpdqn, mlpaug); None for other names."""
+    key = name.strip()
+    if key.lower().startswith("checkpoint:"):
+        path, label = Path(key.split(":", 1)[1]), key
+    elif key.lower() in AGENTS:
+        path, label = MODELS_DIR / key.lower(), key.lower()
+        if not (path / WEIGHTS).exists():
+            raise UserError(f"no shipped model for '{label}' (looked in {path}); train one with "
+                            f"`edgecloud vmsched train --agent {label}` and pass --policy checkpoint:DIR")
+    else:
+        return None
+    net, cfg, _ = load_model(path)
+    if n_pms is not None and net.fixed_n is not None and n_pms != net.fixed_n:
+        raise UserError(f"policy '{label}' is a flat MLP ({cfg.agent}) trained for N={net.fixed_n} PMs; it cannot "
+                        f"run on N={n_pms} (use --pms {net.fixed_n}, or spane / spane-numa, which work for any N)")
+    return QPolicy(net, label)

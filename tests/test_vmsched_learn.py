@@ -1,0 +1,338 @@
+"""SPANE learners: symmetry properties, n-step replay, a tiny training run, checkpoints and their errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from edgecloud.errors import UserError
+from edgecloud.vmsched.agents.config import DQNConfig, default_config
+from edgecloud.vmsched.agents.qnet import build_qnet
+from edgecloud.vmsched.agents.replay import NStepReplay
+from edgecloud.vmsched.checkpoint import load_model, load_policy, save_model
+from edgecloud.vmsched.cluster import ClusterConfig
+from edgecloud.vmsched.evaluate import evaluate, trimmed_mean
+from edgecloud.vmsched.policies import RandomFit
+
+TOL = 1e-6
+
+
+def random_inputs(rng: np.random.Generator, B: int, N: int):
+    pm = torch.from_numpy(rng.random((B, N, 4)))
+    vm = torch.from_numpy(np.stack([rng.random(B), rng.random(B), rng.random(B) < 0.3], 1).astype(np.float64))
+    mask = rng.random((B, 2 * N)) < 0.6
+    mask[np.arange(B), rng.integers(0, 2 * N, B)] = True
+    double = vm[:, 2].numpy() > 0.5  # a double VM's two actions on a PM are valid together
+    pair = mask.reshape(B, N, 2)
+    pair[double] = pair[double].any(-1, keepdims=True)
+    return pm, vm, torch.from_numpy(pair.reshape(B, 2 * N))
+
+
+def permute(pm, mask, q, perm):
+    B, N = pm.shape[:2]
+    return pm[:, perm], mask.view(B, N, 2)[:, perm].reshape(B, -1), q.view(B, N, 2)[:, perm].reshape(B, -1)
+
+
+def swap_nodes(pm, mask, q, which):
+    """Swap the two NUMA nodes of the PMs where ``which`` is True."""
+    B, N = pm.shape[:2]
+    w = torch.from_numpy(which)
+    pm2 = torch.where(w[None, :, None], pm.view(B, N, 2, 2).flip(2).reshape(B, N, 4), pm)
+    m2 = torch.where(w[None, :, None], mask.view(B, N, 2).flip(2), mask.view(B, N, 2)).reshape(B, -1)
+    q2 = torch.where(w[None, :, None], q.view(B, N, 2).flip(2), q.view(B, N, 2)).reshape(B, -1)
+    return pm2, m2, q2
+
+
+@pytest.mark.parametrize("agent", ["spane", "spane-numa"])
+@pytest.mark.parametrize("pools", [("mean",), ("mean", "max", "std")])
+def test_pm_permutation_equivariance(agent, pools):
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        torch.manual_seed(trial)
+        net = build_qnet(DQNConfig(agent=agent, pools=pools, enc_layers=2, adv_layers=2)).double()
+        N = int(rng.integers(1, 10))
+        pm, vm, mask = random_inputs(rng, 16, N)
+        q = net(pm, vm, mask)
+        perm = torch.from_numpy(rng.permutation(N))
+        pm_p, mask_p, q_expected = permute(pm, mask, q, perm)
+        q_p = net(pm_p, vm, mask_p)
+        assert torch.equal(torch.isinf(q_p), torch.isinf(q_expected))
+        fin = torch.isfinite(q_expected)
+        assert torch.allclose(q_p[fin], q_expected[fin], atol=TOL, rtol=0)
+
+
+def test_numa_swap_equivariance_only_for_spane_numa():
+    rng = np.random.default_rng(1)
+    worst = {}
+    for agent in ("spane-numa", "spane"):
+        err = 0.0
+        for trial in range(20):
+            torch.manual_seed(trial)
+            net = build_qnet(DQNConfig(agent=agent)).double()
+            N = int(rng.integers(1, 9))
+            pm, vm, mask = random_inputs(rng, 16, N)
+            which = rng.random(N) < 0.5
+            which[rng.integers(N)] = True
+            q = net(pm, vm, mask)
+            pm_s, mask_s, q_expected = swap_nodes(pm, mask, q, which)
+            q_s = net(pm_s, vm, mask_s)
+            fin = torch.isfinite(q_expected)
+            assert torch.equal(fin, torch.isfinite(q_s))
+            err = max(err, float((q_s[fin] - q_expected[fin]).abs().max().detach()))
+        worst[agent] = err
+    assert worst["spane-numa"] < TOL
+    assert worst["spane"] > 1e-3  # plain SPANE does not have this symmetry: the test can tell them apart
+
+
+def test_mlp_is_not_permutation_equivariant_and_fixed_n():
+    rng = np.random.default_rng(2)
+    torch.manual_seed(0)
+    net = build_qnet(DQNConfig(agent="mlpdqn", n_pms=5)).double()
+    pm, vm, mask = random_inputs(rng, 8, 5)
+    mask[:] = True
+    q = net(pm, vm, mask)
+    pm_p, mask_p, q_exp = permute(pm, mask, q, torch.tensor([4, 3, 2, 1, 0]))
+    assert (net(pm_p, vm, mask_p) - q_exp).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="N=5"):
+        net(*random_inputs(rng, 2, 4))
+
+
+def test_tied_double_actions_and_masking():
+    rng = np.random.default_rng(3)
+    net = build_qnet(DQNConfig(agent="spane")).double()
+    pm, vm, mask = random_inputs(rng, 32, 4)
+    q = net(pm, vm, mask)
+    assert torch.isinf(q[~mask]).all() and torch.isfinite(q[mask]).all()
+    dbl = vm[:, 2] > 0.5
+    pair = q[dbl].view(-1, 4, 2)
+    fin = torch.isfinite(pair[..., 0])
+    assert torch.allclose(pair[..., 0][fin], pair[..., 1][fin])
+
+
+def test_nstep_returns_match_brute_force():
+    rng = np.random.default_rng(4)
+    E, N, n, gamma, T = 3, 2, 4, 0.9, 40
+    rep = NStepReplay(capacity=E * 30, n_envs=E, n_pms=N, n_step=n, gamma=gamma)  # wraps around
+    R = rng.normal(size=(T, E)).astype(np.float32)
+    D = rng.random((T, E)) < 0.15
+    for t in range(T):
+        pm = np.full((E, N, 4), t, np.float32)
+        rep.add(pm, np.zeros((E, 3), np.float32), np.ones((E, 2 * N), bool), np.full(E, t % (2 * N)), R[t], D[t])
+    b = rep.sample(256, rng)
+    for i in range(256):
+        t0 = int(b["pm"][i, 0, 0])
+        e = None
+        for cand in range(E):  # identify the column: the reward of step t0 is unique per column
+            g, boot = 0.0, gamma ** n
+            for k in range(n):
+                g += gamma ** k * R[t0 + k, cand]
+                if D[t0 + k, cand]:
+                    boot = 0.0
+                    break
+            if abs(g - float(b["ret"][i])) < 1e-4 and abs(boot - float(b["boot"][i])) < 1e-6:
+                e = cand
+        assert e is not None
+        assert int(b["pm2"][i, 0, 0]) == t0 + n
+        assert int(b["action"][i]) == t0 % (2 * N)
+
+
+def test_augmented_sample_is_a_consistent_permutation():
+    rng = np.random.default_rng(5)
+    E, N = 2, 5
+    rep = NStepReplay(capacity=200, n_envs=E, n_pms=N, n_step=3, gamma=0.9)
+    for _ in range(30):
+        pm = rng.random((E, N, 4)).astype(np.float32)
+        pm[..., 0] = np.arange(N)  # label each PM by its index
+        mask = rng.random((E, 2 * N)) < 0.5
+        a = rng.integers(0, 2 * N, E)
+        mask[np.arange(E), a] = True
+        rep.add(pm, rng.random((E, 3)).astype(np.float32), mask, a, np.zeros(E), np.zeros(E, bool))
+    b = rep.sample(64, np.random.default_rng(0), permute=False)
+    c = rep.sample(64, np.random.default_rng(0), permute=True)
+    for i in range(64):
+        label = c["pm"][i, :, 0].long()  # where each original PM went
+        assert sorted(label.tolist()) == list(range(N))
+        orig_pm = int(b["action"][i]) // 2
+        new_pm = int(c["action"][i]) // 2
+        assert int(label[new_pm]) == orig_pm and int(c["action"][i]) % 2 == int(b["action"][i]) % 2
+        assert bool(c["mask"][i, c["action"][i]])
+        assert torch.equal(c["pm"][i], b["pm"][i][label])
+
+
+def test_config_overrides_and_errors():
+    cfg = DQNConfig().with_overrides(["lr=0.001", "pools=mean,max", "tie_double=false", "episodes=10"])
+    assert cfg.lr == 0.001 and cfg.pools == ("mean", "max") and cfg.tie_double is False and cfg.episodes == 10
+    for bad in (["nope=1"], ["lr"], ["episodes=1.5"], ["pools=sum"], ["agent=dqn"], ["tie_double=maybe"]):
+        with pytest.raises(UserError):
+            DQNConfig().with_overrides(bad)
+    assert DQNConfig.from_dict(cfg.to_dict()) == cfg
+    assert default_config("mlpaug").aug_perms
+
+
+TINY = dict(episodes=40, n_envs=16, batch_size=128, replay_size=20_000, warmup_steps=1_000, updates_per_step=0.5,
+            n_step=10, valid_every=8, valid_limit=12, lr=0.003, target_update=50)
+
+
+def test_tiny_training_beats_random_and_checkpoint_roundtrip(trace, valid_starts, tmp_path):
+    from edgecloud.vmsched.agents.dqn import Trainer
+
+    cfg = DQNConfig(agent="spane", seed=0, **TINY)
+    trainer = Trainer(cfg, trace, valid_starts, tmp_path / "run")
+    p = trainer.train()
+    assert p.episodes >= cfg.episodes and p.grad_steps > 300 and len(p.history) >= 4
+    first = p.history[0]["valid_trimmed_mean"]
+    assert p.best_valid < 0.8 * first  # learning improved on the barely trained network
+    cluster = ClusterConfig()
+    few = valid_starts[: cfg.valid_limit]
+    rand = np.mean([trimmed_mean(evaluate(trace, cluster, RandomFit(s), few).totals) for s in range(3)])
+    assert p.best_valid < rand, (p.best_valid, rand)
+    # the best model on disk acts exactly as the in-memory net that scored best_valid
+    pol = load_policy(f"checkpoint:{tmp_path / 'run'}", 5)
+    assert trimmed_mean(evaluate(trace, cluster, pol, few).totals) == pytest.approx(p.best_valid)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["env_steps_per_s"] > 0 and summary["history"]
+
+
+def test_resume_continues_counters(trace, valid_starts, tmp_path):
+    from edgecloud.vmsched.agents.dqn import Trainer
+
+    cfg = DQNConfig(agent="mlpaug", aug_perms=True, seed=1, **(TINY | {"episodes": 16, "valid_every": 16}))
+    first = Trainer(cfg, trace, valid_starts, tmp_path)  # the resume file is written at every validation
+    first.train()
+    saved = first.p.episodes, first.p.grad_steps, first.replay.size
+    second = Trainer(DQNConfig.from_dict(cfg.to_dict() | {"episodes": 16}), trace, valid_starts, tmp_path)
+    assert second.load_resume()
+    assert (second.p.episodes, second.p.grad_steps, second.replay.size) == saved
+    for a, b in zip(first.online.parameters(), second.online.parameters()):
+        assert torch.equal(a, b)
+    assert second.opt.state_dict()["state"][0]["exp_avg"].abs().sum() > 0
+    other = Trainer(DQNConfig.from_dict(cfg.to_dict() | {"episodes": 16, "lr": 0.5}), trace, valid_starts, tmp_path)
+    with pytest.raises(UserError, match="different config"):
+        other.load_resume()
+
+
+def _decisions(trace, n_pms: int):
+    from edgecloud.vmsched.batched import BatchedSim
+
+    sim = BatchedSim(trace, ClusterConfig(n_pms=n_pms), np.arange(100, 164) * 37, 60)
+    for _ in range(30):  # advance a little so that clusters are partly full
+        idx, d = sim.decision()
+        sim.step(idx, np.argmax(d.mask, 1), d.mask)
+    return sim.decision()[1]
+
+
+@pytest.mark.parametrize("agent", ["spane", "spane-numa", "mlpdqn", "mlpaug"])
+def test_checkpoint_roundtrip_identical_actions(trace, tmp_path, agent):
+    torch.manual_seed(0)
+    cfg = default_config(agent)
+    net = build_qnet(cfg)
+    save_model(tmp_path, net, cfg, {"note": "test"})
+    pol = load_policy(f"checkpoint:{tmp_path}", 5)
+    d = _decisions(trace, 5)
+    from edgecloud.vmsched.agents.policy import QPolicy
+
+    assert np.array_equal(pol(d), QPolicy(net, agent)(d))
+    if agent.startswith("spane"):  # any N
+        d7 = _decisions(trace, 7)
+        assert load_policy(f"checkpoint:{tmp_path}", 7)(d7).shape == (64,)
+
+
+def test_checkpoint_errors(tmp_path):
+    torch.manual_seed(0)
+    spane = default_config("spane")
+    save_model(tmp_path / "spane", build_qnet(spane), spane)
+    mlp = default_config("mlpdqn")
+    save_model(tmp_path / "mlp", build_qnet(mlp), mlp)
+    # a flat MLP at the wrong N
+    with pytest.raises(UserError, match=r"N=5 PMs; it cannot run on N=7"):
+        load_policy(f"checkpoint:{tmp_path / 'mlp'}", 7)
+    # weights of one architecture under the config of another
+    bad = tmp_path / "mixed"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes((tmp_path / "spane" / "model.safetensors").read_bytes())
+    numa = json.loads((tmp_path / "spane" / "config.json").read_text())
+    numa["config"]["agent"] = "spane-numa"
+    (bad / "config.json").write_text(json.dumps(numa))
+    with pytest.raises(UserError, match="spane-numa"):
+        load_model(bad)
+    # an MLP checkpoint whose config claims another N
+    wrong_n = tmp_path / "wrong_n"
+    wrong_n.mkdir()
+    (wrong_n / "model.safetensors").write_bytes((tmp_path / "mlp" / "model.safetensors").read_bytes())
+    doc = json.loads((tmp_path / "mlp" / "config.json").read_text())
+    doc["config"]["n_pms"] = 6
+    (wrong_n / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="wrong architecture or N"):
+        load_model(wrong_n)
+    # corrupt weights, corrupt config, nothing there
+    (tmp_path / "spane" / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(UserError, match="not a readable safetensors"):
+        load_policy(f"checkpoint:{tmp_path / 'spane'}")
+    (tmp_path / "mlp" / "config.json").write_text("{not json")
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_policy(f"checkpoint:{tmp_path / 'mlp'}")
+    with pytest.raises(UserError, match="does not exist"):
+        load_policy(f"checkpoint:{tmp_path / 'nowhere'}")
+    assert load_policy("first-fit") is None
+
+
+def test_shipped_models_load():
+    from edgecloud.vmsched.checkpoint import MODELS_DIR
+
+    shipped = [p.name for p in MODELS_DIR.iterdir() if (p / "model.safetensors").exists()] if MODELS_DIR.exists() \
+        else []
+    if not shipped:
+        pytest.skip("no shipped models yet")
+    for name in shipped:
+        assert load_policy(name, 5) is not None
+
+
+def test_cli_train_bad_set_is_a_user_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgecloud.cli import app
+
+    r = CliRunner().invoke(app, ["vmsched", "train", "--agent", "spane", "--out", str(tmp_path), "--set", "nope=1"])
+    assert isinstance(r.exception, UserError) and "nope" in str(r.exception)
+    r = CliRunner().invoke(app, ["vmsched", "train", "--agent", "dqn", "--out", str(tmp_path)])
+    assert isinstance(r.exception, UserError) and "--agent" in str(r.exception)
+
+
+def test_alias_states_reproduces_the_published_defect(trace, valid_starts):
+    from edgecloud.vmsched.agents.dqn import Trainer
+
+    def run(alias: bool):
+        cfg = DQNConfig(agent="spane", n_envs=2, replay_size=4_000, warmup_steps=10**9, alias_states=alias,
+                        valid_limit=2)
+        t = Trainer(cfg, trace, valid_starts)
+        while t.p.episodes == 0:
+            t.collect_step()
+        e = int(np.flatnonzero(t.replay.done[: t.replay.head].any(0))[0])
+        end = int(np.flatnonzero(t.replay.done[:, e])[0])
+        return t.replay.pm[: end + 1, e]
+
+    copied, aliased = run(False), run(True)
+    assert len(copied) == len(aliased) and (copied[0] == 1).all()  # same episode; it starts on an empty cluster
+    assert (aliased == aliased[-1]).all() and (aliased[0] < 1).any()  # every row holds one state: the final one
+    assert len(np.unique(copied.reshape(len(copied), -1), axis=0)) > len(copied) // 2  # copies differ per step
+
+
+def test_cli_train_tiny_run_and_resume(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgecloud.cli import app
+
+    args = ["vmsched", "train", "--agent", "spane-numa", "--seed", "3", "--out", str(tmp_path), "--episodes", "4",
+            "--json", "--set", "n_envs=4", "--set", "valid_limit=3", "--set", "valid_every=2", "--set",
+            "replay_size=2000", "--set", "batch_size=64", "--set", "warmup_steps=200"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    s = json.loads(r.output.strip().splitlines()[-1])
+    assert s["episodes"] >= 4 and (tmp_path / "best" / "model.safetensors").exists()
+    r = CliRunner().invoke(app, args)  # the dir holds a run: refuse without --resume
+    assert isinstance(r.exception, UserError) and "--resume" in str(r.exception)
+    r = CliRunner().invoke(app, args[:-2] + ["--set", "warmup_steps=200", "--episodes", "6", "--resume"])
+    assert isinstance(r.exception, UserError) and "different config" in str(r.exception)
