@@ -84,9 +84,7 @@ def plot(res: dict, path: Path) -> None:
     ax.set_title("KV-cache memory vs quality, SmolLM2-135M")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    atomic.save_figure(fig, path, dpi=120)
 
 
 def main() -> None:

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from edgecloud.atomic import atomic_path, write_text
+from edgecloud.atomic import save_figure, write_text
 from edgecloud.kvcache.bench import BenchConfig, run
 from edgecloud.kvcache.cli import format_table
 from edgecloud.llm.engine import Engine
@@ -39,9 +39,7 @@ def plot(out: dict, path: Path) -> None:
     b.set_ylabel("greedy answer identical to full prefill")
     b.set_title("quality vs TTFT")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:

@@ -228,9 +228,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.set_title("Total wait relative to the DVAMP MILP optimum (best found within the time limit)")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    atomic.save_figure(fig, path, dpi=120)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,4 @@ def plot_flex(rows: list[dict], names: list[str], path: Path, split: str = "test
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    with atomic.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png")
-    plt.close(fig)
+    atomic.save_figure(fig, path, dpi=120)
