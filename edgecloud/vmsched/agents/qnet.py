@@ -68,6 +68,8 @@ class SpaneQNet(nn.Module):
     advantage head on [PM embedding, cluster, vm] with 2 outputs (one per NUMA node). Works for any N."""
 
     fixed_n: int | None = None
+    adv_embeddings = 1  # embeddings the advantage head reads besides [cluster, vm]: the PM's
+    adv_outputs = 2  # one value per NUMA node
 
     def __init__(self, cfg: DQNConfig) -> None:
         super().__init__()
@@ -75,7 +77,7 @@ class SpaneQNet(nn.Module):
         w, c = cfg.enc_width, cfg.enc_width * len(cfg.pools)
         self.enc = mlp(4, w, cfg.enc_layers, w)
         self.value = mlp(c + 3, cfg.value_width, cfg.value_layers, 1)
-        self.adv = mlp(w + c + 3, cfg.adv_width, cfg.adv_layers, 2)
+        self.adv = mlp(self.adv_embeddings * w + c + 3, cfg.adv_width, cfg.adv_layers, self.adv_outputs)
         self.apply(init_weights)
 
     def forward(self, pm: torch.Tensor, vm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -88,22 +90,14 @@ class SpaneQNet(nn.Module):
         return dueling(value, adv, mask, vm, self.tie_double)
 
 
-class SpaneNumaQNet(nn.Module):
+class SpaneNumaQNet(SpaneQNet):
     """SPANE with the second symmetry built in: swapping the two NUMA nodes of any PM swaps that PM's two
     Q values. Each node is encoded from (itself, its sibling) by one shared MLP; a PM embedding is the mean of
     its two node embeddings (swap-invariant); the advantage of a node reads [node, PM, cluster, vm] and emits one
     value. The group is S_2 wr S_N (N! * 2^N elements) instead of S_N."""
 
-    fixed_n: int | None = None
-
-    def __init__(self, cfg: DQNConfig) -> None:
-        super().__init__()
-        self.pools, self.tie_double = tuple(cfg.pools), cfg.tie_double
-        w, c = cfg.enc_width, cfg.enc_width * len(cfg.pools)
-        self.enc = mlp(4, w, cfg.enc_layers, w)
-        self.value = mlp(c + 3, cfg.value_width, cfg.value_layers, 1)
-        self.adv = mlp(2 * w + c + 3, cfg.adv_width, cfg.adv_layers, 1)
-        self.apply(init_weights)
+    adv_embeddings = 2  # the node's and its PM's
+    adv_outputs = 1  # one value per node
 
     def forward(self, pm: torch.Tensor, vm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         B, N, _ = pm.shape
