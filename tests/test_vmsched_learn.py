@@ -190,10 +190,17 @@ def test_tiny_training_beats_random_and_checkpoint_roundtrip(trace, valid_starts
     rand = np.mean([trimmed_mean(evaluate(trace, cluster, RandomFit(s), few).totals) for s in range(3)])
     assert p.best_valid < rand, (p.best_valid, rand)
     # the best model on disk acts exactly as the in-memory net that scored best_valid
-    pol = load_policy(f"checkpoint:{tmp_path / 'run'}", 5)
+    pol = load_policy(f"checkpoint:{tmp_path / 'run' / 'best'}", 5)
     assert trimmed_mean(evaluate(trace, cluster, pol, few).totals) == pytest.approx(p.best_valid)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["env_steps_per_s"] > 0 and summary["history"]
+    # every validated model was kept, and selection compared the best one with ensembles of the best 3 and 5
+    assert len(list((tmp_path / "run" / "checkpoints").glob("ep*"))) == len(p.history)
+    sel = summary["selected"]
+    assert sel["candidates"]["1"] == pytest.approx(p.best_valid) and set(sel["candidates"]) == {"1", "3", "5"}
+    assert sel["valid_trimmed_mean"] == min(sel["candidates"].values()) <= p.best_valid
+    pol = load_policy(f"checkpoint:{tmp_path / 'run'}", 5)  # a run dir loads its selected model
+    assert trimmed_mean(evaluate(trace, cluster, pol, few).totals) == pytest.approx(sel["valid_trimmed_mean"])
 
 
 def test_resume_continues_counters(trace, valid_starts, tmp_path):
@@ -336,3 +343,136 @@ def test_cli_train_tiny_run_and_resume(tmp_path):
     assert isinstance(r.exception, UserError) and "--resume" in str(r.exception)
     r = CliRunner().invoke(app, args[:-2] + ["--set", "warmup_steps=200", "--episodes", "6", "--resume"])
     assert isinstance(r.exception, UserError) and "different config" in str(r.exception)
+
+
+SWEEP_TINY = ["--episodes", "4", "--set", "n_envs=4", "--set", "valid_limit=3", "--set", "valid_every=2",
+              "--set", "replay_size=2000", "--set", "batch_size=64", "--set", "warmup_steps=200"]
+
+
+def test_sweep_plan_crosses_agents_grid_and_seeds(tmp_path):
+    from edgecloud.vmsched.cli_learn import plan_runs
+
+    runs = plan_runs(["spane", "mlpdqn"], [0, 1], 5, 10, ["n_envs=4"], ["lr=0.001,0.003", "loss=mse"], tmp_path)
+    assert len(runs) == 2 * 2 * 2
+    assert {r["name"] for r in runs} == {f"{a}-lr-{v}-loss-mse" for a in ("spane", "mlpdqn") for v in ("0.001",
+                                                                                                         "0.003")}
+    assert runs[0]["sets"] == ["n_envs=4", "lr=0.001", "loss=mse"] and runs[0]["out"].endswith("-s0")
+    for bad in (["lr="], ["=1"], ["nope=1,2"], ["lr=fast"]):
+        with pytest.raises(UserError):
+            plan_runs(["spane"], [0], 5, 10, [], bad, tmp_path)
+    with pytest.raises(UserError, match="share one run dir"):
+        plan_runs(["spane", "spane"], [0], 5, 10, [], [], tmp_path)
+
+
+@pytest.mark.parametrize("backend", ["local", "ray"])
+def test_sweep_trains_every_run(tmp_path, backend, trace):
+    """Two seeds in parallel, each a real (tiny) training run with its own run dir and best model."""
+    if backend == "ray":
+        pytest.importorskip("ray.tune", reason="Ray Tune is the optional extra edgecloud[ray]")
+    from typer.testing import CliRunner
+
+    from edgecloud.cli import app
+
+    out = tmp_path / "sweep"
+    r = CliRunner().invoke(app, ["vmsched", "sweep", "--agent", "spane", "--seeds", "0,1", "--workers", "2",
+                                 "--backend", backend, "--out", str(out), *SWEEP_TINY])
+    assert r.exit_code == 0, r.output
+    for s in (0, 1):
+        run = out / f"spane-s{s}"
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["seed"] == s and summary["finished"] and (run / "best" / "model.safetensors").exists()
+    assert "failed" not in r.output
+    if backend == "ray":
+        assert (out / "ray" / "sweep").is_dir()  # Tune's own records of both trials
+
+
+def test_ensemble_keeps_symmetry_and_round_trips(tmp_path):
+    from edgecloud.vmsched.agents.qnet import EnsembleQNet
+
+    rng = np.random.default_rng(5)
+    cfg = DQNConfig(agent="spane-numa")
+    members = []
+    for i in range(3):
+        torch.manual_seed(i)
+        members.append(build_qnet(cfg).double())
+    ens = EnsembleQNet(members)
+    pm, vm, mask = random_inputs(rng, 64, 6)
+    q = ens(pm, vm, mask)
+    mean = torch.stack([m(pm, vm, mask) for m in members]).mean(0)
+    assert torch.equal(torch.isinf(q), ~mask) and torch.allclose(q[mask], mean[mask])
+    perm = rng.permutation(6)
+    which = rng.random(6) < 0.5
+    pm2, m2, q_expect = swap_nodes(*permute(pm, mask, q, perm), which)
+    got = ens(pm2, vm, m2)
+    assert torch.allclose(got[m2], q_expect[m2], atol=TOL)
+    save_model(tmp_path / "ens", ens.float(), cfg, {"note": "test"})
+    loaded, cfg2, meta = load_model(tmp_path / "ens")
+    assert isinstance(loaded, EnsembleQNet) and len(loaded.members) == 3 and meta == {"note": "test"}
+    x = (pm.float(), vm.float(), mask)
+    assert torch.equal(loaded(*x).argmax(1), ens(*x).argmax(1))
+    doc = json.loads((tmp_path / "ens" / "config.json").read_text())
+    doc["members"] = 2  # weights for 3 members, config says 2: a clear error, not a crash
+    (tmp_path / "ens" / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match="do not match"):
+        load_model(tmp_path / "ens")
+
+
+def test_select_cli_errors(tmp_path, trace):
+    from typer.testing import CliRunner
+
+    from edgecloud.cli import app
+
+    r = CliRunner().invoke(app, ["vmsched", "select", str(tmp_path / "nope")])
+    assert isinstance(r.exception, UserError) and "not a directory" in str(r.exception)
+    r = CliRunner().invoke(app, ["vmsched", "select", str(tmp_path)])
+    assert isinstance(r.exception, UserError) and "no checkpoints/" in str(r.exception)
+    r = CliRunner().invoke(app, ["vmsched", "select", str(tmp_path), "--k", "one"])
+    assert isinstance(r.exception, UserError) and "--k" in str(r.exception)
+
+
+def _agreement(net, trace, starts, expert, steps: int = 150) -> float:
+    """Share of the expert's decisions (on the expert's own trajectories) that the greedy net makes too."""
+    from edgecloud.vmsched.agents.policy import to_tensors
+    from edgecloud.vmsched.batched import BatchedSim, episode_lengths
+
+    cluster = ClusterConfig()
+    sim = BatchedSim(trace, cluster, starts, episode_lengths(trace, cluster, starts))
+    agree = total = 0
+    for _ in range(steps):
+        idx, d = sim.decision()
+        if not len(idx):
+            break
+        a = expert(d)
+        with torch.no_grad():
+            g = net(*to_tensors(d)).argmax(1).numpy()
+        agree += int(((g == a) | (d.double & (g // 2 == a // 2))).sum())
+        total += len(a)
+        sim.step(idx, a, d.mask)
+    return agree / total
+
+
+def test_demonstration_pretraining_imitates_the_expert(trace, valid_starts):
+    """DQfD-style warm start: after pretraining on Balance-Fit's transitions (n-step TD + large margin), the greedy
+    network makes Balance-Fit's placement on held-out validation states far more often than before."""
+    from edgecloud.vmsched.agents.dqn import Trainer
+    from edgecloud.vmsched.policies import make_policy
+
+    cfg = DQNConfig(agent="spane", seed=0, demo="balance-fit", episodes=1, n_envs=16, demo_size=16 * 300,
+                    batch_size=128, demo_steps=300, lr=0.003, n_step=10)
+    t = Trainer(cfg, trace, valid_starts)
+    bf = make_policy("balance-fit")
+    before = _agreement(t.online, trace, valid_starts[:16], bf)
+    t.demo = t.collect_demos()
+    assert t.demo.size == t.demo.T and t.demo.action.max() < 2 * cfg.n_pms
+    b = t.demo.sample(64, np.random.default_rng(0))
+    assert float(t.margin_loss(b).detach()) >= 0.0
+    for _ in range(cfg.demo_steps):
+        t.update(demo_only=True)
+    after = _agreement(t.online, trace, valid_starts[:16], bf)
+    assert after > 0.75 and after > before + 0.2, (before, after)
+    with pytest.raises(UserError, match="demo="):
+        DQNConfig(demo="nope")
+    assert t.demo_weight() == 1.0  # constant unless demo_weight_final is set
+    t.cfg = cfg.with_overrides(["demo_weight_final=0", "episodes=10"])
+    t.p.episodes = 5
+    assert t.demo_weight() == pytest.approx(0.5)

@@ -1,7 +1,9 @@
 """Trained Q-networks on disk: ``model.safetensors`` (weights) + ``config.json`` (the full DQNConfig and how the
 model was selected). Never pickle. ``load_policy`` resolves ``checkpoint:DIR`` and the shipped model names.
 
-A checkpoint dir is either a model dir (holding model.safetensors) or a training run dir, whose ``best/`` is used.
+A checkpoint dir is either a model dir (holding model.safetensors) or a training run dir, whose ``selected/`` (the
+model that validation picked among the best checkpoint and ensembles of the best few, see ``select.py``) or else
+``best/`` is used.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from edgecloud import atomic
 from edgecloud.errors import UserError
 from edgecloud.vmsched.agents.config import AGENTS, DQNConfig
 from edgecloud.vmsched.agents.policy import QPolicy
-from edgecloud.vmsched.agents.qnet import build_qnet
+from edgecloud.vmsched.agents.qnet import EnsembleQNet, build_qnet
 
 FORMAT = "edgecloud.vmsched.dqn/1"
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -31,19 +33,23 @@ def save_model(path: Path, net: torch.nn.Module, cfg: DQNConfig, meta: dict | No
     with atomic.atomic_path(path / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "agent": cfg.agent})
     doc = {"format": FORMAT, "agent": cfg.agent, "n_pms": cfg.n_pms, "config": cfg.to_dict(), "meta": meta or {}}
+    if isinstance(net, EnsembleQNet):
+        doc["members"] = len(net.members)
     atomic.write_text(path / CONFIG, json.dumps(doc, indent=2) + "\n")
 
 
 def model_dir(path: str | Path) -> Path:
-    """The dir holding the weights: ``path`` itself or, for a training run, ``path/best``."""
+    """The dir holding the weights: ``path`` itself or, for a training run, ``path/selected`` or ``path/best``."""
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"checkpoint dir {p} does not exist; pass a dir written by `edgecloud vmsched train --out`")
     if (p / WEIGHTS).exists() or (p / CONFIG).exists():
         return p
-    if (p / "best" / WEIGHTS).exists():
-        return p / "best"
-    raise UserError(f"checkpoint dir {p} has no {WEIGHTS} (nor best/{WEIGHTS}); train first, or point at a model dir")
+    for sub in ("selected", "best"):
+        if (p / sub / WEIGHTS).exists():
+            return p / sub
+    raise UserError(f"checkpoint dir {p} has no {WEIGHTS} (nor selected/ or best/{WEIGHTS}); train first, or point "
+                    "at a model dir")
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, DQNConfig, dict]:
@@ -66,7 +72,10 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, DQNConfig, dict]:
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"checkpoint {d / WEIGHTS} is not a readable safetensors file ({e}); it is corrupt, "
                         "retrain or copy it again") from None
-    net = build_qnet(cfg)
+    members = doc.get("members", 1)
+    if not isinstance(members, int) or members < 1:
+        raise UserError(f"checkpoint {d / CONFIG}: members={members!r} must be a positive integer; the file is corrupt")
+    net = build_qnet(cfg, members)
     want = net.state_dict()
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or extra:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 import subprocess
@@ -30,7 +31,8 @@ def _config(agent: str, seed: int, pms: int, episodes: int | None, sets: list[st
     return cfg.with_overrides(sets)
 
 
-def train_run(cfg, out: Path, resume: bool, show: bool = True, trace_path: Path | None = None) -> dict:
+def train_run(cfg, out: Path, resume: bool, show: bool = True, trace_path: Path | None = None,
+              on_progress=None) -> dict:
     """Train one config into ``out`` (resuming when asked and possible); return the run summary."""
     from edgecloud.vmsched.agents.dqn import RESUME, Trainer
     from edgecloud.vmsched.trace import load_starts, load_trace
@@ -42,7 +44,7 @@ def train_run(cfg, out: Path, resume: bool, show: bool = True, trace_path: Path 
     trainer = Trainer(cfg, tr, load_starts("valid", len(tr)), out)
     resumed = resume and trainer.load_resume()
     if not show:
-        p = trainer.train()
+        p = trainer.train(on_progress)
     else:
         cols = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                 TextColumn("eps {task.fields[eps]}"),
@@ -89,90 +91,179 @@ def register(app: typer.Typer) -> None:
                           f"episode {s['best_episode']}; {s['env_steps']:,} env steps in {s['wall_s']:.0f} s "
                           f"({s['env_steps_per_s']:,.0f}/s); model in {out / 'best'}")
 
+    @app.command("select")
+    def select_cmd(
+        runs: list[Path] = typer.Argument(..., help="Training run dirs (each with checkpoints/)."),
+        k: str = typer.Option("1,3,5", "--k", help="Ensemble sizes to compare (1 = the best checkpoint alone)."),
+        trace: Path | None = typer.Option(None, "--trace", help="Trace CSV (default: the Huawei-East-1 trace)."),
+        as_json: bool = typer.Option(False, "--json", help="Print one JSON object per run."),
+    ) -> None:
+        """Pick each run's model on the validation split: its best checkpoint or a mean-Q ensemble of its k best;
+        writes RUN/selected (what checkpoint:RUN loads)."""
+        from edgecloud.vmsched.agents.select import select_model
+        from edgecloud.vmsched.trace import load_starts, load_trace
+
+        try:
+            ks = tuple(int(x) for x in k.split(",") if x.strip())
+        except ValueError:
+            raise UserError(f"--k {k!r}: write integers separated by commas, e.g. 1,3,5") from None
+        tr = load_trace(trace)
+        valid = load_starts("valid", len(tr))
+        for run in runs:
+            if not run.is_dir():
+                raise UserError(f"{run} is not a directory; pass training run dirs (edgecloud vmsched train --out)")
+        for run in runs:
+            meta = select_model(run, tr, valid, ks or (1,))
+            if as_json:
+                print(json.dumps({"run": str(run)} | meta))
+            else:
+                cands = ", ".join(f"k={a}: {b:,.0f}" for a, b in meta["candidates"].items())
+                console.print(f"{run}: selected k={meta['members']} ({cands}) -> {run / 'selected'}")
+
     @app.command("sweep")
     def sweep_cmd(
         agent: list[str] = typer.Option(["spane"], "--agent", help="Repeat for several agents."),
         seeds: str = typer.Option("0,1,2,3,4", "--seeds", help="Comma-separated seeds."),
-        out: Path = typer.Option(Path("out/vmsched-sweep"), "--out", help="One sub-dir per run: AGENT-sSEED."),
+        out: Path = typer.Option(Path("out/vmsched-sweep"), "--out", help="One sub-dir per run: AGENT[-KEY-V]-sSEED."),
         pms: int = typer.Option(5, "--pms"),
         episodes: int | None = typer.Option(None, "--episodes"),
         sets: list[str] = typer.Option([], "--set", help="DQNConfig overrides for every run."),
+        grid: list[str] = typer.Option([], "--grid", help="A DQNConfig field and its values, crossed with agents, "
+                                                          "seeds and other --grid fields: --grid lr=0.001,0.003."),
         workers: int = typer.Option(2, "--workers", help="Runs at a time."),
         backend: str = typer.Option("auto", "--backend", help="auto (Ray Tune if installed), ray, or local."),
         resume: bool = typer.Option(False, "--resume", help="Resume runs that have a resume file."),
     ) -> None:
-        """Train several seeds / agents in parallel (Ray Tune when installed, else local processes)."""
+        """Train several seeds / agents / configs in parallel (Ray Tune when installed, else local processes)."""
         try:
             seed_list = [int(s) for s in seeds.split(",") if s.strip()]
         except ValueError:
             raise UserError(f"--seeds {seeds!r}: write integers separated by commas, e.g. 0,1,2") from None
         if not seed_list or workers < 1:
             raise UserError("--seeds needs at least one seed and --workers must be >= 1")
-        runs = [(a, s) for a in agent for s in seed_list]
-        for a, s in runs:
-            _config(a, s, pms, episodes, sets)  # fail fast on bad flags, before anything starts
-        has_ray = importlib.util.find_spec("ray") is not None
         if backend not in ("auto", "ray", "local"):
             raise UserError(f"--backend {backend}: choose auto, ray or local")
+        has_ray = importlib.util.find_spec("ray") is not None
         if backend == "ray" and not has_ray:
             raise UserError("--backend ray: Ray is not installed; pip install 'edgecloud[ray]' or use --backend local")
+        runs = plan_runs(agent, seed_list, pms, episodes, sets, grid, out)
         use_ray = backend == "ray" or (backend == "auto" and has_ray)
-        extra = ([f"--episodes={episodes}"] if episodes else []) + [f"--set={x}" for x in sets] + \
-            (["--resume"] if resume else [])
-        if use_ray:
-            results = _sweep_ray(runs, out, pms, extra, workers)
-        else:
-            results = _sweep_local(runs, out, pms, extra, workers)
+        results = (_sweep_ray if use_ray else _sweep_local)(runs, resume, workers)
         table = Table(title=f"sweep ({'ray tune' if use_ray else 'local processes'})")
-        for c in ("agent", "seed", "best valid", "episode", "wall s", "steps/s", "out"):
+        for c in ("run", "seed", "best valid", "episode", "wall s", "steps/s", "out"):
             table.add_column(c)
-        for r in sorted(results, key=lambda r: (r["agent"], r.get("best_valid_trimmed_mean") or float("inf"))):
+        for r in sorted(results, key=lambda r: (r["name"], r.get("best_valid_trimmed_mean") or float("inf"))):
             bv = r.get("best_valid_trimmed_mean")
-            table.add_row(r["agent"], str(r["seed"]), "failed" if bv is None else f"{bv:,.2f}",
+            table.add_row(r["name"], str(r["seed"]), "failed" if bv is None else f"{bv:,.2f}",
                           str(r.get("best_episode", "")), str(r.get("wall_s", "")), str(r.get("env_steps_per_s", "")),
                           r["out"])
         Console().print(table)
+        if any(r.get("best_valid_trimmed_mean") is None for r in results):
+            raise typer.Exit(1)
 
 
-def _cmd(agent: str, seed: int, out: Path, pms: int, extra: list[str]) -> list[str]:
-    return [sys.executable, "-m", "edgecloud.cli", "vmsched", "train", "--agent", agent, "--seed", str(seed),
-            "--out", str(out), "--pms", str(pms), "--json", *extra]
+def plan_runs(agents: list[str], seeds: list[int], pms: int, episodes: int | None, sets: list[str],
+              grid: list[str], out: Path) -> list[dict]:
+    """Every (agent, grid point, seed) as a run: its name, config overrides and run dir. Each config is built
+    here, so a bad flag fails before anything starts."""
+    axes: list[list[tuple[str, str]]] = []
+    for g in grid:
+        key, _, vals = g.partition("=")
+        values = [v.strip() for v in vals.split(",") if v.strip()]
+        if not key.strip() or not values:
+            raise UserError(f"--grid {g!r}: write key=v1,v2 (e.g. --grid lr=0.001,0.003)")
+        axes.append([(key.strip(), v) for v in values])
+    runs = []
+    for a in agents:
+        for point in itertools.product(*axes):
+            name = "-".join([a] + [f"{k}-{v}" for k, v in point])
+            point_sets = list(sets) + [f"{k}={v}" for k, v in point]
+            for s in seeds:
+                _config(a, s, pms, episodes, point_sets)
+                runs.append({"name": name, "agent": a, "seed": s, "pms": pms, "episodes": episodes,
+                             "sets": point_sets, "out": str(out / f"{name}-s{s}")})
+    if len({r["out"] for r in runs}) != len(runs):
+        raise UserError("two runs would share one run dir: repeat no agent, seed or --grid value")
+    return runs
 
 
-def _run_one(agent: str, seed: int, out: Path, pms: int, extra: list[str]) -> dict:
-    run_out = out / f"{agent}-s{seed}"
+def _run_local(run: dict, resume: bool) -> dict:
+    """One run as its own `edgecloud vmsched train` process with one torch thread."""
+    cmd = [sys.executable, "-m", "edgecloud.cli", "vmsched", "train", "--agent", run["agent"], "--seed",
+           str(run["seed"]), "--out", run["out"], "--pms", str(run["pms"]), "--json",
+           *([f"--episodes={run['episodes']}"] if run["episodes"] else []), *[f"--set={x}" for x in run["sets"]],
+           *(["--resume"] if resume else [])]
     env = os.environ | {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    proc = subprocess.run(_cmd(agent, seed, run_out, pms, extra), capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        console.print(f"[red]{agent} seed {seed} failed:[/] {proc.stderr.strip().splitlines()[-1:]}")
-        return {"agent": agent, "seed": seed, "out": str(run_out)}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        console.print(f"[red]{run['name']} seed {run['seed']} failed:[/] {proc.stderr.strip().splitlines()[-1:]}")
+        return {"name": run["name"], "seed": run["seed"], "out": run["out"]}
+    return json.loads(proc.stdout.strip().splitlines()[-1]) | {"name": run["name"]}
 
 
-def _sweep_local(runs, out: Path, pms: int, extra: list[str], workers: int) -> list[dict]:
-    """Each run is its own `edgecloud vmsched train` process (1 torch thread); threads only wait on them."""
+def _sweep_local(runs: list[dict], resume: bool, workers: int) -> list[dict]:
     with Progress(TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console) as bar:
         task = bar.add_task("sweep", total=len(runs))
         results = []
         with ThreadPoolExecutor(workers) as ex:
-            for r in ex.map(lambda ar: _run_one(ar[0], ar[1], out, pms, extra), runs):
+            for r in ex.map(lambda run: _run_local(run, resume), runs):
                 results.append(r)
                 bar.advance(task)
     return results
 
 
-def _sweep_ray(runs, out: Path, pms: int, extra: list[str], workers: int) -> list[dict]:
-    """Ray Tune: one trial per (agent, seed), 1 CPU each, at most ``workers`` at a time."""
+def ray_trainable(config: dict) -> None:
+    """A Ray Tune function trainable: trains one run in this worker and reports every validation round
+    (``valid_trimmed_mean``, ``episode``), so Tune schedulers and the Tune results see the learning curve."""
     from ray import tune
 
-    out = out.resolve()
+    run = config["run"]
+    cfg = _config(run["agent"], run["seed"], run["pms"], run["episodes"], run["sets"])
+    seen = 0
 
-    def trainable(config: dict) -> dict:
-        return _run_one(config["agent"], config["seed"], out, pms, extra)
+    def report(p) -> None:
+        nonlocal seen
+        for h in p.history[seen:]:
+            tune.report({"valid_trimmed_mean": h["valid_trimmed_mean"], "episode": h["episode"],
+                         "best_valid_trimmed_mean": p.best_valid, "env_steps": h["env_steps"]})
+        seen = len(p.history)
 
-    space = {"run": tune.grid_search([{"agent": a, "seed": s} for a, s in runs])}
-    tuner = tune.Tuner(tune.with_resources(lambda c: trainable(c["run"]), {"cpu": 1}), param_space=space,
-                       tune_config=tune.TuneConfig(max_concurrent_trials=workers))
-    grid = tuner.fit()
-    return [r.metrics for r in grid if r.metrics]
+    s = train_run(cfg, Path(run["out"]), config["resume"], show=False, on_progress=report)
+    tune.report(s | {"name": run["name"], "valid_trimmed_mean": s["best_valid_trimmed_mean"], "done": True})
+
+
+def _sweep_ray(runs: list[dict], resume: bool, workers: int) -> list[dict]:
+    """Ray Tune: one trial per run, 1 CPU each, at most ``workers`` at a time; results under OUT/ray."""
+    import ray
+    from ray import tune
+
+    for r in runs:
+        r["out"] = str(Path(r["out"]).resolve())
+    storage = Path(runs[0]["out"]).parent / "ray"
+    started = not ray.is_initialized()
+    if started:  # a local Ray with exactly `workers` CPUs; an already running Ray (a cluster) is used as it is
+        ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        tuner = tune.Tuner(tune.with_resources(ray_trainable, {"cpu": 1}),
+                           param_space={"run": tune.grid_search(runs), "resume": resume},
+                           tune_config=tune.TuneConfig(max_concurrent_trials=workers),
+                           run_config=tune.RunConfig(storage_path=str(storage), name="sweep", verbose=0))
+        grid = tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+    results = []
+    for r in grid:
+        run = r.config["run"]
+        m = r.metrics or {}
+        if r.error is not None or not m.get("done"):
+            console.print(f"[red]{run['name']} seed {run['seed']} failed:[/] {str(r.error).strip().splitlines()[-1:]}")
+            results.append({"name": run["name"], "seed": run["seed"], "out": run["out"]})
+        else:
+            results.append({k: v for k, v in m.items() if k in _SUMMARY_KEYS} | {"name": run["name"]})
+    return results
+
+
+_SUMMARY_KEYS = ("agent", "seed", "n_pms", "episodes", "env_steps", "grad_steps", "wall_s", "env_steps_per_s",
+                 "best_valid_trimmed_mean", "best_episode", "finished", "out", "resumed")

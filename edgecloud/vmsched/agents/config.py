@@ -45,8 +45,22 @@ class DQNConfig:
     loss: str = "huber"  # huber (ours, steadier) or mse (published)
     grad_clip: float = 10.0  # max gradient norm; 0 disables
     double_dqn: bool = True
+    ema: float = 0.0  # >0: validate and save an exponential moving average of the online weights (decay per
+    # gradient step), a smoother policy than the last online weights; 0 = the online weights themselves
     aug_perms: bool = False  # MLPAUG: each sampled transition gets a fresh random PM permutation
     alias_states: bool = False  # reproduce the published defect (every stored state = the episode's final state)
+    reward: str = "log1p"  # per-step reward from the placed VM's wait w (s): log1p = -log(1 + w/reward_scale),
+    # linear = -w/reward_scale (the objective itself; heavy-tailed)
+    reward_scale: float = 1.0
+    # --- demonstrations (DQfD-style; off unless demo names a heuristic) -----------------------------------
+    demo: str = ""  # e.g. balance-fit: collect demo_size transitions with it, pretrain on them, keep a margin loss
+    demo_size: int = 100_000  # demonstration transitions (collected from training starts, own start stream)
+    demo_steps: int = 1_000  # pretraining gradient steps on demonstrations only (n-step TD + margin)
+    demo_margin: float = 1.0  # the expert's action must beat every other placement by this much in Q
+    demo_weight: float = 1.0  # weight of the margin loss, in pretraining and after it
+    demo_weight_final: float = -1.0  # after pretraining the weight goes linearly to this by the last episode
+    # (-1 = stays demo_weight; 0 = the agent is weaned off the expert)
+    demo_batch_frac: float = 0.25  # after pretraining: a demonstration batch of this fraction of batch_size
     # --- collection and schedule --------------------------------------------------------------------------
     episodes: int = 5000  # training episodes (epsilon decays linearly over them)
     n_envs: int = 64  # lockstep training episodes, auto-reset
@@ -57,7 +71,9 @@ class DQNConfig:
     eps_episodes: float = 1.0  # epsilon reaches eps_end after this fraction of `episodes`
     start_lo: int = 0  # training starts drawn uniformly from [start_lo, start_hi)
     start_hi: int = 50_000
-    valid_every: int = 250  # validate (150-start split) every this many finished training episodes
+    valid_every: int = 100  # validate (150-start split) every this many finished training episodes (published: 250;
+    # a validation costs ~1.5 s, and more checkpoints give the validation-based selection more to choose from)
+    keep_checkpoints: bool = True  # also save every validated model to OUT/checkpoints/epNNNNNN (a few KB each)
     valid_limit: int = 0  # use only the first k validation starts (0 = all 150); for tests
     threads: int = 1  # torch threads
     max_minutes: float = 0.0  # stop after this wall time (0 = no limit); a stopped run is not bit-reproducible
@@ -76,6 +92,12 @@ class DQNConfig:
             raise UserError(f"n_pms={self.n_pms}: must be >= 1")
         if not 0.0 < self.gamma <= 1.0:
             raise UserError(f"gamma={self.gamma}: must be in (0, 1]")
+        if self.reward not in ("log1p", "linear"):
+            raise UserError(f"reward='{self.reward}': choose log1p or linear")
+        if not 0.0 <= self.ema < 1.0:
+            raise UserError(f"ema={self.ema}: must be in [0, 1) (0 turns it off)")
+        if self.reward_scale <= 0:
+            raise UserError(f"reward_scale={self.reward_scale}: must be > 0")
         if self.loss not in ("mse", "huber"):
             raise UserError(f"loss='{self.loss}': choose mse or huber")
         for name in ("n_step", "batch_size", "replay_size", "target_update", "episodes", "n_envs", "valid_every",
@@ -87,6 +109,19 @@ class DQNConfig:
                             f"n_step={self.n_step}; raise replay_size")
         if not 0 <= self.start_lo < self.start_hi:
             raise UserError(f"start_lo={self.start_lo}, start_hi={self.start_hi}: need 0 <= start_lo < start_hi")
+        if self.demo:
+            from edgecloud.vmsched.policies import HEURISTICS
+
+            if self.demo not in HEURISTICS:
+                raise UserError(f"demo='{self.demo}': name a heuristic ({', '.join(sorted(HEURISTICS))}), "
+                                "or '' for none")
+            if self.demo_size < self.n_envs * (self.n_step + 2):
+                raise UserError(f"demo_size={self.demo_size} is too small for n_envs={self.n_envs} and n_step="
+                                f"{self.n_step}; raise demo_size")
+        if min(self.demo_steps, self.demo_margin, self.demo_weight, self.demo_batch_frac) < 0:
+            raise UserError("demo_steps, demo_margin, demo_weight and demo_batch_frac must be >= 0")
+        if self.demo_weight_final < 0 and self.demo_weight_final != -1:
+            raise UserError(f"demo_weight_final={self.demo_weight_final}: use a weight >= 0, or -1 for demo_weight")
         if self.updates_per_step <= 0:
             raise UserError(f"updates_per_step={self.updates_per_step}: must be > 0")
 

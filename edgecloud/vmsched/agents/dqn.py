@@ -29,6 +29,7 @@ from edgecloud.vmsched.agents.config import DQNConfig
 from edgecloud.vmsched.agents.policy import QPolicy
 from edgecloud.vmsched.agents.qnet import build_qnet
 from edgecloud.vmsched.agents.replay import NStepReplay
+from edgecloud.vmsched.agents.select import select_model
 from edgecloud.vmsched.batched import BatchedSim, episode_lengths
 from edgecloud.vmsched.checkpoint import save_model
 from edgecloud.vmsched.cluster import ClusterConfig
@@ -71,6 +72,7 @@ class Trainer:
         self.target = copy.deepcopy(self.online)
         for p in self.target.parameters():
             p.requires_grad_(False)
+        self.ema = copy.deepcopy(self.target) if cfg.ema > 0 else None  # the evaluated/saved weights
         self.opt = torch.optim.Adam(self.online.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.replay = NStepReplay(cfg.replay_size, cfg.n_envs, cfg.n_pms, cfg.n_step, cfg.gamma)
         self.rng = np.random.default_rng([cfg.seed, 0])  # exploration and replay sampling
@@ -80,6 +82,8 @@ class Trainer:
         self._queue: list[tuple[int, int]] = []
         self._credit = 0.0
         self._ep_len = np.zeros(cfg.n_envs, np.int64)  # steps of each env's current episode (alias_states)
+        self.selected: dict | None = None  # what select_model picked at the end of training
+        self.demo: NStepReplay | None = None  # demonstrations (cfg.demo), re-collected identically on resume
 
     # --- episodes --------------------------------------------------------------------------------------------
     def _next_starts(self, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -89,6 +93,33 @@ class Trainer:
             self._queue += list(zip(s.tolist(), episode_lengths(self.trace, self.cluster, s).tolist()))
         take, self._queue = self._queue[:k], self._queue[k:]
         return np.array([t[0] for t in take], np.int64), np.array([t[1] for t in take], np.int64)
+
+    def collect_demos(self) -> NStepReplay:
+        """Fill a replay with ``cfg.demo`` (a heuristic) acting in ``n_envs`` lockstep training episodes, from a
+        start stream of its own (so the agent's training starts, and a resumed run, are unchanged)."""
+        from edgecloud.vmsched.policies import make_policy
+
+        c = self.cfg
+        rng = np.random.default_rng([c.seed, 2])
+
+        def starts(k: int) -> tuple[np.ndarray, np.ndarray]:
+            s = rng.integers(c.start_lo, c.start_hi, k)
+            return s, episode_lengths(self.trace, self.cluster, s)
+
+        expert = make_policy(c.demo)
+        rep = NStepReplay(c.demo_size, c.n_envs, c.n_pms, c.n_step, c.gamma)
+        sim = BatchedSim(self.trace, self.cluster, *starts(c.n_envs))
+        while rep.size < rep.T:
+            idx, d = sim.decision()
+            pm, vm = d.features()
+            a = expert(d)
+            waits = sim.step(idx, a, d.mask)
+            done = ~sim.active[idx]
+            rep.add(pm.astype(np.float32), vm.astype(np.float32), d.mask, a, self.reward(waits), done)
+            if done.any():
+                fin = idx[done]
+                sim.reset_episodes(fin, *starts(len(fin)))
+        return rep
 
     def epsilon(self) -> float:
         c = self.cfg
@@ -117,7 +148,7 @@ class Trainer:
         a = self._act(pm, vm, d.mask, self.p.eps)
         waits = self.sim.step(idx, a, d.mask)
         done = ~self.sim.active[idx]
-        self.replay.add(pm, vm, d.mask, a, -np.log1p(waits), done)
+        self.replay.add(pm, vm, d.mask, a, self.reward(waits), done)
         self.p.env_steps += len(idx)
         self._ep_len += 1
         if done.any():
@@ -129,6 +160,10 @@ class Trainer:
             self.sim.reset_episodes(fin, s, n)
             self.p.episodes += len(fin)
 
+    def reward(self, waits: np.ndarray) -> np.ndarray:
+        w = waits / self.cfg.reward_scale
+        return -np.log1p(w) if self.cfg.reward == "log1p" else -w
+
     def _alias(self, fin: np.ndarray) -> None:
         """The published defect, for comparison only: the replay held a reference to the live cluster array, so
         every stored state of an episode read as the cluster after the episode's last placement."""
@@ -139,30 +174,71 @@ class Trainer:
             r.pm[rows, e] = f
 
     # --- learning --------------------------------------------------------------------------------------------
-    def update(self) -> float:
+    def td_loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """n-step double-DQN loss; the bootstrap argmax runs over the valid next actions only."""
         c = self.cfg
-        b = self.replay.sample(c.batch_size, self.rng, permute=c.aug_perms)
-        for g in self.opt.param_groups:  # StepLR, written out so that resuming needs only the step count
-            g["lr"] = c.lr * c.lr_decay ** (self.p.grad_steps // c.lr_decay_every)
         q = self.online(b["pm"], b["vm"], b["mask"]).gather(1, b["action"][:, None]).squeeze(1)
         with torch.no_grad():
             q_t = self.target(b["pm2"], b["vm2"], b["mask2"])
             pick = self.online(b["pm2"], b["vm2"], b["mask2"]) if c.double_dqn else q_t
             nxt = q_t.gather(1, pick.argmax(1, keepdim=True)).squeeze(1)  # masked: only valid next actions
             y = b["ret"] + b["boot"] * torch.where(b["boot"] > 0, nxt, torch.zeros_like(nxt))
-        loss = F.mse_loss(q, y) if c.loss == "mse" else F.smooth_l1_loss(q, y)
+        return F.mse_loss(q, y) if c.loss == "mse" else F.smooth_l1_loss(q, y)
+
+    def margin_loss(self, b: dict[str, torch.Tensor]) -> torch.Tensor:
+        """DQfD's large-margin loss: max_a [Q(s,a) + m * (a is another placement)] - Q(s, a_expert). A double
+        VM's two actions on the expert's PM are the same placement, so they carry no margin."""
+        q = self.online(b["pm"], b["vm"], b["mask"])
+        a = b["action"]
+        acts = torch.arange(q.shape[1])
+        same = (acts == a[:, None]) | ((b["vm"][:, 2:3] > 0.5) & (acts // 2 == (a // 2)[:, None]))
+        q_m = q + self.cfg.demo_margin * (~same).to(q.dtype)
+        return (q_m.max(1).values - q.gather(1, a[:, None]).squeeze(1)).mean()
+
+    def demo_weight(self) -> float:
+        """The margin loss's weight after pretraining: demo_weight, going linearly to demo_weight_final."""
+        c = self.cfg
+        if c.demo_weight_final < 0:
+            return c.demo_weight
+        frac = min(1.0, self.p.episodes / c.episodes)
+        return c.demo_weight + (c.demo_weight_final - c.demo_weight) * frac
+
+    def update(self, demo_only: bool = False) -> float:
+        """One gradient step: TD on agent transitions (+ the margin loss on a demonstration batch when demos are
+        on), or, while pretraining (``demo_only``), TD + margin on demonstrations alone."""
+        c = self.cfg
+        for g in self.opt.param_groups:  # StepLR, written out so that resuming needs only the step count
+            g["lr"] = c.lr * c.lr_decay ** (self.p.grad_steps // c.lr_decay_every)
+        if demo_only:
+            b = self.demo.sample(c.batch_size, self.rng)
+            loss = self.td_loss(b) + c.demo_weight * self.margin_loss(b)
+        else:
+            loss = self.td_loss(self.replay.sample(c.batch_size, self.rng, permute=c.aug_perms))
+            w = self.demo_weight()
+            if self.demo is not None and w > 0 and c.demo_batch_frac > 0:
+                bd = self.demo.sample(max(1, int(c.batch_size * c.demo_batch_frac)), self.rng, permute=c.aug_perms)
+                loss = loss + w * self.margin_loss(bd)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if c.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.online.parameters(), c.grad_clip)
         self.opt.step()
+        if self.ema is not None:
+            with torch.no_grad():
+                for e, o in zip(self.ema.parameters(), self.online.parameters()):
+                    e.lerp_(o, 1.0 - c.ema)
         self.p.grad_steps += 1
         if self.p.grad_steps % c.target_update == 0:
             self.target.load_state_dict(self.online.state_dict())
         return float(loss.detach())
 
+    @property
+    def policy_net(self) -> torch.nn.Module:
+        """The weights that are validated and saved: the EMA when ``cfg.ema`` > 0, else the online net."""
+        return self.online if self.ema is None else self.ema
+
     def validate(self) -> float:
-        res = evaluate(self.trace, self.cluster, QPolicy(self.online, self.cfg.agent), self.valid_starts,
+        res = evaluate(self.trace, self.cluster, QPolicy(self.policy_net, self.cfg.agent), self.valid_starts,
                        split_name="valid")
         self.online.train()
         return trimmed_mean(res.totals)
@@ -171,6 +247,12 @@ class Trainer:
     def train(self, on_progress: Callable[[Progress], None] | None = None) -> Progress:
         c = self.cfg
         t0 = time.perf_counter() - self.p.wall_s
+        if c.demo and self.demo is None:
+            self.demo = self.collect_demos()
+            if self.p.grad_steps < c.demo_steps:
+                while self.p.grad_steps < c.demo_steps:
+                    self.p.loss = self.update(demo_only=True)
+                self._validation_round(time.perf_counter() - t0)  # the pretrained net is checkpoint ep000000
         while self.p.episodes < c.episodes:
             if c.max_minutes and time.perf_counter() - t0 > 60 * c.max_minutes:
                 break
@@ -188,6 +270,9 @@ class Trainer:
         self.p.wall_s = time.perf_counter() - t0
         if not self.p.history or self.p.history[-1]["episode"] != self.p.episodes:
             self._validation_round(self.p.wall_s)  # a final validation on the last weights
+        if self.out is not None and c.keep_checkpoints and self.p.episodes >= c.episodes:
+            self.selected = select_model(self.out, self.trace, self.valid_starts)
+            self.write_summary()
         if on_progress is not None:
             on_progress(self.p)
         return self.p
@@ -199,12 +284,14 @@ class Trainer:
         p.valid = v
         p.history.append({"episode": p.episodes, "env_steps": p.env_steps, "grad_steps": p.grad_steps,
                           "wall_s": round(wall, 2), "eps": round(p.eps, 4), "valid_trimmed_mean": round(v, 2)})
+        meta = {"valid_trimmed_mean": round(v, 4), "episode": p.episodes, "env_steps": p.env_steps,
+                "grad_steps": p.grad_steps, "valid_starts": int(len(self.valid_starts))}
+        if self.out is not None and self.cfg.keep_checkpoints:
+            save_model(self.out / "checkpoints" / f"ep{p.episodes:06d}", self.policy_net, self.cfg, meta)
         if p.best_valid is None or v < p.best_valid:
             p.best_valid, p.best_episode = v, p.episodes
             if self.out is not None:
-                save_model(self.out / "best", self.online, self.cfg,
-                           {"valid_trimmed_mean": round(v, 4), "episode": p.episodes, "env_steps": p.env_steps,
-                            "grad_steps": p.grad_steps, "valid_starts": int(len(self.valid_starts))})
+                save_model(self.out / "best", self.policy_net, self.cfg, meta)
         while p.next_valid <= p.episodes:
             p.next_valid += self.cfg.valid_every
         if self.out is not None:
@@ -218,7 +305,8 @@ class Trainer:
                 "env_steps": p.env_steps, "grad_steps": p.grad_steps, "wall_s": round(p.wall_s, 2),
                 "env_steps_per_s": round(p.env_steps / max(p.wall_s, 1e-9), 1),
                 "best_valid_trimmed_mean": p.best_valid, "best_episode": p.best_episode,
-                "finished": p.episodes >= self.cfg.episodes, "config": self.cfg.to_dict(), "history": p.history}
+                "finished": p.episodes >= self.cfg.episodes, "selected": self.selected,
+                "config": self.cfg.to_dict(), "history": p.history}
 
     def write_summary(self) -> None:
         atomic.write_text(self.out / "summary.json", json.dumps(self.summary(), indent=2) + "\n")
@@ -228,6 +316,8 @@ class Trainer:
         t: dict[str, torch.Tensor] = {}
         t.update({f"online.{k}": v.detach().clone() for k, v in self.online.state_dict().items()})
         t.update({f"target.{k}": v.detach().clone() for k, v in self.target.state_dict().items()})
+        if self.ema is not None:
+            t.update({f"ema.{k}": v.detach().clone() for k, v in self.ema.state_dict().items()})
         opt = self.opt.state_dict()
         for i, st in opt["state"].items():
             for k, v in st.items():
@@ -264,6 +354,8 @@ class Trainer:
                             "resume with the same flags, or use a new --out")
         self.online.load_state_dict({k[7:]: v for k, v in t.items() if k.startswith("online.")})
         self.target.load_state_dict({k[7:]: v for k, v in t.items() if k.startswith("target.")})
+        if self.ema is not None:
+            self.ema.load_state_dict({k[4:]: v for k, v in t.items() if k.startswith("ema.")})
         state: dict = {}
         for k, v in t.items():
             if k.startswith("opt."):

@@ -135,7 +135,23 @@ class MLPQNet(nn.Module):
         return dueling(self.value(x), self.adv(x), mask, vm, self.tie_double)
 
 
-def build_qnet(cfg: DQNConfig) -> nn.Module:
+class EnsembleQNet(nn.Module):
+    """The mean Q over several networks of one config (e.g. a run's best validated checkpoints). Averaging keeps
+    every symmetry the members have, and it evens out the checkpoint-to-checkpoint swings of DQN's greedy policy.
+    Invalid actions stay -inf (every member masks the same actions)."""
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.fixed_n = getattr(members[0], "fixed_n", None)
+
+    def forward(self, pm: torch.Tensor, vm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(pm, vm, mask) for m in self.members]).mean(0)
+
+
+def build_qnet(cfg: DQNConfig, members: int = 1) -> nn.Module:
+    if members > 1:
+        return EnsembleQNet([build_qnet(cfg) for _ in range(members)])
     if cfg.agent == "spane":
         return SpaneQNet(cfg)
     if cfg.agent == "spane-numa":

@@ -1,0 +1,66 @@
+"""Model selection after training, on the validation split only.
+
+DQN's greedy policy swings from one checkpoint to the next (a run's validation scores jump by 2x between
+neighbouring checkpoints), so the single best checkpoint is partly luck of the draw. The candidates here are the
+best validated checkpoint and the mean-Q ensembles of the k best checkpoints; each is scored on the same
+validation starts and the lowest trimmed mean wins (ties go to the smaller model). The winner is written to
+``RUN/selected`` and is what ``checkpoint:RUN`` loads.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from edgecloud.errors import UserError
+from edgecloud.vmsched.agents.policy import QPolicy
+from edgecloud.vmsched.agents.qnet import EnsembleQNet
+from edgecloud.vmsched.checkpoint import CONFIG, load_model, save_model
+from edgecloud.vmsched.cluster import ClusterConfig
+from edgecloud.vmsched.evaluate import evaluate, trimmed_mean
+from edgecloud.vmsched.trace import Trace
+
+DEFAULT_KS = (1, 3, 5)
+
+
+def ranked_checkpoints(run: Path) -> list[tuple[float, int, Path]]:
+    """(validation trimmed mean, episode, dir) of every saved checkpoint of a run, best first."""
+    out = []
+    for d in sorted((Path(run) / "checkpoints").glob("ep*")):
+        try:
+            meta = json.loads((d / CONFIG).read_text())["meta"]
+        except (OSError, ValueError, KeyError):
+            continue  # a checkpoint being written when the run was killed
+        out.append((float(meta["valid_trimmed_mean"]), int(meta["episode"]), d))
+    return sorted(out, key=lambda t: (t[0], t[1]))
+
+
+def select_model(run: Path, trace: Trace, valid_starts: np.ndarray, ks: tuple[int, ...] = DEFAULT_KS) -> dict:
+    """Score the candidates on validation, write the winner to ``run/selected``, return what was compared."""
+    run = Path(run)
+    ranked = ranked_checkpoints(run)
+    if not ranked:
+        raise UserError(f"{run} has no checkpoints/ to select from; train with keep_checkpoints=true")
+    if any(k < 1 for k in ks):
+        raise UserError(f"--k {list(ks)}: ensemble sizes must be >= 1")
+    nets, cfg = [], None
+    for _, _, d in ranked[: max(ks)]:
+        net, cfg, _ = load_model(d)
+        nets.append(net)
+    starts = np.asarray(valid_starts, np.int64)
+    if cfg.valid_limit:
+        starts = starts[: cfg.valid_limit]
+    cluster = ClusterConfig(n_pms=cfg.n_pms)
+    scores: dict[int, float] = {}
+    for k in sorted({min(k, len(nets)) for k in ks}):
+        net = nets[0] if k == 1 else EnsembleQNet(nets[:k])
+        scores[k] = trimmed_mean(evaluate(trace, cluster, QPolicy(net, cfg.agent), starts, split_name="valid").totals)
+    k_best = min(scores, key=lambda k: (scores[k], k))
+    winner = nets[0] if k_best == 1 else EnsembleQNet(nets[:k_best])
+    meta = {"valid_trimmed_mean": round(scores[k_best], 4), "members": k_best,
+            "episodes": [ep for _, ep, _ in ranked[:k_best]],
+            "candidates": {str(k): round(v, 4) for k, v in scores.items()}, "valid_starts": int(len(starts))}
+    save_model(run / "selected", winner, cfg, meta)
+    return meta
