@@ -199,8 +199,10 @@ def test_tiny_training_beats_random_and_checkpoint_roundtrip(trace, valid_starts
     sel = summary["selected"]
     assert sel["candidates"]["1"] == pytest.approx(p.best_valid) and set(sel["candidates"]) == {"1", "3", "5"}
     assert sel["valid_trimmed_mean"] == min(sel["candidates"].values()) <= p.best_valid
-    pol = load_policy(f"checkpoint:{tmp_path / 'run'}", 5)  # a run dir loads its selected model
+    pol = load_policy(f"checkpoint:{tmp_path / 'run' / 'selected'}", 5)
     assert trimmed_mean(evaluate(trace, cluster, pol, few).totals) == pytest.approx(sel["valid_trimmed_mean"])
+    pol = load_policy(f"checkpoint:{tmp_path / 'run'}", 5)  # a run dir loads its best checkpoint
+    assert trimmed_mean(evaluate(trace, cluster, pol, few).totals) == pytest.approx(p.best_valid)
 
 
 def test_resume_continues_counters(trace, valid_starts, tmp_path):
@@ -289,12 +291,19 @@ def test_checkpoint_errors(tmp_path):
 def test_shipped_models_load():
     from edgecloud.vmsched.checkpoint import MODELS_DIR
 
-    shipped = [p.name for p in MODELS_DIR.iterdir() if (p / "model.safetensors").exists()] if MODELS_DIR.exists() \
-        else []
-    if not shipped:
-        pytest.skip("no shipped models yet")
-    for name in shipped:
+    for name in ("spane", "spane-numa", "mlpdqn", "mlpaug"):
+        assert (MODELS_DIR / name / "model.safetensors").exists(), f"no shipped model for {name}"
         assert load_policy(name, 5) is not None
+
+
+@pytest.mark.parametrize("agent", ["spane", "spane-numa"])
+def test_shipped_model_reproduces_its_documented_test_score(trace, test_starts, agent):
+    """The shipped model scores on the 1000 test starts exactly what bench/spane_results.py recorded for it."""
+    from edgecloud.vmsched.checkpoint import MODELS_DIR
+
+    _, _, meta = load_model(MODELS_DIR / agent)
+    got = trimmed_mean(evaluate(trace, ClusterConfig(), load_policy(agent, 5), test_starts).totals)
+    assert got == pytest.approx(meta["test_trimmed_mean"], rel=1e-9)
 
 
 def test_cli_train_bad_set_is_a_user_error(tmp_path):

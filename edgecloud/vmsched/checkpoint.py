@@ -1,9 +1,8 @@
 """Trained Q-networks on disk: ``model.safetensors`` (weights) + ``config.json`` (the full DQNConfig and how the
 model was selected). Never pickle. ``load_policy`` resolves ``checkpoint:DIR`` and the shipped model names.
 
-A checkpoint dir is either a model dir (holding model.safetensors) or a training run dir, whose ``selected/`` (the
-model that validation picked among the best checkpoint and ensembles of the best few, see ``select.py``) or else
-``best/`` is used.
+A checkpoint dir is either a model dir (holding model.safetensors) or a training run dir, whose ``best/`` (the best
+validated checkpoint) is used; a run's ``selected/`` model (see ``select.py``) is loaded by naming it.
 """
 
 from __future__ import annotations
@@ -39,17 +38,15 @@ def save_model(path: Path, net: torch.nn.Module, cfg: DQNConfig, meta: dict | No
 
 
 def model_dir(path: str | Path) -> Path:
-    """The dir holding the weights: ``path`` itself or, for a training run, ``path/selected`` or ``path/best``."""
+    """The dir holding the weights: ``path`` itself or, for a training run, ``path/best``."""
     p = Path(path).expanduser()
     if not p.exists():
         raise UserError(f"checkpoint dir {p} does not exist; pass a dir written by `edgecloud vmsched train --out`")
     if (p / WEIGHTS).exists() or (p / CONFIG).exists():
         return p
-    for sub in ("selected", "best"):
-        if (p / sub / WEIGHTS).exists():
-            return p / sub
-    raise UserError(f"checkpoint dir {p} has no {WEIGHTS} (nor selected/ or best/{WEIGHTS}); train first, or point "
-                    "at a model dir")
+    if (p / "best" / WEIGHTS).exists():
+        return p / "best"
+    raise UserError(f"checkpoint dir {p} has no {WEIGHTS} (nor best/{WEIGHTS}); train first, or point at a model dir")
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, DQNConfig, dict]:

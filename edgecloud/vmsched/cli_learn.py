@@ -99,7 +99,7 @@ def register(app: typer.Typer) -> None:
         as_json: bool = typer.Option(False, "--json", help="Print one JSON object per run."),
     ) -> None:
         """Pick each run's model on the validation split: its best checkpoint or a mean-Q ensemble of its k best;
-        writes RUN/selected (what checkpoint:RUN loads)."""
+        writes RUN/selected (load it with --policy checkpoint:RUN/selected)."""
         from edgecloud.vmsched.agents.select import select_model
         from edgecloud.vmsched.trace import load_starts, load_trace
 

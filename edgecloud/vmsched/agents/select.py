@@ -4,7 +4,11 @@ DQN's greedy policy swings from one checkpoint to the next (a run's validation s
 neighbouring checkpoints), so the single best checkpoint is partly luck of the draw. The candidates here are the
 best validated checkpoint and the mean-Q ensembles of the k best checkpoints; each is scored on the same
 validation starts and the lowest trimmed mean wins (ties go to the smaller model). The winner is written to
-``RUN/selected`` and is what ``checkpoint:RUN`` loads.
+``RUN/selected`` (load it with ``checkpoint:RUN/selected``; ``checkpoint:RUN`` stays the best checkpoint).
+
+Measured (docs/results/spane.md): picking among these candidates on the 150 validation starts did not carry over
+to the test split for SPANE-NUMA (three runs where an ensemble won on validation scored worse on test than their
+best checkpoint), so the issue's protocol, the best checkpoint, remains every run's model.
 """
 
 from __future__ import annotations
