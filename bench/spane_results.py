@@ -87,7 +87,8 @@ def score_run(tr, test, d: Path) -> dict:
     sel_dir = d / "selected"
     if (sel_dir / "model.safetensors").exists():
         _, _, sel_meta = load_model(sel_dir)
-        sel = evaluate(tr, c5, load_policy(f"checkpoint:{sel_dir}", 5), test).summary()
+        same = sel_meta.get("episodes") == [s["best_episode"]]  # selection kept the best checkpoint alone
+        sel = best if same else evaluate(tr, c5, load_policy(f"checkpoint:{sel_dir}", 5), test).summary()
     else:  # a run trained without a checkpoint bank: its best checkpoint is its model
         sel_meta, sel = {"valid_trimmed_mean": s["best_valid_trimmed_mean"], "members": 1}, best
     m = re.search(r"-s(\d+)$", d.name)
