@@ -249,9 +249,10 @@ class Trainer:
         t0 = time.perf_counter() - self.p.wall_s
         if c.demo and self.demo is None:
             self.demo = self.collect_demos()
-            if self.p.grad_steps < c.demo_steps:
-                while self.p.grad_steps < c.demo_steps:
-                    self.p.loss = self.update(demo_only=True)
+            pretrain = self.p.grad_steps < c.demo_steps  # False when resuming a run that already pretrained
+            while self.p.grad_steps < c.demo_steps:
+                self.p.loss = self.update(demo_only=True)
+            if pretrain:
                 self._validation_round(time.perf_counter() - t0)  # the pretrained net is checkpoint ep000000
         while self.p.episodes < c.episodes:
             if c.max_minutes and time.perf_counter() - t0 > 60 * c.max_minutes:

@@ -6,9 +6,9 @@ best validated checkpoint and the mean-Q ensembles of the k best checkpoints; ea
 validation starts and the lowest trimmed mean wins (ties go to the smaller model). The winner is written to
 ``RUN/selected`` (load it with ``checkpoint:RUN/selected``; ``checkpoint:RUN`` stays the best checkpoint).
 
-Measured (docs/results/spane.md): picking among these candidates on the 150 validation starts did not carry over
-to the test split for SPANE-NUMA (three runs where an ensemble won on validation scored worse on test than their
-best checkpoint), so the issue's protocol, the best checkpoint, remains every run's model.
+Measured (docs/results/spane.md): an ensemble won on validation in 8 of 40 runs but beat that run's best
+checkpoint on the test split in only 2 (for SPANE-NUMA it was worse in all 5), i.e. choosing among more candidates
+on 150 validation starts overfits them; so the issue's protocol, the best checkpoint, remains every run's model.
 """
 
 from __future__ import annotations
