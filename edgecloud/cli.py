@@ -1,53 +1,78 @@
 """The ``edgecloud`` command: one Typer app, one sub-command group per system.
 
+One list, :data:`SYSTEMS`, names every system: its group name, the module that exports its Typer ``app``, and a
+line of help. A system plugs in by adding one row here and an ``app`` in its ``cli`` module; nothing else. A module
+that fails to import is a loud error naming that module (never a silently missing command).
+
 Bad input raises :class:`~edgecloud.errors.UserError` anywhere below; :func:`main` prints it as one line on
 stderr and exits with status 2, never a traceback.
 """
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import sys
 
 import typer
 from rich.console import Console
 
+from edgecloud import __version__
 from edgecloud.errors import UserError
 
-app = typer.Typer(
-    help="edgecloud: device–cloud AI research systems, runnable and measured.",
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    add_completion=False,
-)
+# (group name, module exporting a Typer ``app``, help)
+SYSTEMS: list[tuple[str, str, str]] = [
+    ("vmsched", "edgecloud.vmsched.cli", "VM scheduling on multi-NUMA hosts (DVAMP, SPANE)."),
+    ("kvcache", "edgecloud.kvcache.cli", "KV-cache systems: MPIC reuse, CSR sparse caches."),
+    ("llm", "edgecloud.llm.cli", "The language-model substrate: batched engine and its benchmark."),
+]
+
+
+class SystemImportError(ImportError):
+    """A system's CLI module failed to import; the message names the module and the cause."""
+
+
+def _version_callback(value: bool) -> None:
+    if value:
+        print(f"edgecloud {__version__}")
+        raise typer.Exit()
+
+
+def build_app() -> typer.Typer:
+    app = typer.Typer(
+        help="edgecloud: device–cloud AI research systems, runnable and measured.",
+        no_args_is_help=True,
+        pretty_exceptions_enable=False,
+        add_completion=False,
+        rich_markup_mode=None,
+    )
+
+    @app.callback()
+    def _root(version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
+                                           help="Print the version and exit.")) -> None:
+        """edgecloud: device–cloud AI research systems, runnable and measured."""
+
+    for name, module, help_ in SYSTEMS:
+        try:
+            mod = importlib.import_module(module)
+        except Exception as e:  # noqa: BLE001 - re-raised with the module named
+            raise SystemImportError(f"the '{name}' system's CLI module {module} failed to import: "
+                                    f"{type(e).__name__}: {e}") from e
+        sub = getattr(mod, "app", None)
+        if not isinstance(sub, typer.Typer):
+            raise SystemImportError(f"the '{name}' system's CLI module {module} exports no Typer `app`")
+        app.add_typer(sub, name=name, help=help_)
+    return app
+
+
+app = build_app()
 err_console = Console(stderr=True)
-
-
-def _has_module(name: str) -> bool:
-    try:
-        return importlib.util.find_spec(name) is not None
-    except ModuleNotFoundError:
-        return False
-
-
-def _register() -> None:
-    from edgecloud.vmsched.cli import app as vmsched_app
-
-    app.add_typer(vmsched_app, name="vmsched", help="VM scheduling on multi-NUMA hosts (DVAMP, SPANE).")
-    if _has_module("edgecloud.kvcache.cli"):
-        from edgecloud.kvcache.cli import app as kvcache_app
-
-        app.add_typer(kvcache_app, name="kvcache", help="KV-cache systems: MPIC reuse, CSR sparse caches.")
-
-
-_register()
 
 
 def main() -> None:
     try:
         app()
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
         sys.exit(2)
     except KeyboardInterrupt:
         err_console.print("interrupted")

@@ -76,6 +76,6 @@ def serve(
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
-from edgecloud.kvcache.csr.cli import register as _register_csr  # noqa: E402  (issue #7: csr-bench)
+from edgecloud.kvcache.csr.cli import register as _register_csr  # noqa: E402  (csr-bench joins this group)
 
 _register_csr(app)

@@ -1,0 +1,5 @@
+"""``python -m edgecloud``."""
+
+from edgecloud.main import main
+
+main()
