@@ -98,3 +98,21 @@ def test_bad_requests_named(engine):
     b.add({"q1": [1, 2]})
     with pytest.raises(UserError, match="already in the batch"):
         b.add({"q1": [3]})
+
+
+@pytest.mark.slow
+def test_llm_bench_contract(engine):
+    """`edgecloud llm bench --json` keys, on a tiny configuration of the same code path."""
+    from edgecloud.llm.bench import EngineBenchConfig, run
+    from edgecloud.llm.cli import engine_result
+
+    cfg = EngineBenchConfig(prefill_tokens=64, decode_steps=2, decode_prompt_tokens=16, batches=(1, 4), check_prompts=2,
+                            check_tokens=3, ppl_tokens=32, ppl_passages=1, bf16_speed=False)
+    res = run(engine, cfg)
+    doc = __import__("json").loads(engine_result(res, 0).to_json())
+    for k in ("decode_tok_s_batch1", "decode_tok_s_batch4", "batch4_speedup", "prefill_tok_s", "ppl_fp32",
+              "ppl_bf16"):
+        assert doc[k] > 0
+    assert doc["batched_matches_single"] is True
+    assert doc["provenance"]["commit"]
+    assert abs(doc["ppl_bf16"] / doc["ppl_fp32"] - 1) < 0.05
