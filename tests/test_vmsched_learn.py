@@ -359,7 +359,7 @@ SWEEP_TINY = ["--episodes", "4", "--set", "n_envs=4", "--set", "valid_limit=3", 
 
 
 def test_sweep_plan_crosses_agents_grid_and_seeds(tmp_path):
-    from edgecloud.vmsched.cli_learn import plan_runs
+    from edgecloud.vmsched.sweep import plan_runs
 
     runs = plan_runs(["spane", "mlpdqn"], [0, 1], 5, 10, ["n_envs=4"], ["lr=0.001,0.003", "loss=mse"], tmp_path)
     assert len(runs) == 2 * 2 * 2
