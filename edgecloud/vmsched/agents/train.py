@@ -6,6 +6,7 @@ the sweeps (:mod:`edgecloud.vmsched.sweep`) and ``bench/spane_results.py`` share
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from rich.console import Console
@@ -62,3 +63,14 @@ def train_run(cfg: DQNConfig, out: Path, resume: bool, show: bool = True, trace_
     return s | {"out": str(out), "resumed": bool(resumed), "best_episode": p.best_episode}
 
 
+
+
+def training_command(cfg: DQNConfig, out: str = "out/RUN") -> list[str]:
+    """The ``edgecloud vmsched train`` argv that rebuilds ``cfg`` exactly: agent, seed, N, episodes and one
+    ``--set`` for every field that differs from the agent's defaults (used to record each shipped model's
+    command; ``make_config`` on the same flags gives back ``cfg``, tested)."""
+    base = default_config(cfg.agent, seed=cfg.seed, n_pms=cfg.n_pms, episodes=cfg.episodes).to_dict()
+    sets = [f"{k}={v if isinstance(v, str) else json.dumps(v, separators=(',', ':'))}" for k, v in cfg.to_dict().items()
+            if base[k] != v]
+    return ["edgecloud", "vmsched", "train", "--agent", cfg.agent, "--seed", str(cfg.seed), "--pms", str(cfg.n_pms),
+            "--episodes", str(cfg.episodes), "--out", out] + [x for s in sets for x in ("--set", s)]
