@@ -94,6 +94,7 @@ def test_vector_env_observations_equal_the_scalar_env(trace, valid_starts, n_pms
 
     cluster = ClusterConfig(n_pms=n_pms)
     starts = valid_starts[:6]
+    starts_before = starts.copy()
     n_vms = episode_lengths(trace, cluster, starts)
     rng = np.random.default_rng(0)
     choice = rng.random((len(starts), int(n_vms.max())))
@@ -127,6 +128,7 @@ def test_vector_env_observations_equal_the_scalar_env(trace, valid_starts, n_pms
             assert obs["action_mask"][b].any() and obs["vm"][b].any()
         finished |= term
     assert finished.all()
+    np.testing.assert_array_equal(valid_starts[:6], starts_before)  # autoreset never writes into the caller's starts
 
 
 def test_vector_env_seeded_reset_and_masks(small_trace):
