@@ -296,6 +296,7 @@ def test_shipped_models_load():
         assert load_policy(name, 5) is not None
 
 
+@pytest.mark.slow  # 1000 test episodes through a Q-network: ~6 s each on a busy 2-core machine
 @pytest.mark.parametrize("agent", ["spane", "spane-numa"])
 def test_shipped_model_reproduces_its_documented_test_score(trace, test_starts, agent):
     """The shipped model scores on the 1000 test starts what bench/spane_results.py recorded for it.
@@ -381,6 +382,7 @@ def test_sweep_plan_crosses_agents_grid_and_seeds(tmp_path):
         plan_runs(["spane", "spane"], [0], 5, 10, [], [], tmp_path)
 
 
+@pytest.mark.slow  # trains two runs per backend in subprocesses / Ray workers: 7-15 s
 @pytest.mark.parametrize("backend", ["local", "ray"])
 def test_sweep_trains_every_run(tmp_path, backend, trace):
     """Two seeds in parallel, each a real (tiny) training run with its own run dir and best model."""

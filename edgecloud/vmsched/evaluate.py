@@ -130,4 +130,4 @@ def evaluate_policies(trace: Trace, cluster: ClusterConfig, names: list[str], st
 def table_rows(rows: list[dict], columns: list[str]) -> list[dict]:
     """Rows with every float cell rounded half up to 0.01 as text, for :func:`edgecloud.results.markdown_table`
     (which would otherwise show 4 significant figures; our tables are compared with the published ones to 0.01)."""
-    return [{c: fmt2(r[c]) for c in columns} for r in rows]
+    return [{c: "—" if r.get(c) is None else fmt2(r[c]) for c in columns} for r in rows]
