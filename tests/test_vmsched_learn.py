@@ -176,6 +176,7 @@ TINY = dict(episodes=40, n_envs=16, batch_size=128, replay_size=20_000, warmup_s
             n_step=10, valid_every=8, valid_limit=12, lr=0.003, target_update=50)
 
 
+@pytest.mark.slow  # 40 episodes of real training + 5 validation rounds: ~15 s on a busy 2-core machine
 def test_tiny_training_beats_random_and_checkpoint_roundtrip(trace, valid_starts, tmp_path):
     from edgecloud.vmsched.agents.dqn import Trainer
 
