@@ -176,6 +176,7 @@ TINY = dict(episodes=40, n_envs=16, batch_size=128, replay_size=20_000, warmup_s
             n_step=10, valid_every=8, valid_limit=12, lr=0.003, target_update=50)
 
 
+@pytest.mark.slow  # 40 episodes of real training + 5 validation rounds: ~15 s on a busy 2-core machine
 def test_tiny_training_beats_random_and_checkpoint_roundtrip(trace, valid_starts, tmp_path):
     from edgecloud.vmsched.agents.dqn import Trainer
 
@@ -296,14 +297,23 @@ def test_shipped_models_load():
         assert load_policy(name, 5) is not None
 
 
+@pytest.mark.slow  # 1000 test episodes through a Q-network: ~6 s each on a busy 2-core machine
 @pytest.mark.parametrize("agent", ["spane", "spane-numa"])
 def test_shipped_model_reproduces_its_documented_test_score(trace, test_starts, agent):
-    """The shipped model scores on the 1000 test starts exactly what bench/spane_results.py recorded for it."""
+    """The shipped model scores on the 1000 test starts what bench/spane_results.py recorded for it.
+
+    Not exact, on purpose: the policy is the argmax of float32 Q values, and a different CPU (other SIMD widths,
+    other summation order in the matmuls) can flip an argmax where two actions' Q values tie to the last bits; one
+    flipped placement changes that episode's queue, and so its total wait. On another 2-core machine SPANE-NUMA gave
+    54041.8 against the recorded 54041.58 (4e-6 relative). rel 2e-3 is ~500x that drift yet 50x finer than the
+    gaps this number is used for (SPANE-NUMA vs Balance-Fit is 0.63x, seeds differ by >10%), so a real regression
+    (a changed network, feature or simulator) still fails. The heuristics, which have no floats in their argmax,
+    are pinned exactly in test_vmsched_reproduce.py."""
     from edgecloud.vmsched.checkpoint import MODELS_DIR
 
     _, _, meta = load_model(MODELS_DIR / agent)
     got = trimmed_mean(evaluate(trace, ClusterConfig(), load_policy(agent, 5), test_starts).totals)
-    assert got == pytest.approx(meta["test_trimmed_mean"], rel=1e-9)
+    assert got == pytest.approx(meta["test_trimmed_mean"], rel=2e-3)
 
 
 def test_cli_train_bad_set_is_a_user_error(tmp_path):
@@ -359,7 +369,7 @@ SWEEP_TINY = ["--episodes", "4", "--set", "n_envs=4", "--set", "valid_limit=3", 
 
 
 def test_sweep_plan_crosses_agents_grid_and_seeds(tmp_path):
-    from edgecloud.vmsched.cli_learn import plan_runs
+    from edgecloud.vmsched.sweep import plan_runs
 
     runs = plan_runs(["spane", "mlpdqn"], [0, 1], 5, 10, ["n_envs=4"], ["lr=0.001,0.003", "loss=mse"], tmp_path)
     assert len(runs) == 2 * 2 * 2
@@ -373,6 +383,7 @@ def test_sweep_plan_crosses_agents_grid_and_seeds(tmp_path):
         plan_runs(["spane", "spane"], [0], 5, 10, [], [], tmp_path)
 
 
+@pytest.mark.slow  # trains two runs per backend in subprocesses / Ray workers: 7-15 s
 @pytest.mark.parametrize("backend", ["local", "ray"])
 def test_sweep_trains_every_run(tmp_path, backend, trace):
     """Two seeds in parallel, each a real (tiny) training run with its own run dir and best model."""
@@ -485,3 +496,22 @@ def test_demonstration_pretraining_imitates_the_expert(trace, valid_starts):
     t.cfg = cfg.with_overrides(["demo_weight_final=0", "episodes=10"])
     t.p.episodes = 5
     assert t.demo_weight() == pytest.approx(0.5)
+
+
+def test_training_md_commands_rebuild_the_shipped_configs():
+    """models/TRAINING.md records one `edgecloud vmsched train` command per shipped model; its flags must rebuild
+    that model's config.json exactly (so the record cannot drift from the models)."""
+    import shlex
+
+    from edgecloud.vmsched.agents.train import make_config, training_command
+    from edgecloud.vmsched.checkpoint import MODELS_DIR
+
+    text = (MODELS_DIR / "TRAINING.md").read_text()
+    for name in ("spane", "spane-numa", "mlpdqn", "mlpaug"):
+        _, cfg, meta = load_model(MODELS_DIR / name)
+        cmd = training_command(cfg, f"out/spane-runs/{meta['run']}")
+        assert shlex.join(cmd) in text, f"TRAINING.md lacks {name}'s command"
+        args = dict(zip(cmd[3::2], cmd[4::2]))
+        sets = [cmd[i + 1] for i, x in enumerate(cmd) if x == "--set"]
+        assert make_config(args["--agent"], int(args["--seed"]), int(args["--pms"]), int(args["--episodes"]),
+                           sets) == cfg

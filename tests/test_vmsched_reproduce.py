@@ -53,6 +53,7 @@ def test_pinned_episodes_scalar(trace, test_starts):
         assert run_episode(trace, c, BalanceFit(), int(s), n) == pin["bf"][i]
 
 
+@pytest.mark.slow  # the full 1000-start split twice (~8 s); the pinned episodes above keep exactness in the fast lane
 def test_full_test_split_n5(trace, test_starts):
     """The headline numbers: 1000 test episodes, N=5, First-Fit 89822.52 and Balance-Fit 86009.91."""
     c = ClusterConfig()

@@ -21,7 +21,9 @@ def make_trace(cpu, mem, at, lt) -> Trace:
                  np.asarray(lt, float))
 
 
-@pytest.mark.parametrize("n_pms,policy", [(5, BalanceFit()), (3, BestFit()), (7, WorstFit()), (1, FirstFit())])
+@pytest.mark.parametrize("n_pms,policy", [pytest.param(5, BalanceFit(), marks=pytest.mark.slow),
+                                          pytest.param(3, BestFit(), marks=pytest.mark.slow),
+                                          pytest.param(7, WorstFit(), marks=pytest.mark.slow), (1, FirstFit())])
 def test_scalar_and_batched_agree_on_real_episodes(trace, valid_starts, n_pms, policy):
     """Per-episode totals identical, on real trace episodes (several hundred in all over the parameters)."""
     c = ClusterConfig(n_pms=n_pms)

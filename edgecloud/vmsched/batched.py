@@ -27,7 +27,7 @@ class BatchedSim:
     def __init__(self, trace: Trace, cluster: ClusterConfig, starts, n_vms=None, probe: bool = False,
                  slots: int = 64) -> None:
         self.trace, self.cluster, self.probe = trace, cluster, probe
-        starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+        starts = np.array(starts, dtype=np.int64).reshape(-1)  # a copy: reset_episodes writes into it
         B = len(starts)
         if n_vms is None:
             if not probe:

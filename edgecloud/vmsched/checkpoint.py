@@ -19,6 +19,7 @@ from edgecloud.errors import UserError
 from edgecloud.vmsched.agents.config import AGENTS, DQNConfig
 from edgecloud.vmsched.agents.policy import QPolicy
 from edgecloud.vmsched.agents.qnet import EnsembleQNet, build_qnet
+from edgecloud.vmsched.policies import register_policy, register_prefix
 
 FORMAT = "edgecloud.vmsched.dqn/1"
 MODELS_DIR = Path(__file__).resolve().parent / "models"
@@ -103,3 +104,15 @@ def load_policy(name: str, n_pms: int | None = None) -> QPolicy | None:
         raise UserError(f"policy '{label}' is a flat MLP ({cfg.agent}) trained for N={net.fixed_n} PMs; it cannot "
                         f"run on N={n_pms} (use --pms {net.fixed_n}, or spane / spane-numa, which work for any N)")
     return QPolicy(net, label)
+
+
+def _factory(name: str, seed: int, n_pms: int | None) -> QPolicy:
+    pol = load_policy(name, n_pms)
+    assert pol is not None  # registered only for names load_policy knows
+    return pol
+
+
+# The learned policies join the one registry in policies.py (which imports this module only when asked for one).
+for _agent in AGENTS:
+    register_policy(_agent, _factory)
+register_prefix("checkpoint:", _factory)

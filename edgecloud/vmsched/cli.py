@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -11,10 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from edgecloud.errors import UserError
-from edgecloud.progress import progress_bar
+from edgecloud.results import check_out_dir, report
 from edgecloud.vmsched.cluster import ClusterConfig
-from edgecloud.vmsched.evaluate import evaluate, fmt2, write_table
-from edgecloud.vmsched.policies import make_policy
+from edgecloud.vmsched.evaluate import evaluate_policies, fmt2
 from edgecloud.vmsched.trace import load_starts, load_trace
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
@@ -64,16 +62,9 @@ def evaluate_cmd(
     cluster = _cluster(pms, cpu, mem, double_threshold)
     tr = load_trace(trace, horizon=horizon)
     starts = load_starts(split, len(tr))
-    rows = []
-    for name in policy:
-        pol = make_policy(name, seed=seed, n_pms=pms)
-        with progress_bar(f"{name} on {split}", enabled=not as_json) as bar:
-            res = evaluate(tr, cluster, pol, starts, split_name=split, progress=bar)
-        row = res.summary()
-        row["policy"] = name
-        rows.append(row)
-    if as_json:
-        print(json.dumps(rows[0] if len(rows) == 1 else rows))
+    rows = evaluate_policies(tr, cluster, policy, starts, split, seed=seed, show_progress=not as_json)
+    if as_json:  # one shape for any number of policies: the first policy's row at the top, every row in "rows"
+        print(report(rows[0] | {"rows": rows}, seed=seed))
     else:
         _print_summary(rows, f"Total wait per episode (s), N={pms} PMs")
 
@@ -85,7 +76,8 @@ def flex_cmd(
     pms_min: int = typer.Option(2, "--pms-min"),
     pms_max: int = typer.Option(9, "--pms-max"),
     split: str = typer.Option("test", "--split"),
-    out: Path = typer.Option(Path("out/vmsched-flex"), "--out", help="Folder for flex.md, flex.csv, flex.png."),
+    out: Path = typer.Option(Path("out/vmsched-flex"), "--out",
+                     help="Folder for flex.json, flex.md, flex.csv, flex.png."),
     trace: Path | None = TraceOpt,
     horizon: float | None = HorizonOpt,
     cpu: float = CpuOpt,
@@ -97,26 +89,26 @@ def flex_cmd(
     """Trimmed-mean total wait for N = pms-min..pms-max PMs: First-Fit, Balance-Fit and any --policy."""
     if pms_min < 1 or pms_max < pms_min:
         raise UserError(f"--pms-min {pms_min} / --pms-max {pms_max}: need 1 <= pms-min <= pms-max")
-    from edgecloud.vmsched.flex import flex_table, plot_flex
+    from edgecloud.vmsched.flex import flex_table, write_flex
 
+    check_out_dir(out)
     tr = load_trace(trace, horizon=horizon)
     starts = load_starts(split, len(tr))
     names = ["first-fit", "balance-fit"] + [p for p in policy if p not in ("first-fit", "balance-fit")]
     rows = flex_table(tr, starts, names, range(pms_min, pms_max + 1), cpu, mem, double_threshold, seed,
                       show_progress=not as_json)
-    cols = ["n_pms"] + names
-    write_table(out / "flex", rows, cols)
-    plot_flex(rows, names, out / "flex.png", split=split if split in ("test", "valid") else Path(split).name)
+    data = write_flex(rows, names, out, split, seed)
     if as_json:
-        print(json.dumps({"split": split, "rows": rows, "out": str(out)}))
+        print(report(data | {"out": str(out)}, seed=seed))
         return
+    cols = ["n_pms"] + names
     table = Table(title=f"Trimmed-mean total wait by number of PMs ({split} split)")
     for c in cols:
         table.add_column(c, justify="right")
     for r in rows:
         table.add_row(*[str(r["n_pms"])] + [fmt2(r[n]) for n in names])
     console.print(table)
-    console.print(f"wrote {out / 'flex.md'}, {out / 'flex.csv'}, {out / 'flex.png'}")
+    console.print(f"wrote {out / 'flex.json'}, {out / 'flex.md'}, {out / 'flex.csv'}, {out / 'flex.png'}")
 
 
 from edgecloud.vmsched import cli_learn, cli_milp  # noqa: E402  (their commands join this group)

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
 
 from edgecloud.errors import UserError
+from edgecloud.results import report
 from edgecloud.vmsched.cluster import ClusterConfig
 from edgecloud.vmsched.milp import MilpConfig, compare_offline
 from edgecloud.vmsched.trace import load_trace
@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         cfg = MilpConfig(mode="sim", time_limit=time_limit, mip_gap=mip_gap, seed=seed)
         out = compare_offline(load_trace(trace), cluster, start, vms, cfg, lower_bound=not no_bound)
         if as_json:
-            print(json.dumps(out))
+            print(report(out, seed=seed))
             return
         for k, v in out.items():
             typer.echo(f"{k:24s} {v}")

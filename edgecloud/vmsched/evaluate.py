@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from decimal import ROUND_HALF_UP, Decimal
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from edgecloud import atomic
 from edgecloud.paths import cache_root
+from edgecloud.results import code_key
 from edgecloud.vmsched.batched import BatchedSim, episode_lengths, run_policy
 from edgecloud.vmsched.cluster import ClusterConfig
 from edgecloud.vmsched.policies import Policy
@@ -46,17 +47,29 @@ def summarize(totals) -> dict[str, float]:
     }
 
 
+@lru_cache(maxsize=1)
+def probe_code_version() -> str:
+    """A hash of the modules the probe runs (batched, simulator, cluster, trace, policies, decision)."""
+    import hashlib
+
+    from edgecloud.vmsched import batched, cluster, decision, policies, simulator, trace
+
+    h = hashlib.sha256()
+    for mod in (batched, simulator, cluster, trace, policies, decision):
+        h.update(Path(mod.__file__).read_bytes())
+    return h.hexdigest()[:16]
+
+
 def cached_episode_lengths(trace: Trace, cluster: ClusterConfig, starts, use_cache: bool = True) -> np.ndarray:
-    """Probe lengths N_vm, cached on disk by (trace, cluster, starts) since they never change."""
+    """Probe lengths N_vm, cached on disk under a key of (trace, cluster, starts) and the probe's code version
+    (a hash of the sources it runs), so a change of code never serves lengths the old code computed."""
     starts = np.asarray(starts, dtype=np.int64).reshape(-1)
     if not use_cache:
         return episode_lengths(trace, cluster, starts)
     import hashlib
 
-    key = hashlib.sha256(
-        json.dumps([trace.fingerprint(), cluster.n_pms, cluster.node_cpu, cluster.node_mem,
-                    cluster.double_threshold]).encode() + starts.tobytes()
-    ).hexdigest()[:24]
+    key = code_key(trace.fingerprint(), cluster.n_pms, cluster.node_cpu, cluster.node_mem, cluster.double_threshold,
+                   hashlib.sha256(starts.tobytes()).hexdigest(), version=probe_code_version())
     path = cache_root() / "vmsched-probe" / f"{key}.npy"
     if path.exists():
         try:
@@ -98,12 +111,23 @@ def evaluate(trace: Trace, cluster: ClusterConfig, policy: Policy, starts, split
     return EvalResult(getattr(policy, "name", type(policy).__name__), cluster.n_pms, split_name, totals, n_vms)
 
 
-def write_table(path: Path, rows: list[dict], columns: list[str]) -> None:
-    """Write rows as CSV (path.csv) and markdown (path.md), atomically."""
-    path = Path(path)
-    csv_lines = [",".join(columns)] + [",".join(str(r[c]) for c in columns) for r in rows]
-    atomic.write_text(path.with_suffix(".csv"), "\n".join(csv_lines) + "\n")
-    md = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    md += ["| " + " | ".join(fmt2(r[c]) for c in columns) + " |"
-           for r in rows]
-    atomic.write_text(path.with_suffix(".md"), "\n".join(md) + "\n")
+def evaluate_policies(trace: Trace, cluster: ClusterConfig, names: list[str], starts, split_name: str,
+                      seed: int = 0, show_progress: bool = True) -> list[dict]:
+    """One summary row per policy name (``evaluate --json`` keys: policy, n_pms, split, episodes, trimmed_mean,
+    mean, p50, p90, p99)."""
+    from edgecloud.progress import progress_bar
+    from edgecloud.vmsched.policies import make_policy
+
+    rows = []
+    for name in names:
+        pol = make_policy(name, seed=seed, n_pms=cluster.n_pms)
+        with progress_bar(f"{name} on {split_name}", enabled=show_progress) as bar:
+            row = evaluate(trace, cluster, pol, starts, split_name=split_name, progress=bar).summary()
+        rows.append(row | {"policy": name})
+    return rows
+
+
+def table_rows(rows: list[dict], columns: list[str]) -> list[dict]:
+    """Rows with every float cell rounded half up to 0.01 as text, for :func:`edgecloud.results.markdown_table`
+    (which would otherwise show 4 significant figures; our tables are compared with the published ones to 0.01)."""
+    return [{c: "—" if r.get(c) is None else fmt2(r[c]) for c in columns} for r in rows]

@@ -8,8 +8,9 @@ import numpy as np
 
 from edgecloud import atomic
 from edgecloud.progress import progress_bar
+from edgecloud.results import Result, check_out_dir
 from edgecloud.vmsched.cluster import ClusterConfig
-from edgecloud.vmsched.evaluate import evaluate, round2
+from edgecloud.vmsched.evaluate import evaluate, round2, table_rows
 from edgecloud.vmsched.policies import make_policy
 from edgecloud.vmsched.trace import Trace
 
@@ -29,7 +30,30 @@ def flex_table(trace: Trace, starts: np.ndarray, names: list[str], sizes, cpu: f
     return rows
 
 
-def plot_flex(rows: list[dict], names: list[str], path: Path, split: str = "test") -> None:
+def flex_result(rows: list[dict], names: list[str], split: str, seed: int = 0) -> Result:
+    """The flex study as a result: ``{"split", "policies", "rows"}`` (each row n_pms + one trimmed mean per policy),
+    a Markdown table (0.01 rounding, as the published tables) and the plot."""
+    res = Result("flex", {"split": split, "policies": names, "rows": rows}, seed=seed,
+                 title=f"Trimmed-mean total wait per episode (s) by number of PMs ({split} split)")
+    cols = ["n_pms"] + names
+    res.table(table_rows(rows, cols), cols)
+    res.figure = plot_flex(rows, names, split=split if split in ("test", "valid") else Path(split).name)
+    return res
+
+
+def write_flex(rows: list[dict], names: list[str], out: Path, split: str, seed: int = 0) -> dict:
+    """Write out/flex.{json,md,png} (results layer, with provenance) and out/flex.csv; returns the JSON data."""
+    res = flex_result(rows, names, split, seed)
+    cols = ["n_pms"] + names
+    csv_lines = [",".join(cols)] + [",".join(str(r[c]) for c in cols) for r in rows]
+    check_out_dir(out)
+    atomic.write_text(Path(out) / "flex.csv", "\n".join(csv_lines) + "\n")
+    res.write(out)
+    return res.data
+
+
+def plot_flex(rows: list[dict], names: list[str], split: str = "test"):
+    """The flex plot as a matplotlib figure (written by the results layer)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -45,4 +69,4 @@ def plot_flex(rows: list[dict], names: list[str], path: Path, split: str = "test
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    atomic.save_figure(fig, path, dpi=120)
+    return fig

@@ -6,34 +6,17 @@ A learned policy plugs in by implementing the same ``__call__(decision) -> actio
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from edgecloud.errors import UserError
-from edgecloud.vmsched.cluster import ClusterConfig, vm_demand
+from edgecloud.vmsched.cluster import vm_demand
+from edgecloud.vmsched.decision import Decision
 
-
-@dataclass
-class Decision:
-    """A batch of B placements waiting for a policy."""
-
-    free: np.ndarray  # (B, N, 2, 2) remaining cpu, mem per PM and node
-    cpu: np.ndarray  # (B,)
-    mem: np.ndarray  # (B,)
-    double: np.ndarray  # (B,) bool
-    mask: np.ndarray  # (B, 2N) bool, at least one True per row
-    cluster: ClusterConfig
-
-    def features(self) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised inputs for learned policies: PM state (B, N, 4) and VM features (B, 3)."""
-        cap = self.cluster.capacity
-        pm = (self.free / cap).reshape(self.free.shape[0], self.free.shape[1], 4)
-        vm = np.stack([self.cpu / cap[0], self.mem / cap[1], self.double.astype(np.float64)], axis=1)
-        return pm, vm
+__all__ = ["Decision", "Policy", "HEURISTICS", "make_policy", "register_policy", "register_prefix", "policy_names"]
 
 
 class Policy(Protocol):
@@ -133,24 +116,54 @@ HEURISTICS: dict[str, Callable[..., Policy]] = {
 }
 
 
+# The one policy registry. A factory builds a policy from (name as asked, seed, n_pms). Learned policies are not
+# imported here: their modules (PLUGINS) register themselves when imported, and are imported only on the first
+# name the registry does not know, so the heuristics never pull in torch or the learners.
+Factory = Callable[[str, int, "int | None"], Policy]
+_NAMES: dict[str, Factory] = {k: (lambda _n, seed, _p, cls=cls: cls(seed) if cls is RandomFit else cls())
+                              for k, cls in HEURISTICS.items()}
+_PREFIXES: dict[str, Factory] = {}
+PLUGINS = ["edgecloud.vmsched.checkpoint"]
+_loaded: set[str] = set()
+
+
+def register_policy(name: str, factory: Factory) -> None:
+    """Make ``make_policy(name)`` build ``factory(name, seed, n_pms)`` (names are case-insensitive)."""
+    _NAMES[name.strip().lower()] = factory
+
+
+def register_prefix(prefix: str, factory: Factory) -> None:
+    """Make every name starting with ``prefix`` (e.g. ``checkpoint:``) build ``factory(name, seed, n_pms)``."""
+    _PREFIXES[prefix.lower()] = factory
+
+
+def _load_plugins() -> None:
+    for mod in PLUGINS:
+        if mod not in _loaded:
+            importlib.import_module(mod)  # a broken learner module is a loud error, never a missing policy
+            _loaded.add(mod)
+
+
+def _lookup(key: str) -> Factory | None:
+    if key in _NAMES:
+        return _NAMES[key]
+    return next((f for p, f in _PREFIXES.items() if key.startswith(p)), None)
+
+
+def policy_names() -> list[str]:
+    """Every registered name (learned ones included) and prefix, for help texts and errors."""
+    _load_plugins()
+    return list(_NAMES) + [p + "..." for p in _PREFIXES]
+
+
 def make_policy(name: str, seed: int = 0, n_pms: int | None = None) -> Policy:
-    """A policy by name: a heuristic, a shipped learned model (e.g. ``spane``), or ``checkpoint:DIR``.
-
-    Learned policies come from :mod:`edgecloud.vmsched.checkpoint` (``load_policy(name, n_pms)``, which returns
-    None for a name it does not know), imported only when a non-heuristic name is asked for.
-    """
+    """A policy by name: a heuristic, a shipped learned model (e.g. ``spane``), or ``checkpoint:DIR``."""
     key = name.strip().lower()
-    if key == "random":
-        return RandomFit(seed)
-    if key in HEURISTICS:
-        return HEURISTICS[key]()
-    learned = None
-    if importlib.util.find_spec("edgecloud.vmsched.checkpoint") is not None:
-        from edgecloud.vmsched.checkpoint import load_policy
-
-        learned = load_policy(name, n_pms)
-    if learned is not None:
-        return learned
-    raise UserError(
-        f"unknown policy '{name}'; choose one of {', '.join(HEURISTICS)}, a shipped model name, or checkpoint:DIR"
-    )
+    factory = _lookup(key)
+    if factory is None:
+        _load_plugins()
+        factory = _lookup(key)
+    if factory is None:
+        raise UserError(f"unknown policy '{name}'; choose one of {', '.join(policy_names())} (checkpoint:DIR "
+                        "for a trained run)")
+    return factory(name.strip(), seed, n_pms)

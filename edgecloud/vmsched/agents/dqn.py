@@ -35,6 +35,7 @@ from edgecloud.vmsched.checkpoint import save_model
 from edgecloud.vmsched.cluster import ClusterConfig
 from edgecloud.vmsched.evaluate import evaluate, trimmed_mean
 from edgecloud.vmsched.trace import Trace
+from edgecloud.vmsched.vector_env import BatchedDVAMPEnv
 
 RESUME = "resume.safetensors"
 
@@ -78,7 +79,9 @@ class Trainer:
         self.rng = np.random.default_rng([cfg.seed, 0])  # exploration and replay sampling
         self.start_rng = np.random.default_rng([cfg.seed, 1])  # training start rows
         self.p = Progress(next_valid=cfg.valid_every)
-        self.sim: BatchedSim | None = None
+        self.env: BatchedDVAMPEnv | None = None  # the training episodes (a Gymnasium vector env)
+        self._obs: dict | None = None
+        self._info: dict | None = None
         self._queue: list[tuple[int, int]] = []
         self._credit = 0.0
         self._ep_len = np.zeros(cfg.n_envs, np.int64)  # steps of each env's current episode (alias_states)
@@ -137,39 +140,36 @@ class Trainer:
         return a
 
     def collect_step(self) -> None:
-        if self.sim is None:
-            s, n = self._next_starts(self.cfg.n_envs)
-            self.sim = BatchedSim(self.trace, self.cluster, s, n)
-        idx, d = self.sim.decision()
-        assert len(idx) == self.cfg.n_envs, "every lockstep episode is active (finished ones restart at once)"
-        pm, vm = d.features()
-        pm, vm = pm.astype(np.float32), vm.astype(np.float32)
+        """One lockstep step of every training episode, through the Gymnasium vector env (autoreset in the same
+        step: finished episodes restart at once from the trainer's start stream)."""
+        if self.env is None:
+            self.env = BatchedDVAMPEnv(self.trace, self.cluster, self.cfg.n_envs, reward_fn=self.reward,
+                                       sampler=self._next_starts)
+            self._obs, self._info = self.env.reset()
+        B, N = self.cfg.n_envs, self.cfg.n_pms
+        pm, vm, mask = self._obs["cluster"].reshape(B, N, 4), self._obs["vm"], self._info["action_mask"]
         self.p.eps = self.epsilon()
-        a = self._act(pm, vm, d.mask, self.p.eps)
-        waits = self.sim.step(idx, a, d.mask)
-        done = ~self.sim.active[idx]
-        self.replay.add(pm, vm, d.mask, a, self.reward(waits), done)
-        self.p.env_steps += len(idx)
+        a = self._act(pm, vm, mask, self.p.eps)
+        self._obs, reward, done, _, self._info = self.env.step(a)
+        self.replay.add(pm, vm, mask, a, reward, done)
+        self.p.env_steps += B
         self._ep_len += 1
         if done.any():
-            fin = idx[done]
+            fin = np.flatnonzero(done)
             if self.cfg.alias_states:
-                self._alias(fin)
+                self._alias(fin, self._info["final_obs"]["cluster"][fin].reshape(len(fin), N, 4))
             self._ep_len[fin] = 0
-            s, n = self._next_starts(len(fin))
-            self.sim.reset_episodes(fin, s, n)
             self.p.episodes += len(fin)
 
     def reward(self, waits: np.ndarray) -> np.ndarray:
         w = waits / self.cfg.reward_scale
         return -np.log1p(w) if self.cfg.reward == "log1p" else -w
 
-    def _alias(self, fin: np.ndarray) -> None:
+    def _alias(self, fin: np.ndarray, final: np.ndarray) -> None:
         """The published defect, for comparison only: the replay held a reference to the live cluster array, so
-        every stored state of an episode read as the cluster after the episode's last placement."""
+        every stored state of an episode read as the cluster after the episode's last placement (``final``)."""
         r = self.replay
-        final = (self.sim.free[fin] / self.cluster.capacity).reshape(len(fin), self.cfg.n_pms, 4)
-        for e, f in zip(fin, final.astype(np.float32)):
+        for e, f in zip(fin, final):
             rows = (r.head - 1 - np.arange(min(int(self._ep_len[e]), r.T))) % r.T
             r.pm[rows, e] = f
 
@@ -370,5 +370,5 @@ class Trainer:
         self._credit = meta["credit"]
         for k, v in meta["progress"].items():
             setattr(self.p, k, v)
-        self.sim = None
+        self.env = None
         return True

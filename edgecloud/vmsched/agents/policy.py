@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from edgecloud.errors import UserError
-from edgecloud.vmsched.policies import Decision
+from edgecloud.vmsched.decision import Decision
 
 
 def to_tensors(d: Decision) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
