@@ -123,7 +123,7 @@ class Connection:
             try:
                 r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
                 return cls(r, w, trace, timeout)
-            except (OSError, asyncio.TimeoutError) as e:
+            except (TimeoutError, OSError) as e:
                 err = e
                 if i < retries:
                     await asyncio.sleep(backoff * 2**i)
@@ -134,7 +134,7 @@ class Connection:
         try:
             self.writer.write(data)
             await asyncio.wait_for(self.writer.drain(), self.timeout)
-        except (OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, OSError) as e:
             raise PeerGone(f"send {type_}: peer gone ({type(e).__name__}: {e})") from None
         self.trace.add("send", type_, len(data))
         return len(data)
@@ -155,7 +155,7 @@ class Connection:
         except asyncio.IncompleteReadError as e:
             what = "closed the connection" if not e.partial else f"cut a frame short ({len(e.partial)} bytes)"
             raise PeerGone(f"peer {what}") from None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise PeerGone(f"peer sent nothing for {t:.1f} s") from None
         except OSError as e:
             raise PeerGone(f"connection lost: {e}") from None
@@ -175,5 +175,5 @@ class Connection:
         try:
             self.writer.close()
             await asyncio.wait_for(self.writer.wait_closed(), 2.0)
-        except (OSError, asyncio.TimeoutError):
+        except (TimeoutError, OSError):
             pass

@@ -104,7 +104,9 @@ class Side:
         self.logw, self.logp = self.hist[keep]
         del self.hist[keep:]
         for c, n in zip(self.caches, self.lens):
-            c.crop(n + keep)
+            extra = c.get_seq_length() - (n + keep)
+            if extra > 0:
+                c.crop(-extra)  # transformers 5: a negative count removes that many trailing tokens
         self.n = keep
 
     def score(self, prompt_ids: list[int], target: list[int]) -> torch.Tensor:

@@ -16,7 +16,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass
 
-from edgecloud.collab.wire import VERSION, Connection, PeerGone, ProtocolError, Trace
+from edgecloud.collab.wire import Connection, PeerGone, ProtocolError, Trace
 from edgecloud.errors import UserError
 from edgecloud.rag.mix import Side
 from edgecloud.rag.protocol import Inbox, Outcome, local_generate, run_aggregator, run_drafter
@@ -203,7 +203,8 @@ class Answer:
 class Device:
     """The device process's client: keeps one connection to the cloud and a scheduler across questions."""
 
-    def __init__(self, engine, store: Store, cloud: tuple[str, int], cfg: RagConfig, scheduler: Scheduler | None = None):
+    def __init__(self, engine, store: Store, cloud: tuple[str, int], cfg: RagConfig,
+                 scheduler: Scheduler | None = None):
         self.engine, self.store, self.cloud, self.cfg = engine, store, cloud, cfg
         self.sched = scheduler or Scheduler()
         self.conn: Connection | None = None
