@@ -1,0 +1,1 @@
+"""The device–cloud collaboration core: framed typed messages over TCP, a link emulator, a message trace."""

@@ -1,0 +1,286 @@
+"""The two DRAGON processes: the cloud server (public documents) and the device client (private documents).
+
+Session: ``hello`` both ways (the frame header carries the protocol version; a mismatch is a ProtocolError naming
+both versions), then per question a ``ping``/``pong`` (RTT for the scheduler), ``query`` (question, roles, window),
+``ready`` from the cloud once its documents are prefilled, the drafts/verdicts of :mod:`edgecloud.rag.protocol`, and
+an ``end`` each way carrying the sides' measured decode times so no message is left in flight. The cloud answers a
+bad query (prompt over the context, bad field) with an ``error`` message and keeps serving. If the cloud is down or
+goes away mid-answer, the device finishes from the committed prefix with its own documents and says so in
+``fallback``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+from edgecloud.collab.wire import Connection, PeerGone, ProtocolError, Trace
+from edgecloud.errors import UserError
+from edgecloud.rag.mix import Side
+from edgecloud.rag.protocol import Inbox, Outcome, local_generate, run_aggregator, run_drafter
+from edgecloud.rag.store import Store
+
+SYSTEM = "Answer the question. This background passage may help:\n"
+
+
+@dataclass(frozen=True)
+class RagConfig:
+    k: int = 2  # documents retrieved per side
+    tau: float = 0.05  # REPLUG weight temperature on MiniLM cosine
+    reweight: bool = True  # Bayesian REPLUG: document weights follow the answer's likelihood
+    max_new: int = 16
+    window: int = 4  # DRAGON: drafts ahead of the last verdict
+    greedy: bool = True
+    seed: int = 0
+    timeout_s: float = 30.0
+
+    def __post_init__(self):
+        for f, lo in (("k", 1), ("max_new", 1), ("window", 1)):
+            if getattr(self, f) < lo:
+                raise UserError(f"rag {f}={getattr(self, f)}: must be >= {lo}")
+        if self.tau <= 0:
+            raise UserError(f"rag tau={self.tau}: must be > 0")
+
+
+def contexts_for(engine, store: Store | None, question: str, k: int) -> tuple[list[list[int]], list[float], list]:
+    """Prompt ids per retrieved document (chat format, passage in the system turn) and the MiniLM scores."""
+    if store is None:
+        return [engine.encode_prompt(engine.chat_prompt("Answer the question.", question))], [0.0], []
+    docs, scores = store.retrieve(question, k)
+    ctx = [engine.encode_prompt(engine.chat_prompt(SYSTEM + d.text, question)) for d in docs]
+    return ctx, [float(s) for s in scores], docs
+
+
+def make_side(engine, store: Store | None, question: str, cfg: RagConfig) -> Side:
+    ctx, scores, _ = contexts_for(engine, store, question, cfg.k)
+    side = Side(engine, ctx, scores, cfg.tau, cfg.reweight)
+    side.start([])
+    return side
+
+
+# ---------------------------------------------------------------- cloud
+class CloudServer:
+    def __init__(self, engine, store: Store, host: str = "127.0.0.1", port: int = 0, idle_timeout: float = 600.0):
+        self.engine, self.store, self.host, self.port = engine, store, host, port
+        self.idle_timeout = idle_timeout
+        self.step_s: list[float] = []
+        self.server = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._session, self.host, self.port)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self.port
+
+    async def _session(self, r, w) -> None:
+        conn = Connection(r, w, Trace("cloud"), timeout=self.idle_timeout)
+        try:
+            await conn.expect("hello")
+            await conn.send("hello", side="cloud", model=self.engine.lm.name, docs=len(self.store.passages))
+            while True:
+                msg, _ = await conn.recv()
+                if msg["type"] == "bye":
+                    break
+                if msg["type"] == "ping":
+                    await conn.send("pong")
+                elif msg["type"] == "query":
+                    await self._query(conn, msg)
+                else:
+                    await conn.send("error", message=f"unexpected message type {msg['type']!r}")
+        except ProtocolError as e:
+            try:
+                await conn.send("error", message=str(e))
+            except PeerGone:
+                pass
+        except PeerGone:
+            pass
+        finally:
+            await conn.close()
+
+    async def _query(self, conn: Connection, msg: dict) -> None:
+        try:
+            cfg = RagConfig(**msg["config"])
+            side = make_side(self.engine, self.store, str(msg["question"]), cfg)
+        except (UserError, TypeError, KeyError) as e:
+            await conn.send("error_query", message=f"{type(e).__name__}: {e}")
+            return
+        await conn.send("ready", docs=len(side.contexts), step_s=_mean(self.step_s[-32:]))
+        inbox, out = Inbox(conn), Outcome()
+        try:
+            if msg["agg"] == "device":
+                await run_drafter(side, conn, inbox, out, cfg.max_new, msg["window"], cfg.greedy, cfg.seed)
+                await conn.send("end", step_s=_mean(out.step_s))
+                await _drain_until(inbox, "end")
+            else:
+                await run_aggregator(side, conn, inbox, out, cfg.max_new, cfg.greedy, cfg.seed, msg["sequence"])
+                await _drain_until(inbox, "end")
+                await conn.send("end", step_s=_mean(out.step_s))
+        finally:
+            inbox.stop()
+        self.step_s += out.step_s
+
+    async def close(self) -> None:
+        if self.server:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def _drain_until(inbox: Inbox, type_: str) -> dict:
+    while True:
+        m, _ = await inbox.get()
+        if m["type"] == type_:
+            return m
+
+
+def _mean(xs) -> float:
+    return statistics.fmean(xs) if xs else 0.0
+
+
+# ---------------------------------------------------------------- scheduler
+@dataclass
+class Scheduler:
+    """The Δz rule: per-token latency of aggregating on each side from measured RTT, decode times and acceptance.
+
+    Aggregating at the device (the cloud drafts), a token costs ``max(t_d, t_c)`` while drafts are accepted and a
+    rejection adds a round trip plus a cloud step: ``z_dev = max(t_d, t_c) + (1 - a_c) (rtt + t_c)``. Aggregating
+    in the cloud (the device drafts), ``z_cloud = max(t_d, t_c) + (1 - a_d) (rtt + t_d)``; the committed tokens also
+    reach the device half an RTT later, which moves TTFT but not the rate. ``choose`` picks the smaller; every
+    measurement updates an exponential average (``alpha``), so the side moves live as the link or load changes.
+    """
+
+    rtt: float = 0.0
+    t_dev: float = 0.0
+    t_cloud: float = 0.0
+    acc_cloud_drafts: float = 0.8  # prior until measured
+    acc_dev_drafts: float = 0.8
+    alpha: float = 0.5
+    fixed: str | None = None  # "device" / "cloud" pins the side (baselines)
+
+    def _ewma(self, name: str, x: float) -> None:
+        old = getattr(self, name)
+        setattr(self, name, x if old == 0 else (1 - self.alpha) * old + self.alpha * x)
+
+    def z(self) -> dict[str, float]:
+        base = max(self.t_dev, self.t_cloud)
+        return {"device": base + (1 - self.acc_cloud_drafts) * (self.rtt + self.t_cloud),
+                "cloud": base + (1 - self.acc_dev_drafts) * (self.rtt + self.t_dev)}
+
+    def choose(self) -> str:
+        if self.fixed:
+            return self.fixed
+        z = self.z()
+        return "device" if z["device"] <= z["cloud"] else "cloud"
+
+    def update(self, agg: str, rtt: float, t_dev: float, t_cloud: float, acceptance: float) -> None:
+        self._ewma("rtt", rtt)
+        if t_dev:
+            self._ewma("t_dev", t_dev)
+        if t_cloud:
+            self._ewma("t_cloud", t_cloud)
+        key = "acc_cloud_drafts" if agg == "device" else "acc_dev_drafts"
+        setattr(self, key, (1 - self.alpha) * getattr(self, key) + self.alpha * acceptance)
+
+
+# ---------------------------------------------------------------- device
+@dataclass
+class Answer:
+    tokens: list[int]
+    text: str
+    agg: str
+    ttft_s: float
+    per_token_s: float
+    total_s: float
+    acceptance: float
+    rtt_s: float
+    fallback: str | None
+    traffic: dict
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class Device:
+    """The device process's client: keeps one connection to the cloud and a scheduler across questions."""
+
+    def __init__(self, engine, store: Store, cloud: tuple[str, int], cfg: RagConfig,
+                 scheduler: Scheduler | None = None):
+        self.engine, self.store, self.cloud, self.cfg = engine, store, cloud, cfg
+        self.sched = scheduler or Scheduler()
+        self.conn: Connection | None = None
+        self.trace = Trace("device")
+
+    async def connect(self) -> None:
+        self.conn = await Connection.open(*self.cloud, self.trace, timeout=self.cfg.timeout_s)
+        await self.conn.send("hello", side="device", model=self.engine.lm.name)
+        await self.conn.expect("hello")
+
+    async def close(self) -> None:
+        if self.conn:
+            try:
+                await self.conn.send("bye")
+            except PeerGone:
+                pass
+            await self.conn.close()
+            self.conn = None
+
+    async def ask(self, question: str, mode: str = "dragon") -> Answer:
+        """``mode``: dragon (scheduler picks the side), dragon-device / dragon-cloud (fixed side), token-sync,
+        sequence."""
+        cfg = self.cfg
+        before = self.trace.totals()
+        t0 = time.time()
+        agg = {"dragon": None, "dragon-device": "device", "dragon-cloud": "cloud", "token-sync": "device",
+               "sequence": "device"}[mode] or self.sched.choose()
+        window = {"token-sync": 1, "sequence": cfg.max_new}.get(mode, cfg.window)
+        out, side, rtt, fallback = Outcome(), None, 0.0, None
+        try:
+            if self.conn is None:
+                await self.connect()
+            tp = time.time()
+            await self.conn.send("ping")
+            await self.conn.expect("pong")
+            rtt = time.time() - tp
+            t0 = time.time()
+            await self.conn.send("query", question=question, agg=agg, window=window, sequence=mode == "sequence",
+                                 config=asdict(cfg))
+            side = make_side(self.engine, self.store, question, cfg)
+            msg, _ = await self.conn.recv()
+            if msg["type"] == "error_query":
+                raise UserError(f"the cloud refused the question: {msg['message']}")
+            inbox = Inbox(self.conn)
+            try:
+                if agg == "device":
+                    await run_aggregator(side, self.conn, inbox, out, cfg.max_new, cfg.greedy, cfg.seed,
+                                         mode == "sequence")
+                    end = await _drain_until(inbox, "end")
+                    await self.conn.send("end", step_s=_mean(out.step_s))
+                else:
+                    await run_drafter(side, self.conn, inbox, out, cfg.max_new, window, cfg.greedy, cfg.seed)
+                    await self.conn.send("end", step_s=_mean(out.step_s))
+                    end = await _drain_until(inbox, "end")
+            finally:
+                inbox.stop()
+            acc = out.accepted / max(1, len(out.tokens))
+            if mode == "dragon":
+                self.sched.update(agg, rtt, _mean(out.step_s), float(end["step_s"]), acc)
+        except (PeerGone, ProtocolError) as e:
+            fallback = f"cloud lost ({e}); answered from the device's own documents after {len(out.tokens)} tokens"
+            self.conn = None
+            if side is None:
+                side = make_side(self.engine, self.store, question, cfg)
+            side.rollback(len(out.tokens))
+            if out.tokens and side.n < len(out.tokens):
+                side.advance(out.tokens[-1])
+            done = out.tokens and (out.tokens[-1] in self.engine.eos_ids or len(out.tokens) >= cfg.max_new)
+            if not done:
+                toks = local_generate(side, cfg.max_new, cfg.greedy, cfg.seed, len(out.tokens), out.tokens)
+                now = time.time()
+                out.commit_times += [now] * (len(toks) - len(out.tokens))
+                out.tokens = toks
+        n = len(out.tokens)
+        ct = out.commit_times
+        after = self.trace.totals()
+        return Answer(out.tokens, self.engine.decode_text(out.tokens), agg, (ct[0] - t0) if ct else 0.0,
+                      (ct[-1] - ct[0]) / (n - 1) if n > 1 else 0.0, (ct[-1] - t0) if ct else 0.0,
+                      out.accepted / max(1, n), rtt, fallback, {k: after[k] - before[k] for k in after})
