@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import sys
 
@@ -198,3 +199,15 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_bench_contract_keys_on_a_tiny_run():
+    from edgecloud.results import report
+    from edgecloud.vision.bench import BenchConfig, public, run
+
+    out = json.loads(report(public(run(BenchConfig(n_train=2, n_test=2, steps=1, batch=1, img_size=64)))))
+    for k in ("s_alpha_rgb_adapter", "s_alpha_samcod", "mae_rgb_adapter", "mae_samcod", "images", "provenance"):
+        assert k in out
+    assert out["images"] == 2 and len(out["rows"]) == 6
+    assert all(0 <= r["s_alpha"] <= 1 and 0 <= r["mae"] <= 1 for r in out["rows"])

@@ -32,7 +32,7 @@ class BenchConfig:
 
     @classmethod
     def quick(cls, seed: int = 0) -> BenchConfig:
-        return cls(n_train=12, n_test=12, steps=8, batch=1, seed=seed)
+        return cls(n_train=8, n_test=8, steps=6, batch=1, img_size=96, seed=seed)
 
 
 def method_key(variant: str, distill: bool) -> str:
