@@ -20,7 +20,7 @@ def _threads(n: int) -> None:
 
 @app.command("cod-bench")
 def cod_bench(
-    quick: bool = typer.Option(False, "--quick", help="8 train / 8 test images at 96 px, 6 steps: a few minutes on 2 idle cores"),
+    quick: bool = typer.Option(False, "--quick", help="8 train / 8 test images at 96 px, 6 steps: minutes"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     seed: int = typer.Option(0, "--seed"),
     out: Path | None = typer.Option(None, "--out", help="also write sam_cod.{json,md,png} into this directory"),
