@@ -25,6 +25,7 @@ SYSTEMS: list[tuple[str, str, str]] = [
     ("kvcache", "edgecloud.kvcache.cli", "KV-cache systems: MPIC reuse, CSR sparse caches."),
     ("llm", "edgecloud.llm.cli", "The language-model substrate: batched engine and its benchmark."),
     ("rag", "edgecloud.rag.cli", "DRAGON: device–cloud distributed RAG with speculative aggregation."),
+    ("vision", "edgecloud.vision.cli", "SAM-COD: camouflaged object detection from RGB-D with dual-stream adapters."),
 ]
 
 
