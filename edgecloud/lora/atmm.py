@@ -139,12 +139,12 @@ def _case(n, k, r, d_in, d_out, seed):
     return x, W, A, B, idx
 
 
-def _time(fn, repeats):
-    fn()
+def _time(fn, repeats, *args):
+    fn(*args)
     best = math.inf
     for _ in range(repeats):
         t = time.perf_counter()
-        fn()
+        fn(*args)
         best = min(best, time.perf_counter() - t)
     return best
 
@@ -156,12 +156,9 @@ def profile(grid: Grid, seed: int = 0) -> list[dict]:
         for n in grid.tokens:
             for k in grid.adapters:
                 for r in grid.ranks:
-                    x, W, A, B, idx = _case(n, k, r, grid.d_in, grid.d_out, seed)
-                    times = {}
-                    for impl in IMPLS:
-                        for b in BLOCKS[impl]:
-                            times[f"{impl}/{b}"] = _time(lambda i=impl, b=b: atmm(x, W, A, B, idx, i, b),
-                                                         grid.repeats)
+                    case = _case(n, k, r, grid.d_in, grid.d_out, seed)
+                    times = {f"{impl}/{b}": _time(atmm, grid.repeats, *case, impl, b)
+                             for impl in IMPLS for b in BLOCKS[impl]}
                     rows.append({"tokens": n, "adapters": k, "rank": r, "times": times})
     return rows
 
