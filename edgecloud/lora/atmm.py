@@ -139,26 +139,23 @@ def _case(n, k, r, d_in, d_out, seed):
     return x, W, A, B, idx
 
 
-def _time(fn, repeats, *args):
-    fn(*args)
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn(*args)
-        best = min(best, time.perf_counter() - t)
-    return best
-
-
 def profile(grid: Grid, seed: int = 0) -> list[dict]:
-    """Time every (implementation, block) on every grid shape: best-of-``repeats`` seconds."""
+    """Time every (implementation, block) on every grid shape: best-of-``repeats`` seconds. The implementations
+    are interleaved inside each repeat, so a burst of load from other processes hits all of them alike."""
     rows = []
+    keys = [(impl, b) for impl in IMPLS for b in BLOCKS[impl]]
     with torch.inference_mode():
         for n in grid.tokens:
             for k in grid.adapters:
                 for r in grid.ranks:
                     case = _case(n, k, r, grid.d_in, grid.d_out, seed)
-                    times = {f"{impl}/{b}": _time(atmm, grid.repeats, *case, impl, b)
-                             for impl in IMPLS for b in BLOCKS[impl]}
+                    times = dict.fromkeys((f"{i}/{b}" for i, b in keys), math.inf)
+                    for rep in range(grid.repeats + 1):  # repeat 0 warms up
+                        for impl, b in keys:
+                            t = time.perf_counter()
+                            atmm(*case, impl, b)
+                            if rep:
+                                times[f"{impl}/{b}"] = min(times[f"{impl}/{b}"], time.perf_counter() - t)
                     rows.append({"tokens": n, "adapters": k, "rank": r, "times": times})
     return rows
 

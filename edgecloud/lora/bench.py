@@ -13,6 +13,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from edgecloud.lora.orchestrator import POLICIES, Policy, Request, serve, summarize
 
 PROMPTS = ["Add the numbers.\n{a} + {b}\nAnswer:",
@@ -127,3 +129,33 @@ def load_adapters(engine, lora, base: str, adapters_dir: Path | None, n: int, se
 def geomean(xs) -> float:
     return math.exp(sum(map(math.log, xs)) / len(xs))
 
+
+
+def bench_data(quick: bool, adapters: Path | None, table: Path, seed: int = 0, base: str = "smollm2-135m",
+               log=None) -> dict:
+    """The whole benchmark: reference check, every policy at every skew, the contract ratios."""
+    import json
+    import sys
+
+    from edgecloud.llm.engine import Engine
+    from edgecloud.llm.models import load_model
+    from edgecloud.lora.atmm import Dispatch
+    from edgecloud.lora.layer import LoRAModel
+
+    log = log or (lambda s: print(s, file=sys.stderr))
+    cfg = BenchConfig(seed=seed, **({"requests": 12, "skews": (0.2, 0.8), "max_new_tokens": 4} if quick else {}))
+    tab = None
+    if Path(table).exists():
+        Dispatch.load(table)  # a corrupt table is one clear line
+        tab = json.loads(Path(table).read_text())
+    e = Engine(load_model(base))
+    lm = LoRAModel(e.model, base, dispatch=Dispatch(tab))
+    names, trained = load_adapters(e, lm, base, adapters, cfg.n_adapters, seed)
+    with torch.inference_mode():
+        match = modes_match_reference(e, lm, names)
+        out = run(cfg, e, lm, names, tab, log=log)
+    return {**ratios(out, cfg.skews), "modes_match_reference": match,
+            "chooser_vs_oracle": (tab or {}).get("evaluation", {}).get("chooser_vs_oracle_geomean"),
+            "adapters": {"total": len(names), "trained": trained, "random_init": len(names) - trained},
+            "requests": cfg.requests, "skews": [str(s) for s in cfg.skews], "runs": out["runs"],
+            "rate_req_s": out["rate_req_s"], "max_new_tokens": cfg.max_new_tokens}

@@ -84,29 +84,8 @@ def bench_cmd(quick: bool = False, adapters: Path = typer.Option(None, help="dir
               table: Path = typer.Option(DEFAULT_TABLE), seed: int = 0, base: str = "smollm2-135m",
               json_out: bool = typer.Option(False, "--json")) -> None:
     """VaLoRA vs sequential / S-LoRA / Punica / dLoRA on Poisson load over 16 adapters."""
-    import torch
-
-    from edgecloud.llm.engine import Engine
-    from edgecloud.llm.models import load_model
-    from edgecloud.lora.atmm import Dispatch
-    from edgecloud.lora.bench import BenchConfig, load_adapters, modes_match_reference, ratios, run
-    from edgecloud.lora.layer import LoRAModel
+    from edgecloud.lora.bench import bench_data
     from edgecloud.results import report
 
-    cfg = BenchConfig(seed=seed, **({"requests": 12, "skews": (0.2, 0.8), "max_new_tokens": 4} if quick else {}))
-    tab = None
-    if table.exists():
-        Dispatch.load(table)  # a corrupt table is one clear line
-        tab = json.loads(table.read_text())
-    e = Engine(load_model(base))
-    lm = LoRAModel(e.model, base, dispatch=Dispatch(tab))
-    names, trained = load_adapters(e, lm, base, adapters, cfg.n_adapters, seed)
-    with torch.inference_mode():
-        match = modes_match_reference(e, lm, names)
-        out = run(cfg, e, lm, names, tab, log=lambda s: print(s, file=__import__("sys").stderr))
-    data = {**ratios(out, cfg.skews), "modes_match_reference": match,
-            "chooser_vs_oracle": (tab or {}).get("evaluation", {}).get("chooser_vs_oracle_geomean"),
-            "adapters": {"total": len(names), "trained": trained, "random_init": len(names) - trained},
-            "requests": cfg.requests, "skews": [str(s) for s in cfg.skews], "runs": out["runs"],
-            "rate_req_s": out["rate_req_s"]}
+    data = bench_data(quick, adapters, table, seed, base)
     print(report(data, seed=seed) if json_out else json.dumps(data, indent=1))
