@@ -7,13 +7,13 @@ import sys
 
 import pytest
 import torch
+from test_lora_atmm import tiny_engine
 
 from edgecloud.llm.batch import generate_batch
 from edgecloud.lora.adapters import random_adapter
 from edgecloud.lora.layer import LoRAModel
 from edgecloud.lora.orchestrator import POLICIES, Policy, Request, serve, summarize
 from edgecloud.lora.tasks import TASKS, examples, score
-from tests.test_lora_atmm import tiny_engine
 
 
 @pytest.mark.parametrize("policy", POLICIES)
