@@ -23,6 +23,7 @@ from edgecloud.errors import UserError
 SYSTEMS: list[tuple[str, str, str]] = [
     ("vmsched", "edgecloud.vmsched.cli", "VM scheduling on multi-NUMA hosts (DVAMP, SPANE)."),
     ("kvcache", "edgecloud.kvcache.cli", "KV-cache systems: MPIC reuse, CSR sparse caches."),
+    ("lora", "edgecloud.lora.cli", "VaLoRA: many LoRA adapters served at once (ATMM operator, merge/mixture modes)."),
     ("llm", "edgecloud.llm.cli", "The language-model substrate: batched engine and its benchmark."),
     ("rag", "edgecloud.rag.cli", "DRAGON: device–cloud distributed RAG with speculative aggregation."),
     ("vision", "edgecloud.vision.cli", "SAM-COD: camouflaged object detection from RGB-D with dual-stream adapters."),

@@ -1,0 +1,91 @@
+"""``edgecloud lora``: VaLoRA — adapter training (peft), the ATMM profiler, and the multi-adapter benchmark."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+DEFAULT_TABLE = Path(__file__).with_name("dispatch.json")
+
+
+@app.command("train")
+def train_cmd(out: Path = typer.Option(..., help="adapter directory to write (peft format)"),
+              task: list[str] = typer.Option(["arith"], help="task(s); several = one fused adapter"),
+              steps: int = typer.Option(120, min=1), rank: int = typer.Option(4, min=1, max=64),
+              lr: float = typer.Option(2e-3, min=1e-6), batch: int = typer.Option(8, min=1),
+              checkpoint_every: int = typer.Option(50, min=1), seed: int = 0,
+              base: str = "smollm2-135m") -> None:
+    """Train one LoRA adapter on the given task(s) with peft; checkpoints under OUT/checkpoint-<step>."""
+    from edgecloud.errors import UserError
+    from edgecloud.lora.tasks import TASKS
+    from edgecloud.lora.train import TrainConfig, train
+    from edgecloud.results import check_out_dir
+
+    bad = [t for t in task if t not in TASKS]
+    if bad:
+        raise UserError(f"--task {bad[0]!r}: unknown; choose from {sorted(TASKS)}")
+    check_out_dir(out.parent)
+    info = train(TrainConfig(tasks=tuple(task), steps=steps, rank=rank, lr=lr, batch=batch,
+                             checkpoint_every=checkpoint_every, seed=seed), out, base)
+    print(json.dumps(info))
+
+
+@app.command("eval")
+def eval_cmd(adapter: Path = typer.Option(None, help="peft adapter dir (omit: base model)"),
+             task: str = "arith", n: int = typer.Option(40, min=1), seed: int = 0, base: str = "smollm2-135m",
+             json_out: bool = typer.Option(False, "--json")) -> None:
+    """Exact match on a task's held-out split, base or adapter, through the batched serving path."""
+    from edgecloud.llm.engine import Engine
+    from edgecloud.llm.models import load_model
+    from edgecloud.lora.adapters import load_adapter
+    from edgecloud.lora.layer import LoRAModel
+    from edgecloud.lora.train import evaluate
+    from edgecloud.results import report
+
+    e = Engine(load_model(base))
+    lm = LoRAModel(e.model, base)
+    name = None
+    if adapter is not None:
+        ad = load_adapter(adapter, e.model, base)
+        lm.add(ad)
+        name = ad.name
+    acc = evaluate(e, lm, name, task, n, seed)
+    print(report({"task": task, "adapter": name, "exact_match": acc, "n": n}, seed=seed) if json_out
+          else f"{task} {name or 'base'}: {acc:.3f}")
+
+
+@app.command("profile")
+def profile_cmd(out: Path = typer.Option(DEFAULT_TABLE, help="dispatch table JSON (written atomically)"),
+                repeats: int = typer.Option(5, min=1), seed: int = 0,
+                json_out: bool = typer.Option(False, "--json")) -> None:
+    """Time every ATMM implementation over (tokens, adapters, rank); write the dispatch table; score the chooser
+    on a second, independent timing pass (chooser vs per-shape oracle, speedup vs the worst fixed choice)."""
+    import torch
+
+    from edgecloud.lora.atmm import Grid, evaluate, profile, table_from, write_table
+    from edgecloud.results import check_out_file, report
+
+    check_out_file(out)
+    torch.set_num_threads(1)
+    g = Grid(repeats=repeats)
+    table = table_from(profile(g, seed))
+    held = profile(g, seed + 1)
+    ev = evaluate(table, held)
+    table["evaluation"] = ev
+    write_table(table, out)
+    print(report(ev, seed=seed) if json_out else json.dumps(ev, indent=1))
+
+
+@app.command("bench")
+def bench_cmd(quick: bool = False, adapters: Path = typer.Option(None, help="dir of trained peft adapters"),
+              table: Path = typer.Option(DEFAULT_TABLE), seed: int = 0, base: str = "smollm2-135m",
+              json_out: bool = typer.Option(False, "--json")) -> None:
+    """VaLoRA vs sequential / S-LoRA / Punica / dLoRA on Poisson load over 16 adapters."""
+    from edgecloud.lora.bench import bench_data
+    from edgecloud.results import report
+
+    data = bench_data(quick, adapters, table, seed, base)
+    print(report(data, seed=seed) if json_out else json.dumps(data, indent=1))
