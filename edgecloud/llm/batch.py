@@ -103,6 +103,7 @@ class Batch:
         self.row_ids: list[Hashable] = []
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # (batch, slots)
         self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (batch, kv_heads, slots, head_dim)
+        self._dc = None  # the DynamicCache holding ``kv`` between steps (rebuilt only after add/remove/trim)
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -113,6 +114,8 @@ class Batch:
 
     # ------------------------------------------------------------------ cache plumbing
     def _cache(self):
+        if self._dc is not None:
+            return self._dc
         from transformers import DynamicCache
 
         cache = DynamicCache()
@@ -122,6 +125,7 @@ class Batch:
 
     def _take(self, cache) -> None:
         self.kv = [(layer.keys, layer.values) for layer in cache.layers]
+        self._dc = cache
 
     def _trim(self) -> None:
         """Drop leading slot columns that no sequence uses (after removals and rollbacks)."""
@@ -132,6 +136,7 @@ class Batch:
         if first:
             self.mask = self.mask[:, first:]
             self.kv = [(k[:, :, first:], v[:, :, first:]) for k, v in self.kv]
+            self._dc = None
 
     # ------------------------------------------------------------------ membership
     @torch.inference_mode()
@@ -174,6 +179,7 @@ class Batch:
         return res
 
     def _splice(self, ids: list[Hashable], mask: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self._dc = None
         if not self.row_ids:
             self.row_ids, self.mask, self.kv = list(ids), mask, kv
             return
@@ -192,6 +198,7 @@ class Batch:
         self.row_ids = [self.row_ids[r] for r in keep]
         self.mask = self.mask.index_select(0, idx)
         self.kv = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.kv]
+        self._dc = None
         self._trim()
         return gone
 

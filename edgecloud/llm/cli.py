@@ -26,28 +26,46 @@ def bench_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed (the bench is greedy; kept for provenance)."),
     threads: int = typer.Option(0, "--threads", min=0, max=256, help="torch threads (0: idle cores)."),
     out: Path | None = typer.Option(None, "--out", help="Also write llm_engine.{json,md,png} into this folder."),
-    peer: str = typer.Option("", "--peer", help="'vllm': also measure a running vLLM OpenAI server (--peer-url)."),
+    peer: str = typer.Option("", "--peer", help="'vllm' (a vLLM OpenAI server at --peer-url, started if vllm is "
+                             "importable and none answers) or 'llamacpp' (llama-cpp-python, if importable)."),
     peer_url: str = typer.Option("http://127.0.0.1:8000", "--peer-url", help="The peer server's base URL."),
     peer_model: str = typer.Option("", "--peer-model", help="The model name the peer serves (default: --model)."),
 ) -> None:
     """Prefill tok/s and decode tok/s at batch 1, 4, 16 vs batch-1 sequential; bf16 vs fp32; exactness check."""
     from edgecloud.errors import UserError
-    from edgecloud.llm.bench import EngineBenchConfig, peer_vllm, run
+    from edgecloud.llm.bench import EngineBenchConfig, check_peer, peer_llamacpp, peer_vllm, run, start_vllm
     from edgecloud.llm.engine import Engine
     from edgecloud.llm.models import load_model
     from edgecloud.progress import progress_bar
     from edgecloud.results import check_out_dir
 
-    if peer not in ("", "vllm"):
-        raise UserError(f"--peer {peer!r}: only 'vllm' is supported (llama.cpp: see docs/llm.md)")
+    if peer not in ("", "vllm", "llamacpp"):
+        raise UserError(f"--peer {peer!r}: choose vllm or llamacpp")
     if out is not None:
         check_out_dir(out)
+    check_peer(peer, peer_url)  # an absent peer fails now, not after the measurement
     cfg = EngineBenchConfig.quick(seed) if quick else EngineBenchConfig(seed=seed)
     engine = Engine(load_model(model), threads=threads or None)
     with progress_bar("llm bench", enabled=not as_json) as bar:
         res = run(engine, cfg, progress=bar)
+    if peer == "vllm":
+        proc = None
+        try:
+            try:
+                res.update(peer_vllm(peer_url, peer_model or model, engine, cfg))
+            except UserError:
+                proc, url = start_vllm(str(engine.lm.path))  # none answered: start one if vllm is installed
+                res.update(peer_vllm(url, str(engine.lm.path), engine, cfg))
+        finally:
+            if proc is not None:
+                proc.terminate()
+    elif peer == "llamacpp":
+        from edgecloud.llm.models import REGISTRY, _gguf_path
+
+        if model not in REGISTRY:
+            raise UserError(f"--peer llamacpp: needs a registry model's GGUF; --model {model!r} is a directory")
+        res.update(peer_llamacpp(engine, cfg, str(_gguf_path(REGISTRY[model]))))
     if peer:
-        res.update(peer_vllm(peer_url, peer_model or model, engine, cfg))
         res["prefill_ratio_vs_peer"] = res["prefill_tok_s"] / res["peer_prefill_tok_s"]
         res["decode_ratio_vs_peer"] = res["decode_tok_s_batch1"] / res["peer_decode_tok_s_batch1"]
     result = engine_result(res, seed)
