@@ -40,6 +40,8 @@ def bench(
 
 
 def format_table(out: dict) -> str:
+    from edgecloud.results import fmt
+
     def ci(r, key):
         lo, hi = r[f"{key}_ci"]
         return f"{r[key]:.2f} [{lo:.2f}, {hi:.2f}]"
@@ -54,7 +56,9 @@ def format_table(out: dict) -> str:
     for m, r in out["methods"].items():
         lines.append(f"| {m} | {r['ttft_s']:.3f} | {r['ttft_s'] / full:.2f} | {r['recompute_frac']:.0%} | "
                      f"{ci(r, 'accuracy')} | {ci(r, 'f1')} | {r['first_token_agreement']:.3f} | "
-                     f"{r['top1_agreement']:.3f} | {r['kl']:.4f} | {r['exact_match_short']:.2f} |")
+                     f"{r['top1_agreement']:.3f} | {r['kl']:.4f} | {fmt(r['exact_match_short'], 2)} |")
+    if "floor_bf16" in out:
+        lines += ["", f"full-bf16 ran on the first {out['floor_bf16'].get('requests', out['requests'])} requests only (the float floor)."]
     lines += ["", f"MPIC-{out['k']}: accuracy {out['accuracy_mpic']:.3f} vs full prefill {out['accuracy_full']:.3f} "
               f"(delta {out['accuracy_delta']:+.3f}); first-token agreement {out['first_token_agreement']:.3f}, "
               f"top-1 {out['top1_agreement']:.3f}, KL {out['kl']:.4f}; TTFT {out['ttft_ratio_vs_full']:.2f}x full "
