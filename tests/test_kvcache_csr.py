@@ -256,3 +256,8 @@ def test_cli_registers_csr_bench():
     assert res.exit_code == 0 and "--quick" in res.output and "--seed" in res.output
     res = CliRunner().invoke(app, ["csr-bench", "--threads", "0"])
     assert res.exit_code != 0 and "threads" in str(res.exception)
+    # a loader failure is the loader's UserError, never a quietly swapped model
+    from edgecloud.errors import UserError
+
+    res = CliRunner().invoke(app, ["csr-bench", "--quick", "--model", "no-such-model"])
+    assert isinstance(res.exception, UserError) and "no-such-model" in str(res.exception)
