@@ -58,7 +58,8 @@ def format_table(out: dict) -> str:
                      f"{ci(r, 'accuracy')} | {ci(r, 'f1')} | {r['first_token_agreement']:.3f} | "
                      f"{r['top1_agreement']:.3f} | {r['kl']:.4f} | {fmt(r['exact_match_short'], 2)} |")
     if "floor_bf16" in out:
-        lines += ["", f"full-bf16 ran on the first {out['floor_bf16'].get('requests', out['requests'])} requests only (the float floor)."]
+        n_bf16 = out["floor_bf16"].get("requests", out["requests"])
+        lines += ["", f"full-bf16 (the float floor) ran on the first {n_bf16} requests."]
     lines += ["", f"MPIC-{out['k']}: accuracy {out['accuracy_mpic']:.3f} vs full prefill {out['accuracy_full']:.3f} "
               f"(delta {out['accuracy_delta']:+.3f}); first-token agreement {out['first_token_agreement']:.3f}, "
               f"top-1 {out['top1_agreement']:.3f}, KL {out['kl']:.4f}; TTFT {out['ttft_ratio_vs_full']:.2f}x full "
