@@ -100,7 +100,8 @@ def main() -> None:
         check_out_dir(a.out)
         if a.from_json:
             out = json.loads(a.from_json.read_text())
-            out["measured_provenance"] = out.pop("provenance", None)
+            render = out.pop("provenance", None)  # a re-render keeps the measuring run's provenance
+            out["measured_provenance"] = out.get("measured_provenance") or render
             return write(out, a)
         peer_model = vllm_model(a.peer_url) if a.peer else None
         cfg = BenchConfig.quick(a.seed) if a.quick else BenchConfig(seed=a.seed)
