@@ -2,7 +2,8 @@
 
 Runs fp16, KIVI-2/4 (residual of recent tokens in fp16) and CSR (NeuralDict vs k-means, MP vs OMP, 1–4 bits,
 dense-residual and online-atom variants) over held-out pydoc text, and writes
-``docs/results/csr.json`` (raw), ``docs/results/csr.md`` (table) and ``docs/results/csr.png`` (frontier).
+``docs/results/csr.json`` (raw, with provenance), ``docs/results/csr.md`` (table) and ``docs/results/csr.png``
+(frontier), together through ``edgecloud.results``.
 
     python bench/csr.py                      # full run (4 x 1024 tokens, 1024 atoms); ~15-25 min on one core
     python bench/csr.py --quick              # the CLI's --quick preset
@@ -16,8 +17,8 @@ import json
 import sys
 from pathlib import Path
 
-from edgecloud import atomic
 from edgecloud.paths import REPO_ROOT
+from edgecloud.results import Result, check_out_dir
 
 OUT = REPO_ROOT / "docs" / "results"
 
@@ -57,7 +58,7 @@ def table(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(res: dict, path: Path) -> None:
+def plot(res: dict):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -84,7 +85,7 @@ def plot(res: dict, path: Path) -> None:
     ax.set_title("KV-cache memory vs quality, SmolLM2-135M")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    atomic.save_figure(fig, path, dpi=120)
+    return fig
 
 
 def main() -> None:
@@ -94,21 +95,25 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--from-json", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--model", default="smollm2-135m")
     a = ap.parse_args()
+    check_out_dir(a.out)
     if a.from_json:
         res = json.loads(a.from_json.read_text())
+        res.pop("provenance", None)  # re-rendering keeps the numbers; the new provenance says it was re-rendered
     else:
-        import torch
-
         from edgecloud.kvcache.csr.bench import BenchConfig, run
+        from edgecloud.llm.engine import Engine
+        from edgecloud.llm.models import load_model
 
-        torch.set_num_threads(a.threads)
         cfg = BenchConfig.quick(a.seed) if a.quick else BenchConfig(seed=a.seed)
-        res = run(cfg, log=lambda m: print(m, file=sys.stderr, flush=True))
-        atomic.write_text(a.out / "csr.json", json.dumps(res, indent=1) + "\n")
-    atomic.write_text(a.out / "csr.md", table(res))
-    plot(res, a.out / "csr.png")
-    print(table(res))
+        res = run(cfg, Engine(load_model(a.model), threads=a.threads),
+                  log=lambda m: print(m, file=sys.stderr, flush=True))
+    out = Result("csr", res, seed=a.seed, title="CSR vs KIVI on SmolLM2-135M")
+    out.markdown = table(res)
+    out.figure = plot(res)
+    out.write(a.out)
+    print(out.markdown)
 
 
 if __name__ == "__main__":

@@ -1,45 +1,88 @@
-"""MPIC benchmark, one run: every method side by side; writes docs/results/mpic.{md,json,png}.
+"""MPIC benchmark, one run: every method side by side on gold-answer QA; writes docs/results/mpic.{md,json,png}.
 
-    .venv/bin/python bench/mpic.py            # 24 requests (6 questions x 4 orders), 4-8 passages of <=256 tokens
-    .venv/bin/python bench/mpic.py --quick    # the CLI's --quick workload
+    python bench/mpic.py            # 30 requests: 6 SQuAD articles x 4 questions + 6 passkey, 4-6 passages each
+    python bench/mpic.py --quick    # the CLI's --quick workload
+    python bench/mpic.py --from-json run.json   # render a saved `edgecloud kvcache bench --json` run (its provenance
+                                    # is kept as measured_provenance)
+    python bench/mpic.py --peer vllm --peer-url http://127.0.0.1:8000   # + TTFT of a running vLLM server (prefix
+                                    # caching on) on the same token ids; adds ttft_ratio_vs_vllm when measured
+
+The peer is optional and never started here: run vLLM yourself (docs/mpic.md). An unreachable peer is one error
+line before any compute, and no peer number is ever reported that was not measured in this run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
+import time
 from pathlib import Path
 
-from edgecloud.atomic import save_figure, write_text
-from edgecloud.kvcache.bench import BenchConfig, run
+from edgecloud.errors import UserError
+from edgecloud.kvcache.bench import BenchConfig, make_workload, run
 from edgecloud.kvcache.cli import format_table
 from edgecloud.llm.engine import Engine
 from edgecloud.llm.models import load_model
+from edgecloud.results import Result, check_out_dir
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
 
 
-def plot(out: dict, path: Path) -> None:
+def vllm_model(url: str) -> str:
+    """The served model's name, or a UserError when the server does not answer."""
+    import httpx
+
+    try:
+        r = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=10)
+        r.raise_for_status()
+        return r.json()["data"][0]["id"]
+    except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
+        raise UserError(f"--peer vllm: no OpenAI-compatible server answers at {url} ({type(e).__name__}); start "
+                        f"vLLM there (docs/mpic.md) or drop --peer") from None
+
+
+def vllm_ttft(url: str, model: str, prompts: list[list[int]]) -> list[float]:
+    """Seconds to the first streamed token per prompt (token ids, in order, so its prefix cache sees them as we do)."""
+    import httpx
+
+    out = []
+    with httpx.Client(timeout=600) as c:
+        for ids in prompts:
+            t = time.perf_counter()
+            with c.stream("POST", f"{url.rstrip('/')}/v1/completions",
+                          json={"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "stream": True}) as r:
+                r.raise_for_status()
+                for line in r.iter_lines():
+                    if line.startswith("data:") and line.strip() != "data: [DONE]":
+                        break
+            out.append(time.perf_counter() - t)
+    return out
+
+
+def plot(out: dict):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(out["methods"])
     m = out["methods"]
+    names = list(m)
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    a.bar(names, [m[n]["ttft_s"] for n in names], color=["#777", "#999"] + ["#4a7"] * (len(names) - 2))
+    a.bar(names, [m[n]["ttft_s"] for n in names], color=["#777"] * 3 + ["#4a7"] * (len(names) - 3))
     a.set_ylabel("mean TTFT (s)")
     a.tick_params(axis="x", rotation=60)
-    a.set_title(f"TTFT, {out['requests']} RAG requests, ~{out['prompt_tokens_mean']:.0f} tokens")
-    b.plot([m[n]["ttft_s"] for n in names], [m[n]["exact_match_rate"] for n in names], "o")
+    a.set_title(f"TTFT, {out['requests']} QA requests, ~{out['prompt_tokens_mean']:.0f} tokens")
     for n in names:
-        b.annotate(n, (m[n]["ttft_s"], m[n]["exact_match_rate"]), fontsize=7)
+        lo, hi = m[n]["accuracy_ci"]
+        b.errorbar(m[n]["ttft_s"], m[n]["accuracy"], yerr=[[m[n]["accuracy"] - lo], [hi - m[n]["accuracy"]]],
+                   fmt="o", capsize=3)
+        b.annotate(n, (m[n]["ttft_s"], m[n]["accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     b.set_xlabel("mean TTFT (s)")
-    b.set_ylabel("greedy answer identical to full prefill")
-    b.set_title("quality vs TTFT")
+    b.set_ylabel("answer accuracy vs gold (95% bootstrap CI)")
+    b.set_title("accuracy vs TTFT")
     fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    return fig
 
 
 def main() -> None:
@@ -47,17 +90,44 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--peer", choices=["vllm"], default=None)
+    ap.add_argument("--peer-url", default="http://127.0.0.1:8000")
+    ap.add_argument("--from-json", type=Path, default=None)
     a = ap.parse_args()
-    cfg = BenchConfig.quick(a.seed) if a.quick else BenchConfig(seed=a.seed)
-    out = run(Engine(load_model(a.model)), cfg)
-    table = format_table(out)
-    print(table)
-    d = Path(a.out)
-    write_text(d / "mpic.json", json.dumps(out, indent=1))
-    cmd = "python bench/mpic.py" + (" --quick" if a.quick else "") + f" --seed {a.seed}"
-    write_text(d / "mpic.md", f"# MPIC results\n\nRegenerate: `{cmd}`\n\n{table}\n\n![MPIC](mpic.png)\n")
-    plot(out, d / "mpic.png")
+    try:
+        check_out_dir(a.out)
+        if a.from_json:
+            out = json.loads(a.from_json.read_text())
+            render = out.pop("provenance", None)  # a re-render keeps the measuring run's provenance
+            out["measured_provenance"] = out.get("measured_provenance") or render
+            return write(out, a)
+        peer_model = vllm_model(a.peer_url) if a.peer else None
+        cfg = BenchConfig.quick(a.seed) if a.quick else BenchConfig(seed=a.seed)
+        engine = Engine(load_model(a.model), threads=a.threads)
+        out = run(engine, cfg, progress=lambda i, n: print(f"request {i}/{n}", file=sys.stderr, flush=True))
+        if peer_model is not None:
+            prompts = [[t for s in r.segments for t in s.ids] for r in make_workload(engine, cfg)]
+            ttft = vllm_ttft(a.peer_url, peer_model, prompts)
+            out["ttft_vllm_s"] = sum(ttft) / len(ttft)
+            out["ttft_ratio_vs_vllm"] = out["ttft_mpic_s"] / out["ttft_vllm_s"]
+            out["peer"] = {"engine": "vllm", "url": a.peer_url, "model": peer_model}
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    write(out, a)
+
+
+def write(out: dict, a) -> None:
+    res = Result("mpic", out, seed=out.get("seed", a.seed), title="MPIC on gold-answer QA (SQuAD v1.1 dev + passkey)")
+    res.markdown = format_table(out)
+    if "ttft_ratio_vs_vllm" in out:
+        res.markdown += (f"\n\nvLLM (prefix caching, {out['peer']['model']}) on the same token ids: TTFT "
+                         f"{out['ttft_vllm_s']:.3f} s; MPIC-{out['k']} / vLLM = {out['ttft_ratio_vs_vllm']:.2f}.\n")
+    res.figure = plot(out)
+    res.write(a.out)
+    print(res.markdown)
 
 
 if __name__ == "__main__":

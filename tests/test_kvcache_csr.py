@@ -11,7 +11,6 @@ from edgecloud.kvcache.csr.cache import (  # noqa: E402
     CacheSpec,
     CodecLayer,
     CSRCodec,
-    Rope,
     cache_bits_per_element,
     make_cache,
 )
@@ -113,6 +112,16 @@ def tiny():
     return model, ids, ref
 
 
+def _engine(model):
+    """The shared substrate's Engine around a tiny model: CSR takes RoPE from it, like on SmolLM2."""
+    from pathlib import Path
+
+    from edgecloud.llm.engine import Engine
+    from edgecloud.llm.models import LoadedModel
+
+    return Engine(LoadedModel(model, None, "tiny", "tiny", Path(".")), threads=1)
+
+
 def _run(model, ids, cache, chunk=8):
     out = []
     with torch.no_grad():
@@ -132,22 +141,28 @@ def test_sparse_cache_with_s_equal_head_dim_reproduces_logits(tiny, pre_rope):
     model, ids, ref = tiny
     d = model.config.head_dim
     spec = CacheSpec("csr", s_keys=d, s_values=d)
-    cache = make_cache(spec, 2, _identity_dicts(2, d, pre_rope), rope=Rope.from_model(model))
+    cache = make_cache(spec, 2, _identity_dicts(2, d, pre_rope), engine=_engine(model))
     out = _run(model, ids, cache)
     assert (out - ref).abs().max() < 2e-2  # fp16 weights are the only loss
     assert torch.equal(out.argmax(-1), ref.argmax(-1))
     # and a sparser code does change the logits: the cache really reads the codes
     lossy = _run(model, ids, make_cache(CacheSpec("csr", s_keys=2, s_values=2), 2, _identity_dicts(2, d, pre_rope),
-                                        rope=Rope.from_model(model)))
+                                        engine=_engine(model)))
     assert (lossy - ref).abs().max() > 0.05
 
 
 def test_rope_unrotate_is_exact(tiny):
     model, _, _ = tiny
-    rope = Rope.from_model(model)
+    e = _engine(model)
     x = torch.randn(1, 2, 10, model.config.head_dim)
     pos = torch.arange(5, 15)
-    assert torch.allclose(rope.unrotate(rope.rotate(x, pos), pos), x, atol=1e-5)
+    assert torch.allclose(e.pre_rope_keys(e.rotate(x, pos), pos), x, atol=1e-5)
+    # and the rotation is the model's own: a key rotated by the engine equals transformers' apply_rotary_pos_emb
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    cos, sin = model.model.rotary_emb(x, pos[None])
+    ref, _ = apply_rotary_pos_emb(x, x, cos, sin)
+    assert torch.allclose(e.rotate(x, pos), ref, atol=1e-5)
 
 
 @pytest.mark.parametrize("spec,expected_bits", [
@@ -161,7 +176,7 @@ def test_memory_accounting_matches_tensor_sizes(tiny, spec, expected_bits):
     model, ids, _ = tiny
     d = model.config.head_dim
     dicts = _identity_dicts(2, d, True)
-    cache = make_cache(spec, 2, dicts, rope=Rope.from_model(model))
+    cache = make_cache(spec, 2, dicts, engine=_engine(model))
     _run(model, ids, cache, chunk=7)
     T = ids.shape[1]
     real = 0
@@ -187,7 +202,7 @@ def test_online_atoms_counted(tiny):
     model, ids, _ = tiny
     d = model.config.head_dim
     cache = make_cache(CacheSpec("csr", s_keys=2, s_values=2, online=4), 2, _identity_dicts(2, d, True),
-                       rope=Rope.from_model(model))
+                       engine=_engine(model))
     _run(model, ids, cache)
     codec = cache.layers[0].codec["keys"]
     assert isinstance(codec, CSRCodec) and codec.atoms.shape[1] == d + 4
@@ -241,3 +256,8 @@ def test_cli_registers_csr_bench():
     assert res.exit_code == 0 and "--quick" in res.output and "--seed" in res.output
     res = CliRunner().invoke(app, ["csr-bench", "--threads", "0"])
     assert res.exit_code != 0 and "threads" in str(res.exception)
+    # a loader failure is the loader's UserError, never a quietly swapped model
+    from edgecloud.errors import UserError
+
+    res = CliRunner().invoke(app, ["csr-bench", "--quick", "--model", "no-such-model"])
+    assert isinstance(res.exception, UserError) and "no-such-model" in str(res.exception)

@@ -90,6 +90,20 @@ def test_cacheblend_selects_r_fraction(eng, tmp_path):
     assert res.n_recomputed == round(0.2 * 35) + len(segs[3])
 
 
+def test_cacheblend_keeps_probe_layers_fresh_kv_for_every_token(eng):
+    """CacheBlend's probe computes layers 0..probe_layer over the whole prompt; that exact KV is kept for all tokens
+    (its reference code does), so those layers equal full prefill while deeper layers still carry reused KV."""
+    segs = prompt()
+    _, ref_cache = full_logits(eng, segs)
+    m = MPIC(eng, KVStore(None, eng.lm.fingerprint))
+    res = m.prefill(segs, CacheBlend(0.2, probe_layer=0))
+    for kind in ("keys", "values"):
+        got, ref = getattr(res.cache.layers[0], kind), getattr(ref_cache.layers[0], kind)
+        assert torch.allclose(got, ref, atol=1e-5)
+        assert not torch.allclose(getattr(res.cache.layers[1], kind), getattr(ref_cache.layers[1], kind), atol=1e-3)
+    m.close()
+
+
 def test_store_roundtrip_corrupt_stale_and_lru(tmp_path):
     k, v = torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
     s = KVStore(tmp_path, "fp-a", mem_bytes=k.nbytes * 2 + 1)

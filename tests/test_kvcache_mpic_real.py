@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # loads the real SmolLM2 (a ~40 s conversion on a machine that has none cached)
+
 
 @pytest.fixture(scope="module")
 def smol():

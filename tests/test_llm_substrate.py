@@ -28,6 +28,7 @@ def test_unknown_model_and_bad_path(tmp_path):
         load_model(str(tmp_path))
 
 
+@pytest.mark.slow  # loads the real SmolLM2
 def test_smollm2_generates_and_keys(smol):
     g = smol.generate(smol.chat_prompt("You are helpful.", "What is the capital of France?"), 8)
     assert "Paris" in g.text

@@ -1,12 +1,17 @@
-"""MPIC benchmark: RAG requests over the pydoc corpus, every method side by side on the same requests.
+"""MPIC benchmark: gold-answer QA requests, every method side by side on the same requests.
 
-Methods: full prefill (reference), prefix caching (longest exact token prefix shared with an earlier request, like
-vLLM's automatic prefix caching, token-granular so generous to it), full reuse (MPIC-0), CacheBlend-r and MPIC-k.
-Chunks are ingested (KV computed and stored) before the requests, as MPIC does when documents arrive; loading them
-from the store (memory tier over disk) counts in TTFT. Quality is measured against full prefill by teacher-forcing
-full prefill's greedy answer through each method's cache: top-1 agreement and KL per answer step; the greedy answer is
-identical iff top-1 agrees at every step, which gives the exact-match rate without decoding each method separately.
-Decoding a token costs the same whatever built the cache, so total response time = TTFT + the measured decode time.
+Workload (:mod:`edgecloud.kvcache.qa`): SQuAD v1.1 dev questions whose prompt holds the gold paragraph among other
+paragraphs of the same article, in varying orders, the article's pool shared by its requests; plus passkey requests
+(a number planted in one of several passages). Methods: full prefill (reference), prefix caching (longest exact token
+prefix shared with an earlier request, like vLLM's automatic prefix caching, token-granular so generous to it), full
+reuse (MPIC-0), CacheBlend-r and MPIC-k. Chunks are ingested before the requests, as MPIC does when documents arrive;
+loading them from the store counts in TTFT.
+
+Each method decodes its own greedy answer, scored against gold (accuracy: a gold answer occurs in it; SQuAD F1), with
+bootstrap intervals. Fidelity to full prefill that does not compound over a long answer: first-token agreement, and
+top-1 agreement and KL(full || method) per step with full prefill's answer teacher-forced through the method's cache.
+Whole-answer exact match only for answers of <= ``exact_max_tokens`` tokens, beside the floor that bf16 full prefill
+sets against fp32 (near-ties between the top two tokens decide long greedy answers, whatever built the cache).
 """
 
 from __future__ import annotations
@@ -14,73 +19,114 @@ from __future__ import annotations
 import random
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
+from edgecloud.errors import UserError
 from edgecloud.kvcache.mpic import MPIC, Segment, text
+from edgecloud.kvcache.qa import QAItem, bootstrap_ci, contains, f1, passkey_items, squad_items, squad_path
 from edgecloud.kvcache.selection import CacheBlend, MPICk
 from edgecloud.kvcache.store import KVStore
 from edgecloud.llm.engine import Engine, cache_from_kv, stack_kv
 from edgecloud.llm.prompts import chat_head, chat_tail
 
-SYSTEM = "You are a helpful assistant. Answer the question briefly, using the documents the user gives."
+SYSTEM = ("You are a helpful assistant. Answer the question with a short phrase copied from the documents the "
+          "user gives; no explanation.")
 
 
 @dataclass
 class BenchConfig:
-    groups: int = 6  # distinct questions
-    per_group: int = 4  # requests per question (same passage pool, other subsets and orders)
-    pool: int = 8  # passages retrieved per question
+    groups: int = 6  # SQuAD articles; each gives a shared pool of passages
+    per_group: int = 4  # questions (requests) per article: the same passages in other subsets and orders
+    passkey: int = 6  # passkey requests (a number planted in one of the passages)
     min_chunks: int = 4
-    max_chunks: int = 8
-    chunk_tokens: int = 256  # passages are cut to this many tokens
-    answer_tokens: int = 24
-    ks: tuple[int, ...] = (4, 8, 16, 32, 64)
-    k: int = 32  # the chosen k reported as ``ttft_mpic_s``
+    max_chunks: int = 6
+    chunk_tokens: int = 200  # only paragraphs up to this length are used (never cut: that could cut the answer)
+    answer_tokens: int = 12
+    ks: tuple[int, ...] = (16, 32, 64)
+    k: int = 32  # the MPIC k reported as the headline
     blend_r: float = 0.15
     mem_mb: int = 64
+    exact_max_tokens: int = 8  # whole-answer exact match only for answers this short (long ones measure near-ties)
+    bf16_floor: int = 4  # first n requests also run full prefill in bf16: the float floor (bf16 is ~8x slower
+    # than fp32 on a CPU without native bf16, measured here, so only a few requests)
     seed: int = 0
+
+    def __post_init__(self):
+        if not 1 <= self.min_chunks <= self.max_chunks:
+            raise UserError(f"min_chunks={self.min_chunks}, max_chunks={self.max_chunks}: need 1 <= min <= max")
+        if self.groups < 0 or self.per_group < 1 or self.passkey < 0:
+            raise UserError("groups, passkey >= 0 and per_group >= 1 please")
 
     @classmethod
     def quick(cls, seed: int = 0) -> BenchConfig:
-        return cls(groups=3, per_group=2, pool=5, min_chunks=4, max_chunks=5, chunk_tokens=160, answer_tokens=12,
-                   seed=seed)
+        return cls(groups=3, per_group=2, passkey=2, min_chunks=4, max_chunks=5, chunk_tokens=160, answer_tokens=12,
+                   ks=(32,), bf16_floor=2, seed=seed)
 
 
 @dataclass
 class Request:
-    question: str
-    passages: list[str]  # passage ids, in prompt order
+    item: QAItem
+    n_chunks: int  # passages in the prompt
     segments: list[Segment] = field(default_factory=list)
 
 
-def make_workload(engine: Engine, cfg: BenchConfig) -> list[Request]:
-    from edgecloud.llm.corpus import passages
-    from edgecloud.llm.retrieval import BM25
-
-    ps = passages()
-    by_id = {p.id: p for p in ps}
-    bm = BM25([p.text for p in ps])
+def make_workload(engine: Engine, cfg: BenchConfig, items: list[QAItem] | None = None) -> list[Request]:
+    """Requests whose prompt holds the gold passage among distractors of the same source, in varying orders; a
+    group's requests draw from one passage pool, so chunks recur across requests at other positions."""
     rng = random.Random(cfg.seed)
-    topics = sorted({p.topic for p in ps})
-    rng.shuffle(topics)
+    if items is None:
+        items = _squad_sample(engine, cfg, rng) + passkey_items(cfg.passkey, cfg.max_chunks, cfg.seed)
     head = _system_head(engine)
+    chunk_ids: dict[str, list[int]] = {}
+
+    def ids_of(text: str) -> list[int]:
+        if text not in chunk_ids:
+            chunk_ids[text] = engine.encode(text.strip()) + engine.encode("\n\n")
+        return chunk_ids[text]
+
     reqs = []
-    for topic in topics[: cfg.groups]:
-        q = f"What does the Python documentation say about {topic.replace('-', ' ')}? Answer in one sentence."
-        pool = [ps[i].id for i in bm.top(q, cfg.pool)]
-        for _ in range(cfg.per_group):
-            n = rng.randint(cfg.min_chunks, min(cfg.max_chunks, len(pool)))
-            chosen = rng.sample(pool, n)
-            segs = [Segment("chunk", engine.encode(head), label="system")]
-            for pid in chosen:
-                ids = engine.encode(f"Document [{pid}]:\n{by_id[pid].text}")[: cfg.chunk_tokens]
-                segs.append(Segment("chunk", ids + engine.encode("\n\n"), label=pid))
-            segs.append(text(engine, _tail(engine, q)))
-            reqs.append(Request(q, chosen, segs))
+    for it in items:
+        n = rng.randint(cfg.min_chunks, cfg.max_chunks)
+        others = rng.sample(it.distractors, min(n - 1, len(it.distractors)))
+        texts = [it.gold, *others]
+        rng.shuffle(texts)
+        segs = [Segment("chunk", engine.encode(head), label="system")]
+        segs += [Segment("chunk", ids_of(t), label=f"{it.group}:{hash(t) & 0xffff:04x}") for t in texts]
+        segs.append(text(engine, _tail(engine, it.question)))
+        n_tok = sum(len(s) for s in segs)
+        if n_tok + cfg.answer_tokens > engine.context:
+            raise UserError(f"question {it.question[:60]!r}: its prompt with the gold passage has {n_tok} tokens, "
+                            f"more than the model's context of {engine.context}; shorten the passages")
+        reqs.append(Request(it, len(texts), segs))
     return reqs
+
+
+def _squad_sample(engine: Engine, cfg: BenchConfig, rng: random.Random) -> list[QAItem]:
+    """``groups`` SQuAD articles with enough short paragraphs; ``per_group`` questions each, distractors limited to
+    the article's short paragraphs (the pool its requests share)."""
+    if cfg.groups == 0:
+        return []
+    by_title: dict[str, list[QAItem]] = {}
+    for it in squad_items(squad_path()):
+        by_title.setdefault(it.group, []).append(it)
+    titles = sorted(by_title)
+    rng.shuffle(titles)
+    out = []
+    for t in titles:
+        its = by_title[t]
+        short = sorted({i.gold for i in its if len(engine.encode(i.gold)) <= cfg.chunk_tokens})
+        if len(short) < cfg.max_chunks:
+            continue
+        pool = rng.sample(short, cfg.max_chunks + 2)
+        cands = [i for i in its if i.gold in pool]
+        for it in rng.sample(cands, min(cfg.per_group, len(cands))):
+            out.append(QAItem(it.question, it.answers, it.gold, [p for p in pool if p != it.gold], t, "squad"))
+        if len(out) >= cfg.groups * cfg.per_group:
+            break
+    return out
 
 
 def _system_head(engine: Engine) -> str:
@@ -119,18 +165,40 @@ class PrefixCache:
 
 
 def _quality(engine: Engine, ref_logits: torch.Tensor, answer: list[int], logits0: torch.Tensor, cache) -> dict:
-    """Teacher-force ``answer`` through ``cache``: per-step top-1 agreement and KL(ref || method)."""
+    """Teacher-force ``answer`` through ``cache``: first-token and per-step top-1 agreement, KL(ref || method)."""
     rest = engine.logits_for(answer[:-1], cache) if len(answer) > 1 else torch.empty(0, logits0.shape[-1])
-    got = torch.cat([logits0[None], rest])
+    got = torch.cat([logits0[None].float(), rest.float()])
     p, q = torch.log_softmax(ref_logits, -1), torch.log_softmax(got, -1)
     kl = (p.exp() * (p - q)).sum(-1)
     agree = got.argmax(-1) == torch.tensor(answer)
-    return {"top1": float(agree.float().mean()), "kl": float(kl.mean()), "exact": bool(agree.all())}
+    return {"first": float(agree[0]), "top1": float(agree.float().mean()), "kl": float(kl.mean())}
 
 
-def run(engine: Engine, cfg: BenchConfig, store_dir: str | Path | None = None, progress=None) -> dict:
+def _copy_cache(cache):
+    k, v = stack_kv(cache)
+    return cache_from_kv(k, v)
+
+
+def _answer(engine: Engine, cache, logits, cfg: BenchConfig) -> tuple[list[int], str, float]:
+    """Greedy answer from a filled cache (which grows), cut at the first line break; and its decode seconds."""
+    toks, times = engine.greedy(cache, logits, cfg.answer_tokens)
+    return toks, engine.decode_text(toks).strip().split("\n")[0], sum(times)
+
+
+def _row(engine, cfg, r: Request, ttft, logits, cache, ref, answer, full_toks, recomputed, n) -> dict:
+    """Fidelity (teacher-forced on a copy of the cache), then the method's own greedy answer scored against gold."""
+    q = _quality(engine, ref, answer, logits, _copy_cache(cache))
+    toks, pred, dec = _answer(engine, cache, logits, cfg)
+    short = len(full_toks) <= cfg.exact_max_tokens
+    return {"ttft": ttft, "decode": dec, **q, "acc": contains(pred, r.item.answers), "f1": f1(pred, r.item.answers),
+            "exact_short": float(toks == full_toks) if short else None, "answer": pred, "recomputed": recomputed,
+            "tokens": n, "source": r.item.source}
+
+
+def run(engine: Engine, cfg: BenchConfig, store_dir: str | Path | None = None, progress=None,
+        items: list[QAItem] | None = None) -> dict:
     torch.manual_seed(cfg.seed)
-    reqs = make_workload(engine, cfg)
+    reqs = make_workload(engine, cfg, items)
     tmp = None
     if store_dir is None:
         tmp = tempfile.TemporaryDirectory(prefix="mpic-bench-")
@@ -138,7 +206,8 @@ def run(engine: Engine, cfg: BenchConfig, store_dir: str | Path | None = None, p
     store = KVStore(store_dir, engine.lm.fingerprint, mem_bytes=cfg.mem_mb << 20)
     system = MPIC(engine, store)
     methods = {"full-reuse": MPICk(0), f"cacheblend-{round(cfg.blend_r * 100)}": CacheBlend(cfg.blend_r)}
-    methods.update({f"mpic-{k}": MPICk(k) for k in cfg.ks})
+    methods.update({f"mpic-{k}": MPICk(k) for k in sorted({*cfg.ks, cfg.k})})
+    bf16 = _bf16_engine(engine) if cfg.bf16_floor > 0 else None
     t0 = time.perf_counter()
     for r in reqs:  # documents arrive: compute and store their KV (not part of any request's TTFT)
         for s in r.segments:
@@ -146,31 +215,33 @@ def run(engine: Engine, cfg: BenchConfig, store_dir: str | Path | None = None, p
                 system.ingest(s)
     ingest_s = time.perf_counter() - t0
     prefix = PrefixCache()
-    rows: dict[str, list[dict]] = {m: [] for m in ["full", "prefix", *methods]}
+    names = ["full", *(["full-bf16"] if bf16 else []), "prefix", *methods]
+    rows: dict[str, list[dict]] = {m: [] for m in names}
     for i, r in enumerate(reqs):
         ids = [t for s in r.segments for t in s.ids]
-        # reference: full prefill, then greedy decode of the answer with per-token times
+        n = len(ids)
+        # reference: full prefill (fp32), its greedy answer, and its logits at every answer step (teacher-forced)
         t = time.perf_counter()
         logits, cache = engine.prefill(ids)
         ttft = time.perf_counter() - t
-        answer, times = engine.greedy(cache, logits, cfg.answer_tokens)
-        decode_s = sum(times)
-        ref = torch.cat([logits[None], _ref_rest(engine, ids, answer)])
-        rows["full"].append({"ttft": ttft, "total": ttft + decode_s, "top1": 1.0, "kl": 0.0, "exact": True,
-                             "recomputed": len(ids), "tokens": len(ids)})
+        full_toks, _, _ = _answer(engine, _copy_cache(cache), logits, cfg)
+        ref = torch.cat([logits[None], engine.logits_for(full_toks[:-1], _copy_cache(cache))]) if len(full_toks) > 1 \
+            else logits[None]
+        rows["full"].append(_row(engine, cfg, r, ttft, logits, cache, ref, full_toks, full_toks, n, n))
+        if bf16 is not None and i < cfg.bf16_floor:
+            t = time.perf_counter()
+            bl, bc = bf16.prefill(ids)
+            rows["full-bf16"].append(_row(bf16, cfg, r, time.perf_counter() - t, bl, bc, ref, full_toks, full_toks,
+                                          n, n))
         t = time.perf_counter()
         pl, pc, reused = prefix.prefill(engine, ids)
         ttft = time.perf_counter() - t
         prefix.add(ids, pc)
-        q = _quality(engine, ref, answer, pl, pc)
-        rows["prefix"].append({"ttft": ttft, "total": ttft + decode_s, **q, "recomputed": len(ids) - reused,
-                               "tokens": len(ids)})
+        rows["prefix"].append(_row(engine, cfg, r, ttft, pl, pc, ref, full_toks, full_toks, n - reused, n))
         for name, sel in methods.items():
             res = system.prefill(r.segments, sel)
-            ttft = res.timings["ttft_s"]
-            q = _quality(engine, ref, answer, res.logits, res.cache)
-            rows[name].append({"ttft": ttft, "total": ttft + decode_s, **q, "recomputed": res.n_recomputed,
-                               "tokens": res.n_tokens})
+            rows[name].append(_row(engine, cfg, r, res.timings["ttft_s"], res.logits, res.cache, ref, full_toks,
+                                   full_toks, res.n_recomputed, n))
         if progress:
             progress(i + 1, len(reqs))
     system.close()
@@ -179,33 +250,54 @@ def run(engine: Engine, cfg: BenchConfig, store_dir: str | Path | None = None, p
     return summarize(rows, cfg, reqs, ingest_s, dict(store.stats), engine)
 
 
-def _ref_rest(engine: Engine, ids: list[int], answer: list[int]) -> torch.Tensor:
-    """Full prefill's logits at every answer step (teacher-forced, from a fresh cache: decode mutated the first)."""
-    if len(answer) < 2:
-        return torch.empty(0, engine.lm_head.weight.shape[0])
-    _, cache = engine.prefill(ids)
-    return engine.logits_for(answer[:-1], cache)
+def _bf16_engine(engine: Engine) -> Engine:
+    """The same model in bf16: full prefill through it is the float noise floor for every fidelity metric."""
+    import copy
+
+    lm = copy.copy(engine.lm)
+    lm.model = copy.deepcopy(engine.model).to(torch.bfloat16)
+    return Engine(lm, threads=engine.threads)
 
 
 def summarize(rows, cfg: BenchConfig, reqs, ingest_s: float, store_stats: dict, engine: Engine) -> dict:
     def mean(xs):
+        xs = [x for x in xs if x is not None]
         return sum(xs) / len(xs) if xs else float("nan")
 
     table = {}
     for m, rs in rows.items():
-        table[m] = {"ttft_s": mean([r["ttft"] for r in rs]), "total_s": mean([r["total"] for r in rs]),
+        acc, f = [r["acc"] for r in rs], [r["f1"] for r in rs]
+        table[m] = {"accuracy": mean(acc), "accuracy_ci": bootstrap_ci(acc, seed=cfg.seed), "f1": mean(f),
+                    "f1_ci": bootstrap_ci(f, seed=cfg.seed),
+                    "accuracy_squad": mean([r["acc"] for r in rs if r["source"] == "squad"]),
+                    "accuracy_passkey": mean([r["acc"] for r in rs if r["source"] == "passkey"]),
+                    "first_token_agreement": mean([r["first"] for r in rs]),
                     "top1_agreement": mean([r["top1"] for r in rs]), "kl": mean([r["kl"] for r in rs]),
-                    "exact_match_rate": mean([float(r["exact"]) for r in rs]),
+                    "exact_match_short": mean([r["exact_short"] for r in rs]),
+                    "ttft_s": mean([r["ttft"] for r in rs]), "total_s": mean([r["ttft"] + r["decode"] for r in rs]),
                     "recompute_frac": mean([r["recomputed"] / r["tokens"] for r in rs])}
     full, pre, mp = table["full"], table["prefix"], table[f"mpic-{cfg.k}"]
-    return {
+    out = {
         "model": engine.lm.name, "requests": len(reqs), "k": cfg.k,
-        "prompt_tokens_mean": mean([r["tokens"] for r in rows["full"]]),
-        "chunks_mean": mean([len(r.passages) for r in reqs]),
+        "accuracy_full": full["accuracy"], "accuracy_mpic": mp["accuracy"],
+        "accuracy_delta": mp["accuracy"] - full["accuracy"],
+        "accuracy_full_ci": full["accuracy_ci"], "accuracy_mpic_ci": mp["accuracy_ci"],
+        "f1_full": full["f1"], "f1_mpic": mp["f1"],
+        "first_token_agreement": mp["first_token_agreement"], "top1_agreement": mp["top1_agreement"], "kl": mp["kl"],
         "ttft_full_s": full["ttft_s"], "ttft_prefix_s": pre["ttft_s"], "ttft_mpic_s": mp["ttft_s"],
         "ttft_ratio_vs_full": mp["ttft_s"] / full["ttft_s"], "ttft_ratio_vs_prefix": mp["ttft_s"] / pre["ttft_s"],
-        "total_ratio_vs_prefix": mp["total_s"] / pre["total_s"],
-        "exact_match_rate": mp["exact_match_rate"], "top1_agreement": mp["top1_agreement"], "kl": mp["kl"],
+        "short_answers": sum(1 for r in rows["full"] if r["exact_short"] is not None),
+        "prompt_tokens_mean": mean([r["tokens"] for r in rows["full"]]),
+        "chunks_mean": mean([r.n_chunks for r in reqs]),
+        "sources": {s: sum(1 for r in reqs if r.item.source == s) for s in sorted({r.item.source for r in reqs})},
         "ingest_s": ingest_s, "store": store_stats, "threads": engine.threads, "seed": cfg.seed,
-        "methods": table,
+        "config": asdict(cfg), "methods": table,
+        "answers": [{"question": r.item.question, "gold": r.item.answers[:3],
+                     **{m: rows[m][i]["answer"] for m in ("full", "prefix", f"mpic-{cfg.k}")}}
+                    for i, r in enumerate(reqs)],
     }
+    if "full-bf16" in table:
+        b = table["full-bf16"]
+        keys = ("first_token_agreement", "top1_agreement", "kl", "exact_match_short", "accuracy", "ttft_s")
+        out["floor_bf16"] = {"requests": len(rows["full-bf16"]), **{k: b[k] for k in keys}}
+    return out

@@ -7,6 +7,8 @@ token). A chunk placed at position 0 is never selected: computed on its own from
   carry its attention-sink mass, which is wrong once the chunk is no longer at the start of a sequence.
 - ``CacheBlend(r)``: the ``r`` fraction of chunk tokens whose layer-1 KV deviates most from the reused KV. The
   deviation comes from a probe: layers 0-1 run over the whole prompt (2/L of a full prefill, counted in its time).
+  The probe's fresh KV of layers 0-1 replaces the reused KV for *every* token (CacheBlend's reference code keeps it:
+  it was computed anyway and is exact), so only layers 2.. carry reused KV for unselected tokens.
 - ``FullReuse``: nothing beyond the text (MPIC-0).
 """
 
@@ -67,12 +69,16 @@ class CacheBlend:
     def __call__(self, ctx: LinkContext) -> torch.Tensor:
         e = ctx.engine
         n = ctx.embeds.shape[1]
-        probe = _Probe(self.probe_layer)
+        probe = _Probe()
         pos = torch.arange(n)
         mask = pos[None, :] <= pos[:, None]
         e.forward_layers(ctx.embeds, pos, probe, mask, layers=range(self.probe_layer + 1), final=False)
         li = self.probe_layer
-        dev = ((probe.k - ctx.k[li]) ** 2).sum((0, 2)) + ((probe.v - ctx.v[li]) ** 2).sum((0, 2))
+        fk, fv = probe.k[li], probe.v[li]
+        dev = ((fk - ctx.k[li]) ** 2).sum((0, 2)) + ((fv - ctx.v[li]) ** 2).sum((0, 2))
+        for layer, (k, v) in enumerate(zip(probe.k, probe.v)):  # keep the probe's exact KV for every token
+            ctx.k[layer].copy_(k)
+            ctx.v[layer].copy_(v)
         in_chunk = torch.zeros(n, dtype=torch.bool)
         for s, e_ in ctx.chunk_spans:
             if s > 0:
@@ -87,15 +93,15 @@ class CacheBlend:
 
 
 class _Probe:
-    """A cache for the CacheBlend probe: full causal attention over fresh KV, keeps layer ``keep``'s KV."""
+    """A cache for the CacheBlend probe: full causal attention over fresh KV; keeps every probed layer's KV."""
 
-    def __init__(self, keep: int):
-        self.keep = keep
-        self.k = self.v = None
+    def __init__(self):
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
 
     def update(self, k, v, layer_idx, *args, **kwargs):
-        if layer_idx == self.keep:
-            self.k, self.v = k[0], v[0]
+        self.k.append(k[0])
+        self.v.append(v[0])
         return k, v
 
 

@@ -42,3 +42,27 @@ def fingerprint(ps) -> str:
     for p in ps:
         h.update(p.id.encode() + b"\0" + p.text.encode())
     return h.hexdigest()[:16]
+
+
+def topic_split(holdout_every: int = 4) -> tuple[str, str]:
+    """(calibration text, held-out text): whole topics sorted by name, every ``holdout_every``-th one held out, so a
+    method calibrated on the first never sees the second (CSR's dictionaries, perplexity evaluations)."""
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    held = [topics[n] for i, n in enumerate(names) if i % holdout_every == 0]
+    calib = [topics[n] for i, n in enumerate(names) if i % holdout_every != 0]
+    return "\n\n".join(calib), "\n\n".join(held)
+
+
+def token_windows(tokenizer, text: str, length: int, count: int):
+    """``count`` consecutive non-overlapping windows of ``length`` tokens, a (count, length) long tensor."""
+    import torch
+
+    from edgecloud.errors import UserError
+
+    ids = torch.tensor(tokenizer(text)["input_ids"])
+    if len(ids) // length < count:
+        raise UserError(f"corpus has only {len(ids)} tokens: fewer than {count} windows of {length}; "
+                        f"lower the sequence length or count")
+    return ids[: count * length].reshape(count, length)

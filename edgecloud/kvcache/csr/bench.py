@@ -3,18 +3,20 @@ on SmolLM2-135M over held-out pydoc text — bits per element, perplexity, top-1
 
 from __future__ import annotations
 
-import hashlib
-import json
+import inspect
 import time
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from edgecloud.kvcache.csr.cache import CacheSpec, Rope, cache_bits_per_element, cache_timing, make_cache
+from edgecloud.kvcache.csr import coding, dictionary
+from edgecloud.kvcache.csr.cache import CacheSpec, cache_bits_per_element, cache_timing, make_cache
 from edgecloud.kvcache.csr.coding import CODERS, reconstruct
 from edgecloud.kvcache.csr.dictionary import CSRDictionaries, DictConfig, chunk, learn_dictionaries
-from edgecloud.kvcache.csr.model import LoadedModel, corpus_split, load_model, token_windows
+from edgecloud.llm.corpus import token_windows, topic_split
+from edgecloud.llm.engine import Engine
 from edgecloud.paths import cache_root
+from edgecloud.results import code_key
 
 
 @dataclass(frozen=True)
@@ -40,39 +42,46 @@ class BenchConfig:
         return cls(seq_len=512, eval_seqs=2, online=32, seed=seed)
 
 
-def calibrate(lm: LoadedModel, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+def calibrate(engine: Engine, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Pre-RoPE keys and values per layer, captured at k_proj / v_proj outputs: (L, tokens·kv_heads, d)."""
-    cfg = lm.model.config
-    d = cfg.head_dim
+    cfg = engine.config
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     store: dict[str, list[list[torch.Tensor]]] = {"keys": [[] for _ in range(cfg.num_hidden_layers)],
                                                   "values": [[] for _ in range(cfg.num_hidden_layers)]}
     hooks = []
-    for li, layer in enumerate(lm.model.model.layers):
+    for li, layer in enumerate(engine.decoder.layers):
         for kind, mod in (("keys", layer.self_attn.k_proj), ("values", layer.self_attn.v_proj)):
             hooks.append(mod.register_forward_hook(
                 lambda _m, _i, out, kind=kind, li=li: store[kind][li].append(out.detach().reshape(-1, d))))
     try:
         with torch.no_grad():
             for row in ids:
-                lm.model(row[None])
+                engine.model(row[None])
     finally:
         for h in hooks:
             h.remove()
     return {k: torch.stack([torch.cat(v) for v in store[k]]) for k in store}
 
 
-def get_dictionaries(lm: LoadedModel, kv: dict, cfg: BenchConfig, steps: int) -> tuple[CSRDictionaries, dict]:
-    """Learned (or k-means when steps=0) dictionaries, cached as safetensors keyed by model fingerprint + config."""
+def dictionary_code_version() -> str:
+    """The source of everything that computes a dictionary (calibration, k-means/NeuralDict, coders): a change to
+    any of it changes the cache key, so an edit never serves a dictionary the new code would not learn."""
+    return code_key(inspect.getsource(calibrate), inspect.getsource(dictionary), inspect.getsource(coding))
+
+
+def get_dictionaries(engine: Engine, kv: dict, cfg: BenchConfig, steps: int) -> tuple[CSRDictionaries, dict]:
+    """Learned (or k-means when steps=0) dictionaries, cached as safetensors keyed by code version + config + model
+    fingerprint (:func:`edgecloud.results.code_key`)."""
+    fp = engine.lm.fingerprint
     ck = DictConfig(n_atoms=cfg.atoms, s=cfg.s_keys, s_n=1, steps=steps, batch=cfg.batch, seed=cfg.seed)
     cv = DictConfig(n_atoms=cfg.atoms, s=cfg.s_values, s_n=cfg.s_n_values, steps=steps, batch=cfg.batch,
                     seed=cfg.seed)
-    key = hashlib.sha256(json.dumps([lm.fingerprint, asdict(ck), asdict(cv), cfg.calib_seqs, cfg.calib_len])
-                         .encode()).hexdigest()[:12]
+    key = code_key(fp, asdict(ck), asdict(cv), cfg.calib_seqs, cfg.calib_len, version=dictionary_code_version())
     path = cache_root() / "csr" / f"dict-{key}.safetensors"
     if path.exists():
-        return CSRDictionaries.load(path, lm.fingerprint), {}
+        return CSRDictionaries.load(path, fp), {}
     t0 = time.perf_counter()
-    dicts, curves = learn_dictionaries(kv, ck, cv, lm.fingerprint, pre_rope=True)
+    dicts, curves = learn_dictionaries(kv, ck, cv, fp, pre_rope=True)
     dicts.save(path)
     return dicts, {"train_s": time.perf_counter() - t0, "loss_first": {k: v[0] for k, v in curves.items() if v},
                    "loss_last": {k: v[-1] for k, v in curves.items() if v}}
@@ -97,18 +106,17 @@ def coder_comparison(dicts: dict[str, CSRDictionaries], kv_test: dict, cfg: Benc
     return rows
 
 
-def evaluate(lm: LoadedModel, windows: torch.Tensor, spec: CacheSpec, dicts, cfg: BenchConfig,
+def evaluate(engine: Engine, windows: torch.Tensor, spec: CacheSpec, dicts, cfg: BenchConfig,
              ref_top1: torch.Tensor | None) -> tuple[dict, torch.Tensor]:
     """Perplexity / agreement / bits for one cache setting; the context is fed in ``cfg.chunk``-token pieces."""
     nll, n, bits, enc, dec = 0.0, 0, [], [], []
     tops = []
-    rope = Rope.from_model(lm.model)
     for w in windows:
-        cache = make_cache(spec, lm.model.config.num_hidden_layers, dicts, rope, seed=cfg.seed)
+        cache = make_cache(spec, engine.n_layers, dicts, engine, seed=cfg.seed)
         logits = []
         with torch.no_grad():
             for i in range(0, len(w), cfg.chunk):
-                logits.append(lm.model(w[None, i:i + cfg.chunk], cache=cache, use_cache=True).logits[0])
+                logits.append(engine.model(w[None, i:i + cfg.chunk], cache=cache, use_cache=True).logits[0])
         logits = torch.cat(logits)
         nll += float(torch.nn.functional.cross_entropy(logits[:-1], w[1:], reduction="sum"))
         n += len(w) - 1
@@ -124,19 +132,20 @@ def evaluate(lm: LoadedModel, windows: torch.Tensor, spec: CacheSpec, dicts, cfg
     return row, top
 
 
-def run(cfg: BenchConfig, log=print) -> dict:
+def run(cfg: BenchConfig, engine: Engine, log=print) -> dict:
+    """The whole comparison on ``engine`` (the shared substrate's SmolLM2 in the CLI and bench/csr.py)."""
     torch.manual_seed(cfg.seed)
-    lm = load_model()
-    calib_text, held_text = corpus_split()
+    lm = engine.lm
+    calib_text, held_text = topic_split()
     calib_ids = token_windows(lm.tokenizer, calib_text, cfg.calib_len, cfg.calib_seqs + 1)
     t0 = time.perf_counter()
-    kv_all = calibrate(lm, calib_ids)
-    n_test = cfg.calib_len * lm.model.config.num_key_value_heads  # last window held out for coder comparison
+    kv_all = calibrate(engine, calib_ids)
+    n_test = cfg.calib_len * engine.config.num_key_value_heads  # last window held out for coder comparison
     kv = {k: v[:, :-n_test] for k, v in kv_all.items()}
     kv_test = {k: v[:, -n_test:] for k, v in kv_all.items()}
     log(f"calibrated {kv['keys'].shape[1]} vectors/layer in {time.perf_counter() - t0:.1f}s")
-    neural, train_info = get_dictionaries(lm, kv, cfg, cfg.steps)
-    kmeans, _ = get_dictionaries(lm, kv, cfg, 0)
+    neural, train_info = get_dictionaries(engine, kv, cfg, cfg.steps)
+    kmeans, _ = get_dictionaries(engine, kv, cfg, 0)
     log(f"dictionaries ready {train_info}")
     coders = coder_comparison({"kmeans": kmeans, "neuraldict": neural}, kv_test, cfg)
 
@@ -165,7 +174,7 @@ def run(cfg: BenchConfig, log=print) -> dict:
     rows, ref = [], None
     for spec, dicts in settings:
         t0 = time.perf_counter()
-        row, top = evaluate(lm, windows, spec, dicts, cfg, ref)
+        row, top = evaluate(engine, windows, spec, dicts, cfg, ref)
         if ref is None:
             ref = top
         row["wall_s"] = time.perf_counter() - t0
@@ -185,6 +194,6 @@ def run(cfg: BenchConfig, log=print) -> dict:
         "ppl_ratio_csr_equal_memory_over_kivi2": by["csr-3bit+res"]["ppl"] / by["kivi2"]["ppl"],
         "rows": rows, "coders": coders, "dictionary_training": train_info,
         "dictionary_bytes": int((neural.keys.numel() + neural.values.numel()) * 2),
-        "model": lm.fingerprint, "config": asdict(cfg),
+        "model": lm.fingerprint, "atoms": cfg.atoms, "config": asdict(cfg),
         "eval_tokens": int(windows.numel()),
     }

@@ -6,8 +6,9 @@ codes are kept. Attention reads the reconstruction: a decoded workspace grows by
 standing in for the fused decode-in-attention kernel a deployment would use, so it is not counted as cache memory.
 
 Keys before RoPE (CSR's choice, their distribution does not drift with position): transformers hands ``update``
-post-RoPE keys, so the layer un-rotates them by their known positions (RoPE is orthogonal: exact), codes the pre-RoPE
-key, and re-rotates the reconstruction. ``pre_rope=False`` codes the post-RoPE key directly.
+post-RoPE keys, so the layer un-rotates them by their known positions with the shared engine's RoPE
+(:meth:`edgecloud.llm.engine.Engine.pre_rope_keys`, orthogonal: exact), codes the pre-RoPE key, and re-rotates the
+reconstruction (:meth:`Engine.rotate`). ``pre_rope=False`` codes the post-RoPE key directly.
 """
 
 from __future__ import annotations
@@ -21,40 +22,6 @@ from transformers.cache_utils import Cache, DynamicLayer
 from edgecloud.errors import UserError
 from edgecloud.kvcache.csr import quant
 from edgecloud.kvcache.csr.coding import CODERS, reconstruct
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-@dataclass
-class Rope:
-    """Llama RoPE: cos/sin from inv_freq for any positions, so the cache can (un)rotate what it stores."""
-
-    inv_freq: torch.Tensor
-    scaling: float = 1.0
-
-    @classmethod
-    def from_model(cls, model) -> Rope:
-        rot = model.model.rotary_emb
-        return cls(rot.inv_freq.detach().float().cpu(), float(getattr(rot, "attention_scaling", 1.0)))
-
-    def cos_sin(self, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = pos.float()[:, None] * self.inv_freq[None]
-        emb = torch.cat((f, f), -1)
-        return emb.cos() * self.scaling, emb.sin() * self.scaling
-
-    def rotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        cos, sin = self.cos_sin(pos)
-        return x * cos + rotate_half(x) * sin
-
-    def unrotate(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """Inverse rotation (angle −θ); exact when ``scaling`` is 1 (Llama default RoPE)."""
-        cos, sin = self.cos_sin(pos)
-        s2 = self.scaling**2
-        return (x * cos - rotate_half(x) * sin) / s2
-
 
 # ---------------------------------------------------------------- codecs: (B, H, T, d) <-> dict of tensors on dim 2
 
@@ -154,11 +121,11 @@ def _nbytes(codes: dict[str, torch.Tensor]) -> int:
 class CodecLayer(DynamicLayer):
     """Dense fp16 residual (``self.keys``/``self.values``, post-RoPE) + encoded history (``codes``)."""
 
-    def __init__(self, key_codec, value_codec, residual: int = 0, rope: Rope | None = None):
+    def __init__(self, key_codec, value_codec, residual: int = 0, engine=None):
         super().__init__()
         self.codec = {"keys": key_codec, "values": value_codec}
         self.residual = residual
-        self.rope = rope
+        self.engine = engine  # an edgecloud.llm Engine: its RoPE (un)rotates pre-RoPE-coded keys
         self.block = max(key_codec.block, value_codec.block)
         self.codes: dict[str, dict[str, torch.Tensor]] = {"keys": {}, "values": {}}
         self.work: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
@@ -176,9 +143,9 @@ class CodecLayer(DynamicLayer):
         codec = self.codec[kind]
         rot = kind == "keys" and codec.pre_rope
         if rot:
-            if self.rope is None:
-                raise UserError("pre-RoPE key coding needs the model's RoPE (pass rope=Rope.from_model(model))")
-            x = self.rope.unrotate(x, pos)
+            if self.engine is None:
+                raise UserError("pre-RoPE key coding needs the model's RoPE: pass engine=Engine(model)")
+            x = self.engine.pre_rope_keys(x, pos)
         t0 = time.perf_counter()
         c = codec.encode(x)
         t1 = time.perf_counter()
@@ -188,7 +155,7 @@ class CodecLayer(DynamicLayer):
         for name, t in c.items():
             old = self.codes[kind].get(name)
             self.codes[kind][name] = t if old is None else torch.cat([old, t], 2)
-        return self.rope.rotate(rec, pos) if rot else rec
+        return self.engine.rotate(rec, pos) if rot else rec
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -257,8 +224,9 @@ class CacheSpec:
         return self.method
 
 
-def make_cache(spec: CacheSpec, n_layers: int, dicts=None, rope: Rope | None = None, seed: int = 0) -> Cache:
-    """A transformers ``Cache`` whose layers store ``spec``'s encoding."""
+def make_cache(spec: CacheSpec, n_layers: int, dicts=None, engine=None, seed: int = 0) -> Cache:
+    """A transformers ``Cache`` whose layers store ``spec``'s encoding; ``engine`` (an ``edgecloud.llm`` Engine)
+    supplies RoPE for pre-RoPE key codes."""
     layers = []
     for li in range(n_layers):
         if spec.method == "fp16":
@@ -274,7 +242,7 @@ def make_cache(spec: CacheSpec, n_layers: int, dicts=None, rope: Rope | None = N
                           seed + 2 * li + 1)
         else:
             raise UserError(f"method={spec.method!r}: use fp16, kivi or csr")
-        layers.append(CodecLayer(kc, vc, spec.residual, rope))
+        layers.append(CodecLayer(kc, vc, spec.residual, engine))
     return Cache(layers=layers)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -22,16 +21,19 @@ def csr_bench(
     steps: int = typer.Option(-1, "--steps", help="NeuralDict steps (-1: the preset's)."),
     out: Path | None = typer.Option(None, "--out", help="Also write the JSON here (atomically)."),
     threads: int = typer.Option(1, "--threads", help="torch CPU threads."),
+    model: str = typer.Option("smollm2-135m", "--model", help="Registry model name or a Llama-family checkpoint."),
 ) -> None:
     """Bits per KV element, perplexity, top-1 agreement with fp16, codec time: fp16, KIVI-2/4, CSR variants."""
-    import torch
-
     from edgecloud.atomic import write_text
     from edgecloud.kvcache.csr.bench import BenchConfig, run
+    from edgecloud.llm.engine import Engine
+    from edgecloud.llm.models import load_model
+    from edgecloud.results import Result, check_out_file
 
     if threads < 1:
         raise UserError(f"--threads={threads}: use 1 or more")
-    torch.set_num_threads(threads)
+    if out is not None:
+        check_out_file(out)
     cfg = BenchConfig.quick(seed) if quick else BenchConfig(seed=seed)
     for name, val, ok in (("seq_len", seq_len, seq_len > 0), ("eval_seqs", eval_seqs, eval_seqs > 0),
                           ("atoms", atoms, atoms > 0), ("steps", steps, steps >= 0)):
@@ -39,14 +41,14 @@ def csr_bench(
             cfg = replace(cfg, **{name: val})
     if cfg.seq_len < cfg.chunk or cfg.atoms > 32767:
         raise UserError(f"--seq-len must be >= {cfg.chunk} and --atoms <= 32767")
-    res = run(cfg, log=(lambda m: print(m, file=sys.stderr)) if as_json else print)
-    text = json.dumps(res, indent=None if as_json else 1)
+    engine = Engine(load_model(model), threads=threads)  # a loader failure is a UserError, never a swapped model
+    res = Result("csr", run(cfg, engine, log=(lambda m: print(m, file=sys.stderr)) if as_json else print), seed=seed)
     if out is not None:
-        write_text(out, text + "\n")
+        write_text(out, res.to_json(indent=1) + "\n")
     if as_json:
-        print(text)
+        print(res.to_json())
     else:
-        for k, v in res.items():
+        for k, v in res.data.items():
             if not isinstance(v, list | dict):
                 print(f"{k}: {v}")
 

@@ -1,0 +1,107 @@
+"""The gold-answer workload: QA file parsing (errors name file and line), SQuAD metrics, bootstrap intervals,
+passkey items, and the prompt-length check, all without a model."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from edgecloud.errors import UserError
+from edgecloud.kvcache.bench import BenchConfig, make_workload
+from edgecloud.kvcache.qa import QAItem, bootstrap_ci, contains, f1, load_qa_file, normalize, passkey_items
+
+
+def test_squad_metrics_match_the_official_definitions():
+    assert normalize("The  Denver Broncos!") == "denver broncos"
+    assert f1("Denver Broncos", ["Denver Broncos"]) == 1.0
+    # 2 common tokens: precision 2/4, recall 2/2 -> F1 2/3
+    assert f1("the team Denver Broncos won", ["Denver Broncos"]) == pytest.approx(2 / 3)
+    assert f1("Carolina", ["Denver Broncos"]) == 0.0
+    assert f1("anything", ["x", "anything"]) == 1.0  # best over the gold answers
+    assert contains("It was the Denver Broncos.", ["denver broncos"]) == 1.0
+    assert contains("Denver", ["Denver Broncos"]) == 0.0
+
+
+def test_bootstrap_ci_brackets_the_mean_and_is_seeded():
+    x = [1, 0, 1, 1, 0, 1, 0, 1, 1, 1] * 5
+    lo, hi = bootstrap_ci(x, seed=3)
+    assert lo < sum(x) / len(x) < hi and 0.5 < lo and hi < 0.9
+    assert bootstrap_ci(x, seed=3) == (lo, hi)
+    assert bootstrap_ci([1.0] * 8) == (1.0, 1.0)
+
+
+def test_qa_file_roundtrip_and_errors_name_file_and_line(tmp_path):
+    good = {"question": "Who?", "answers": ["Ada"], "context": "Ada wrote it.", "distractors": ["Bob ran."]}
+    p = tmp_path / "qa.jsonl"
+    p.write_text(json.dumps(good) + "\n\n" + json.dumps(good) + "\n")
+    items = load_qa_file(p)
+    assert len(items) == 2 and items[0].answers == ["Ada"] and items[0].distractors == ["Bob ran."]
+    p.write_text(json.dumps(good) + "\n{not json\n")
+    with pytest.raises(UserError, match=r"qa.jsonl:2: not valid JSON"):
+        load_qa_file(p)
+    p.write_text(json.dumps({**good, "answers": []}) + "\n")
+    with pytest.raises(UserError, match=r"qa.jsonl:1: 'answers'"):
+        load_qa_file(p)
+    with pytest.raises(UserError, match="cannot read"):
+        load_qa_file(tmp_path / "missing.jsonl")
+
+
+def test_passkey_plants_the_key_in_exactly_one_passage():
+    items = passkey_items(4, 5, seed=1)
+    for it in items:
+        key = it.answers[0]
+        assert f"The pass key is {key}" in it.gold and not any(key in d for d in it.distractors)
+        assert len(it.distractors) >= 5
+    assert passkey_items(4, 5, seed=1)[0].gold == items[0].gold  # seeded
+
+
+def _word_engine(context: int):
+    """Enough of an Engine for make_workload: whitespace tokens, a base-model template."""
+    return SimpleNamespace(encode=lambda s: list(range(len(s.split()))), lm=SimpleNamespace(chat=False),
+                           context=context)
+
+
+def test_workload_holds_gold_among_distractors_and_rejects_overlong_prompts():
+    items = [QAItem(f"q{i}?", ["a"], f"gold passage {i} " * 5, [f"other {j} " * 5 for j in range(6)], "g")
+             for i in range(3)]
+    cfg = BenchConfig(min_chunks=3, max_chunks=4, groups=0, passkey=0, per_group=1, answer_tokens=4)
+    reqs = make_workload(_word_engine(4096), cfg, items)
+    assert len(reqs) == 3 and all(3 <= r.n_chunks <= 4 for r in reqs)
+    assert all(len(r.segments) == r.n_chunks + 2 for r in reqs)  # system + passages + question
+    with pytest.raises(UserError, match="more than the model's context of 20"):
+        make_workload(_word_engine(20), cfg, items)
+
+
+def test_bad_bench_config():
+    with pytest.raises(UserError, match="min_chunks"):
+        BenchConfig(min_chunks=5, max_chunks=4)
+
+
+def test_unreachable_peer_is_one_clear_error_and_no_number():
+    import importlib.util
+    import socket
+
+    from edgecloud.paths import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("bench_mpic", REPO_ROOT / "bench" / "mpic.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(UserError, match=f"no OpenAI-compatible server answers at http://127.0.0.1:{port}"):
+        mod.vllm_model(f"http://127.0.0.1:{port}")
+
+
+def test_cli_bad_qa_file_is_one_line_exit_2(tmp_path):
+    import subprocess
+    import sys
+
+    p = tmp_path / "bad.jsonl"
+    p.write_text('{"question": "q", "answers": ["a"], "context": "c"}\n[1, 2\n')
+    r = subprocess.run([sys.executable, "-m", "edgecloud.cli", "kvcache", "bench", "--qa", str(p)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "bad.jsonl:2: not valid JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1
