@@ -33,7 +33,7 @@ from edgecloud.results import Result, check_out_dir
 from edgecloud.vmsched.agents.config import default_config
 from edgecloud.vmsched.checkpoint import MODELS_DIR, load_model, load_policy, save_model
 from edgecloud.vmsched.cluster import ClusterConfig
-from edgecloud.vmsched.evaluate import evaluate, round2
+from edgecloud.vmsched.evaluate import evaluate, round2, table_rows
 from edgecloud.vmsched.policies import make_policy
 from edgecloud.vmsched.trace import load_starts, load_trace
 
@@ -132,11 +132,14 @@ def shipped(out: Path) -> None:
     res.markdown = ("Huawei-East-1, N=5 PMs, 1000 test starts, 10% trimmed mean of the total wait per episode (s); "
                     "lower is better. `recorded` is the score written into the model's config.json when it was "
                     "shipped (tests/test_vmsched_learn.py checks the two agree to rel 2e-3); `published_top3_mean` "
-                    "the mean of the published models' three best test scores. Training commands: "
+                    "the mean of the three best per-model test scores in SPANE's committed result.txt."
+                    " Training commands: "
                     "edgecloud/vmsched/models/TRAINING.md.\n")
     cols = ["policy", "trimmed_mean", "recorded", "mean", "p90", "vs_first_fit", "vs_balance_fit",
             "published_top3_mean", "run"]
-    res.table(rows, cols, digits=6)
+    cells = [c | {"vs_first_fit": f"{r['vs_first_fit']:.3f}", "vs_balance_fit": f"{r['vs_balance_fit']:.3f}"}
+             for c, r in zip(table_rows(rows, cols), rows)]
+    res.table(cells, cols)
     print(res.markdown)
     paths = res.write(out)
     print(f"wrote {paths['json']} and {paths['md']}")

@@ -7,7 +7,7 @@ or Balance-Fit queues, on scaled-down nodes so that queueing happens) and random
 adversarial family for the stated greedy bound. Prints the ratios and writes docs/results/vmsched_milp.{json,md,png}
 (results layer, with provenance).
 
-    nice .venv/bin/python bench/vmsched_milp.py                  # ~5-10 minutes on 1 core
+    nice .venv/bin/python bench/vmsched_milp.py                  # ~5-10 minutes on 1 core (550 s on a busy one)
     .venv/bin/python bench/vmsched_milp.py --per-config 1 --time-limit 3 --no-write   # a quick look
 """
 

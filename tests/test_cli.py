@@ -33,8 +33,13 @@ def test_flex_writes_table_and_plot(trace, tmp_path):
     r = run("vmsched", "flex", "--split", str(starts), "--pms-min", "2", "--pms-max", "3", "--out", str(tmp_path / "f"),
             "--json")
     assert r.returncode == 0, r.stderr
-    rows = json.loads(r.stdout)["rows"]
-    assert [row["n_pms"] for row in rows] == [2, 3]
+    out = json.loads(r.stdout)
+    rows = out["rows"]
+    assert [row["n_pms"] for row in rows] == [2, 3] and out["policies"] == ["first-fit", "balance-fit"]
+    assert all(isinstance(row[p], float) for row in rows for p in out["policies"])
+    assert "commit" in out["provenance"]  # through edgecloud.results, like the files below
+    on_disk = json.loads((tmp_path / "f" / "flex.json").read_text())
+    assert on_disk["rows"] == rows and "commit" in on_disk["provenance"]
     assert (tmp_path / "f" / "flex.png").stat().st_size > 1000
     assert "| n_pms | first-fit | balance-fit |" in (tmp_path / "f" / "flex.md").read_text()
     assert (tmp_path / "f" / "flex.csv").read_text().startswith("n_pms,first-fit,balance-fit")

@@ -395,13 +395,15 @@ def test_sweep_trains_every_run(tmp_path, backend, trace):
 
     out = tmp_path / "sweep"
     r = CliRunner().invoke(app, ["vmsched", "sweep", "--agent", "spane", "--seeds", "0,1", "--workers", "2",
-                                 "--backend", backend, "--out", str(out), *SWEEP_TINY])
+                                 "--backend", backend, "--out", str(out), "--json", *SWEEP_TINY])
     assert r.exit_code == 0, r.output
+    rep = json.loads(r.stdout.strip().splitlines()[-1])
+    assert rep["backend"] == backend and not rep["failed"] and "commit" in rep["provenance"]
+    assert sorted(x["seed"] for x in rep["runs"]) == [0, 1]
     for s in (0, 1):
         run = out / f"spane-s{s}"
         summary = json.loads((run / "summary.json").read_text())
         assert summary["seed"] == s and summary["finished"] and (run / "best" / "model.safetensors").exists()
-    assert "failed" not in r.output
     if backend == "ray":
         assert (out / "ray" / "sweep").is_dir()  # Tune's own records of both trials
 

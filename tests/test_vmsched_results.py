@@ -69,23 +69,6 @@ def test_evaluate_json_has_one_shape_and_provenance(trace, tmp_path):
     assert b["rows"][0] == a["rows"][0] and a["mean"] == pytest.approx((1775535 + 2691967 + 6767) / 3, abs=1e-3)
 
 
-def test_flex_writes_result_files_with_provenance(trace, tmp_path):
-    starts = tmp_path / "starts.txt"
-    starts.write_text("72412\n73551\n97066\n")
-    r = run("vmsched", "flex", "--split", str(starts), "--pms-min", "2", "--pms-max", "3", "--out", str(tmp_path / "f"),
-            "--json")
-    assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
-    _provenance_ok(out)
-    assert [row["n_pms"] for row in out["rows"]] == [2, 3] and out["policies"] == ["first-fit", "balance-fit"]
-    assert all(isinstance(row[p], float) for row in out["rows"] for p in out["policies"])
-    on_disk = json.loads((tmp_path / "f" / "flex.json").read_text())
-    assert on_disk["rows"] == out["rows"] and "commit" in on_disk["provenance"]
-    md = (tmp_path / "f" / "flex.md").read_text()
-    assert "| n_pms | first-fit | balance-fit |" in md and "Regenerate:" in md
-    assert (tmp_path / "f" / "flex.csv").read_text().startswith("n_pms,first-fit,balance-fit")
-
-
 def test_probe_cache_key_follows_the_code(trace, tmp_path, monkeypatch):
     """A cached probe result is served only to the same code: another code version misses the cache."""
     from edgecloud.vmsched import evaluate as ev

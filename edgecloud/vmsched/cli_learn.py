@@ -83,6 +83,7 @@ def register(app: typer.Typer) -> None:
         workers: int = typer.Option(2, "--workers", help="Runs at a time."),
         backend: str = typer.Option("auto", "--backend", help="auto (Ray Tune if installed), ray, or local."),
         resume: bool = typer.Option(False, "--resume", help="Resume runs that have a resume file."),
+        as_json: bool = typer.Option(False, "--json", help="Print the run summaries as one JSON object."),
     ) -> None:
         """Train several seeds / agents / configs in parallel (Ray Tune when installed, else local processes)."""
         try:
@@ -95,6 +96,13 @@ def register(app: typer.Typer) -> None:
 
         runs = plan_runs(agent, seed_list, pms, episodes, sets, grid, out)
         results, use_ray = sweep(runs, backend, workers, resume)
+        failed = any(r.get("best_valid_trimmed_mean") is None for r in results)
+        if as_json:  # each run's own provenance is dropped: the sweep's covers them all
+            print(report({"backend": "ray" if use_ray else "local", "failed": failed,
+                          "runs": [{k: v for k, v in r.items() if k != "provenance"} for r in results]}))
+            if failed:
+                raise typer.Exit(1)
+            return
         table = Table(title=f"sweep ({'ray tune' if use_ray else 'local processes'})")
         for c in ("run", "seed", "best valid", "episode", "wall s", "steps/s", "out"):
             table.add_column(c)
@@ -104,5 +112,5 @@ def register(app: typer.Typer) -> None:
                           str(r.get("best_episode", "")), str(r.get("wall_s", "")), str(r.get("env_steps_per_s", "")),
                           r["out"])
         Console().print(table)
-        if any(r.get("best_valid_trimmed_mean") is None for r in results):
+        if failed:
             raise typer.Exit(1)

@@ -27,6 +27,17 @@ def log_wait_reward(wait: float) -> float:
     return -float(np.log1p(wait))
 
 
+def observation_space(trace: Trace, cluster: ClusterConfig) -> spaces.Dict:
+    """One placement's observation: shared by this env and the batched vector env (``vector_env.py``)."""
+    N, cap = cluster.n_pms, cluster.capacity
+    vm_high = np.array([trace.cpu.max() / cap[0], trace.mem.max() / cap[1], 1.0], dtype=np.float32)
+    return spaces.Dict({
+        "cluster": spaces.Box(0.0, 1.0, (N, 2, 2), dtype=np.float32),
+        "vm": spaces.Box(0.0, vm_high, (3,), dtype=np.float32),
+        "action_mask": spaces.MultiBinary(2 * N),
+    })
+
+
 class DVAMPEnv(gym.Env):
     metadata = {"render_modes": []}
 
@@ -41,15 +52,8 @@ class DVAMPEnv(gym.Env):
         self.start_range = (max(0, lo), min(hi, len(trace) - 1))
         self.sim = Simulator(trace, self.cluster)
         self._lengths: dict[int, int] = {}
-        N = self.cluster.n_pms
-        cap = self.cluster.capacity
-        vm_high = np.array([trace.cpu.max() / cap[0], trace.mem.max() / cap[1], 1.0], dtype=np.float32)
-        self.observation_space = spaces.Dict({
-            "cluster": spaces.Box(0.0, 1.0, (N, 2, 2), dtype=np.float32),
-            "vm": spaces.Box(0.0, vm_high, (3,), dtype=np.float32),
-            "action_mask": spaces.MultiBinary(2 * N),
-        })
-        self.action_space = spaces.Discrete(2 * N)
+        self.observation_space = observation_space(trace, self.cluster)
+        self.action_space = spaces.Discrete(self.cluster.n_actions)
         self._started = False
 
     def episode_length(self, start: int) -> int:

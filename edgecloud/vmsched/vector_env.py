@@ -25,7 +25,7 @@ from gymnasium.vector.utils import batch_space
 
 from edgecloud.vmsched.batched import BatchedSim, episode_lengths
 from edgecloud.vmsched.cluster import ClusterConfig
-from edgecloud.vmsched.env import TRAIN_START_RANGE
+from edgecloud.vmsched.env import TRAIN_START_RANGE, observation_space
 from edgecloud.vmsched.trace import Trace
 
 Sampler = Callable[[int], tuple[np.ndarray, np.ndarray]]
@@ -46,14 +46,8 @@ class BatchedDVAMPEnv(VectorEnv):
         self.trace, self.num_envs, self.reward_fn, self.sampler = trace, num_envs, reward_fn, sampler
         lo, hi = start_range
         self.start_range = (max(0, lo), min(hi, len(trace) - 1))
-        N, cap = self.cluster.n_pms, self.cluster.capacity
-        vm_high = np.array([trace.cpu.max() / cap[0], trace.mem.max() / cap[1], 1.0], dtype=np.float32)
-        self.single_observation_space = spaces.Dict({
-            "cluster": spaces.Box(0.0, 1.0, (N, 2, 2), dtype=np.float32),
-            "vm": spaces.Box(0.0, vm_high, (3,), dtype=np.float32),
-            "action_mask": spaces.MultiBinary(2 * N),
-        })
-        self.single_action_space = spaces.Discrete(2 * N)
+        self.single_observation_space = observation_space(trace, self.cluster)
+        self.single_action_space = spaces.Discrete(self.cluster.n_actions)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self.sim: BatchedSim | None = None
