@@ -29,7 +29,8 @@ from edgecloud.rag.protocol import local_generate
 from edgecloud.rag.store import load_or_build
 from edgecloud.results import Result
 
-MODES = ["token-sync", "sequence", "dragon-device", "dragon-cloud", "dragon"]
+MODES = ["token-sync", "sequence", "dragon-device", "dragon-cloud", "dragon"]  # dragon: the live scheduler, run
+# after the fixed sides at the same RTT so it starts from their measurements (as a deployed device would)
 
 
 @dataclass(frozen=True)
