@@ -2,7 +2,7 @@
 (greedy vs centralized, mixture gap, χ²), and per-token latency / TTFT of two real processes over the emulated
 link at RTT 0, 50, 100, 200, 300 ms (±20% jitter). Writes docs/results/dragon.{json,md,png}.
 
-    PYTHONPATH=. .venv/bin/python bench/dragon.py            # full: 16 articles, 8 windows, 1 question x 12 tokens, 5 RTTs
+    PYTHONPATH=. .venv/bin/python bench/dragon.py          # 16 articles, 8 windows, 1 question x 12 tokens, 5 RTTs
     PYTHONPATH=. .venv/bin/python bench/dragon.py --quick    # the CLI's --quick workload
 """
 
