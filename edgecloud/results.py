@@ -74,12 +74,23 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+def _command() -> str:
+    """The command line as a user would type it again (``python -m edgecloud`` shows as ``edgecloud``)."""
+    if not sys.argv or not sys.argv[0]:
+        return ""
+    prog = Path(sys.argv[0])
+    name = "edgecloud" if prog.name in ("__main__.py", "cli.py") and prog.parent.name == "edgecloud" else prog.name
+    if prog.suffix == ".py" and prog.parent.name == "bench":
+        name = f"python bench/{prog.name}"
+    return " ".join([name, shlex.join(sys.argv[1:])]).strip()
+
+
 def provenance(seed: int | None = None, started: float | None = None, **extra: Any) -> dict[str, Any]:
     """Where a number came from: commit, command line, seed, versions, CPU and threads, wall time."""
     torch = sys.modules.get("torch")  # never import torch just to describe a run that did not use it
     prov: dict[str, Any] = {
         **git_commit(),
-        "command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else "",
+        "command": _command(),
         "seed": seed,
         "python": platform.python_version(),
         "versions": {p: v for p in VERSIONED if (v := _version(p)) is not None},

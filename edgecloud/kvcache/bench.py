@@ -23,6 +23,7 @@ from edgecloud.kvcache.mpic import MPIC, Segment, text
 from edgecloud.kvcache.selection import CacheBlend, MPICk
 from edgecloud.kvcache.store import KVStore
 from edgecloud.llm.engine import Engine, cache_from_kv, stack_kv
+from edgecloud.llm.prompts import chat_head, chat_tail
 
 SYSTEM = "You are a helpful assistant. Answer the question briefly, using the documents the user gives."
 
@@ -83,15 +84,11 @@ def make_workload(engine: Engine, cfg: BenchConfig) -> list[Request]:
 
 
 def _system_head(engine: Engine) -> str:
-    if engine.lm.chat:
-        return f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n"
-    return f"{SYSTEM}\n\n"
+    return chat_head(SYSTEM, engine.lm.chat)
 
 
 def _tail(engine: Engine, q: str) -> str:
-    if engine.lm.chat:
-        return f"Question: {q}<|im_end|>\n<|im_start|>assistant\n"
-    return f"Question: {q}\nAnswer:"
+    return f"Question: {q}" + chat_tail(engine.lm.chat)
 
 
 class PrefixCache:

@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 from edgecloud.kvcache.mpic import MPIC, Segment, text
 from edgecloud.kvcache.selection import CacheBlend, MPICk
 from edgecloud.kvcache.store import KVStore
+from edgecloud.llm.prompts import chat_head, chat_tail
 from edgecloud.paths import cache_root
 
 
@@ -36,12 +37,10 @@ def build(engine, store_dir=None, k: int = 32, mem_mb: int = 256):
     app = FastAPI(title="edgecloud MPIC")
 
     def segments(req: GenerateIn) -> list[Segment]:
-        head = (f"<|im_start|>system\n{req.system}<|im_end|>\n<|im_start|>user\n" if engine.lm.chat
-                else f"{req.system}\n\n")
+        head = chat_head(req.system, engine.lm.chat)
         segs = [Segment("chunk", engine.encode(head), label="system")]
         segs += [Segment("chunk", engine.encode(c + "\n\n"), label=f"chunk{i}") for i, c in enumerate(req.chunks)]
-        tail = (f"Question: {req.question}<|im_end|>\n<|im_start|>assistant\n" if engine.lm.chat
-                else f"Question: {req.question}\nAnswer:")
+        tail = f"Question: {req.question}" + chat_tail(engine.lm.chat)
         segs.append(text(engine, tail))
         return segs
 

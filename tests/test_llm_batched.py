@@ -1,0 +1,118 @@
+"""The batched engine computes, per sequence, what the sequence computes alone (fp32, SmolLM2-135M)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgecloud.errors import UserError
+from edgecloud.llm.batch import Batch, current_rows, generate_batch
+
+QUESTIONS = ["What is 2+2?", "Name a colour of the sky on a clear day, and explain why it looks that way.", "Hi",
+             "Write the word 'python' backwards, then tell me how many letters it has."]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from edgecloud.llm.engine import Engine
+    from edgecloud.llm.models import load_model
+
+    return Engine(load_model("smollm2-135m"), threads=1)
+
+
+@pytest.fixture(scope="module")
+def prompts(engine):
+    return [engine.chat_prompt("You are helpful.", q) for q in QUESTIONS]
+
+
+def test_batch_greedy_equals_single(engine, prompts):
+    outs = generate_batch(engine, prompts, max_new_tokens=8)
+    lens = {len(engine.encode_prompt(p)) for p in prompts}
+    assert len(lens) == len(prompts)  # really different lengths: left padding is exercised
+    for p, o in zip(prompts, outs):
+        g = engine.generate(p, 8)
+        assert o.tokens == g.tokens
+        assert torch.allclose(o.first_logits, g.first_logits, atol=1e-4)
+
+
+def test_join_mid_flight_and_leave(engine, prompts):
+    ids = [engine.encode_prompt(p) for p in prompts[:3]]
+    refs = [engine.prefill(i)[1] for i in ids]
+    b = Batch(engine)
+    b.add({0: ids[0], 1: ids[1]})
+    out = b.step({0: 5, 1: 17})
+    for i, t in ((0, 5), (1, 17)):
+        assert torch.allclose(out[i], engine.logits_for([t], refs[i])[-1], atol=1e-4)
+    b.add({2: ids[2]})  # joins between decode steps; 0 and 1 are not recomputed
+    out = b.step({0: 9, 1: 9, 2: 300})
+    for i, t in ((0, 9), (1, 9), (2, 300)):
+        assert torch.allclose(out[i], engine.logits_for([t], refs[i])[-1], atol=1e-4)
+    b.remove(1)
+    assert b.row_ids == [0, 2]
+    out = b.step({0: 11, 2: 12})
+    for i, t in ((0, 11), (2, 12)):
+        assert torch.allclose(out[i], engine.logits_for([t], refs[i])[-1], atol=1e-4)
+
+
+def test_rollback_then_decode_matches(engine, prompts):
+    ids = engine.encode_prompt(prompts[0])
+    b = Batch(engine)
+    b.add({"a": ids, "b": engine.encode_prompt(prompts[2])})
+    b.step({"a": 5, "b": 6})
+    b.step({"a": 7, "b": 8})
+    b.rollback("a", len(ids) + 1)  # reject the drafted 7: keep prompt + 5
+    out = b.step({"a": 42, "b": 9})
+    _, ref = engine.prefill(ids)
+    engine.logits_for([5], ref)
+    assert torch.allclose(out["a"], engine.logits_for([42], ref)[-1], atol=1e-4)
+    assert b.seqs["a"].tokens == [5, 42]
+
+
+def test_seeded_sampling_per_sequence(engine, prompts):
+    a = generate_batch(engine, prompts[:3], 6, temperature=[0.9, 0.0, 0.9], seed=[1, 2, 3])
+    again = generate_batch(engine, prompts[:3], 6, temperature=[0.9, 0.0, 0.9], seed=[1, 2, 3])
+    assert [o.tokens for o in a] == [o.tokens for o in again]
+    assert a[0].tokens == engine.generate(prompts[0], 6, temperature=0.9, seed=1).tokens
+    assert a[1].tokens == engine.generate(prompts[1], 6).tokens
+
+
+def test_rows_visible_during_forward(engine):
+    seen = []
+    hook = engine.decoder.layers[0].register_forward_hook(lambda *a: seen.append(current_rows()))
+    try:
+        b = Batch(engine)
+        b.add({"x": [1, 2, 3], "y": [4, 5]})
+        b.step()
+    finally:
+        hook.remove()
+    assert seen == [["x", "y"], ["x", "y"]]
+    assert current_rows() is None
+
+
+def test_bad_requests_named(engine):
+    b = Batch(engine)
+    with pytest.raises(UserError, match="request 'q2': empty prompt"):
+        b.add({"q1": [1, 2], "q2": []})
+    with pytest.raises(UserError, match="request 3: prompt has"):
+        generate_batch(engine, [[1], [1], [1], [1] * (engine.context + 1)])
+    b.add({"q1": [1, 2]})
+    with pytest.raises(UserError, match="already in the batch"):
+        b.add({"q1": [3]})
+
+
+@pytest.mark.slow
+def test_llm_bench_contract(engine):
+    """`edgecloud llm bench --json` keys, on a tiny configuration of the same code path."""
+    from edgecloud.llm.bench import EngineBenchConfig, run
+    from edgecloud.llm.cli import engine_result
+
+    cfg = EngineBenchConfig(prefill_tokens=64, decode_steps=2, decode_prompt_tokens=16, batches=(1, 4), check_prompts=2,
+                            check_tokens=3, ppl_tokens=32, ppl_passages=1, bf16_speed=False)
+    res = run(engine, cfg)
+    doc = __import__("json").loads(engine_result(res, 0).to_json())
+    for k in ("decode_tok_s_batch1", "decode_tok_s_batch4", "batch4_speedup", "prefill_tok_s", "ppl_fp32",
+              "ppl_bf16"):
+        assert doc[k] > 0
+    assert doc["batched_matches_single"] is True
+    assert doc["provenance"]["commit"]
+    assert abs(doc["ppl_bf16"] / doc["ppl_fp32"] - 1) < 0.05
