@@ -72,6 +72,7 @@ class Side:
 
     def start(self, prompt_ids: list[int]) -> None:
         self.caches, self.lens, rows = [], [], []
+        self.prompt = list(prompt_ids)
         for ctx in self.contexts:
             ids = list(ctx) + list(prompt_ids)
             self.e.check_length(ids.__len__() + 1, "document + prompt")

@@ -188,8 +188,8 @@ class Answer:
     tokens: list[int]
     text: str
     agg: str
-    ttft_s: float
-    per_token_s: float
+    ttft_s: float  # question sent -> first token known on the device
+    per_token_s: float  # (last token - decode start) / tokens; decode start = both sides prefilled (cloud's ready)
     total_s: float
     acceptance: float
     rtt_s: float
@@ -209,6 +209,7 @@ class Device:
         self.sched = scheduler or Scheduler()
         self.conn: Connection | None = None
         self.trace = Trace("device")
+        self.on_commit = None  # passed to each answer's Outcome (tests use it to kill the cloud mid-answer)
 
     async def connect(self) -> None:
         self.conn = await Connection.open(*self.cloud, self.trace, timeout=self.cfg.timeout_s)
@@ -233,7 +234,9 @@ class Device:
         agg = {"dragon": None, "dragon-device": "device", "dragon-cloud": "cloud", "token-sync": "device",
                "sequence": "device"}[mode] or self.sched.choose()
         window = {"token-sync": 1, "sequence": cfg.max_new}.get(mode, cfg.window)
-        out, side, rtt, fallback = Outcome(), None, 0.0, None
+        out, side, rtt, fallback = Outcome(on_commit=self.on_commit), None, 0.0, None
+        t_ready = None
+        self.engine.check_length(len(self.engine.encode(question)) + 400 + cfg.max_new, "question + passage")
         try:
             if self.conn is None:
                 await self.connect()
@@ -248,6 +251,7 @@ class Device:
             msg, _ = await self.conn.recv()
             if msg["type"] == "error_query":
                 raise UserError(f"the cloud refused the question: {msg['message']}")
+            t_ready = time.time()
             inbox = Inbox(self.conn)
             try:
                 if agg == "device":
@@ -262,13 +266,14 @@ class Device:
             finally:
                 inbox.stop()
             acc = out.accepted / max(1, len(out.tokens))
-            if mode == "dragon":
+            if mode.startswith("dragon"):  # every speculative run is a measurement the scheduler learns from
                 self.sched.update(agg, rtt, _mean(out.step_s), float(end["step_s"]), acc)
         except (PeerGone, ProtocolError) as e:
             fallback = f"cloud lost ({e}); answered from the device's own documents after {len(out.tokens)} tokens"
             self.conn = None
             if side is None:
                 side = make_side(self.engine, self.store, question, cfg)
+            t_ready = t_ready or time.time()
             side.rollback(len(out.tokens))
             if out.tokens and side.n < len(out.tokens):
                 side.advance(out.tokens[-1])
@@ -282,5 +287,5 @@ class Device:
         ct = out.commit_times
         after = self.trace.totals()
         return Answer(out.tokens, self.engine.decode_text(out.tokens), agg, (ct[0] - t0) if ct else 0.0,
-                      (ct[-1] - ct[0]) / (n - 1) if n > 1 else 0.0, (ct[-1] - t0) if ct else 0.0,
+                      (ct[-1] - t_ready) / n if n else 0.0, (ct[-1] - t0) if ct else 0.0,
                       out.accepted / max(1, n), rtt, fallback, {k: after[k] - before[k] for k in after})

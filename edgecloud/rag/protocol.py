@@ -32,6 +32,13 @@ class Outcome:
     accepted: int = 0
     drafted: int = 0
     step_s: list[float] = field(default_factory=list)  # this side's per-token decode compute
+    on_commit: object = None  # optional callable(n_committed), e.g. a test killing the peer mid-answer
+
+    def commit(self, token: int) -> None:
+        self.tokens.append(token)
+        self.commit_times.append(time.time())
+        if self.on_commit:
+            self.on_commit(len(self.tokens))
 
 
 class Inbox:
@@ -115,8 +122,7 @@ def _on_verdict(side: Side, item, out: Outcome, committed: int, epoch: int, pend
     if msg["type"] != "verdict":
         raise ProtocolError(f"drafter expected a verdict, got {msg['type']!r}")
     pos, tok = int(msg["pos"]), int(msg["token"])
-    out.tokens.append(tok)
-    out.commit_times.append(time.time())
+    out.commit(tok)
     out.accepted += bool(msg["accepted"])
     if msg["done"]:
         return pos + 1, epoch, pending_end, True
@@ -152,8 +158,7 @@ async def run_aggregator(side: Side, conn: Connection, inbox: Inbox, out: Outcom
         out.accepted += ok
         done = _stop(side, tok, pos, max_new)
         await conn.send("verdict", pos=pos, token=tok, accepted=ok, done=done)
-        out.tokens.append(tok)
-        out.commit_times.append(time.time())
+        out.commit(tok)
         if not ok:
             epoch += 1
             buf.clear()

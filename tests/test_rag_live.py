@@ -1,0 +1,101 @@
+"""DRAGON with the real model in two real processes on loopback: the cloud killed mid-answer, a cloud that is down,
+a peer speaking another protocol version, an over-long question (slow: loads SmolLM2 and MiniLM twice)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from edgecloud.collab.wire import HEAD, MAGIC
+from edgecloud.errors import UserError
+
+pytestmark = pytest.mark.slow
+ARTICLES = "16"
+
+
+@pytest.fixture(scope="module")
+def device_side():
+    from edgecloud.rag.bench import load_all
+
+    e, sp, dev, cl = load_all(int(ARTICLES), 0)
+    return e, sp, dev, cl
+
+
+def _cloud():
+    env = dict(os.environ, EDGECLOUD_THREADS="1")
+    p = subprocess.Popen([sys.executable, "-m", "edgecloud", "rag", "cloud", "--port", "0", "--articles", ARTICLES],
+                         stdout=subprocess.PIPE, text=True, env=env)
+    line = p.stdout.readline()
+    assert "listening" in line, line
+    return p, int(line.rsplit(":", 1)[1])
+
+
+def _ask(device, q, mode="dragon-device"):
+    async def go():
+        try:
+            return await device.ask(q, mode)
+        finally:
+            await device.close()
+
+    return asyncio.run(asyncio.wait_for(go(), 300))
+
+
+def test_cloud_killed_mid_answer_falls_back_and_says_so(device_side):
+    from edgecloud.rag.mix import Side
+    from edgecloud.rag.node import Device, RagConfig, contexts_for
+    from edgecloud.rag.protocol import local_generate
+
+    e, sp, dev, cl = device_side
+    q = f"What do you know about {sp.held_out[0][0]}?"
+    cfg = RagConfig(max_new=12, timeout_s=20)
+    proc, port = _cloud()
+    try:
+        d = Device(e, dev, ("127.0.0.1", port), cfg)
+        d.on_commit = lambda n: proc.kill() if n == 3 else None
+        a = _ask(d, q)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert a.fallback and "cloud lost" in a.fallback and "after 3 tokens" in a.fallback
+    # the first 3 tokens are the union's (centralized REPLUG), the rest the device's own mixture from that prefix
+    cd, sd, _ = contexts_for(e, dev, q, cfg.k)
+    cc, sc, _ = contexts_for(e, cl, q, cfg.k)
+    uni = Side(e, cd + cc, sd + sc, cfg.tau)
+    uni.start([])
+    assert a.tokens[:3] == local_generate(uni, 3, True, 0)
+    own = Side(e, cd, sd, cfg.tau)
+    own.start([])
+    for t in a.tokens[:3]:
+        own.advance(t)
+    assert a.tokens == local_generate(own, cfg.max_new, True, 0, 3, a.tokens[:3])
+
+    # a cloud that is down: the device answers from its own documents at once, and says so
+    d = Device(e, dev, ("127.0.0.1", port), cfg)
+    a2 = _ask(d, q)
+    assert a2.fallback and "after 0 tokens" in a2.fallback and len(a2.tokens) > 0
+
+
+def test_cloud_survives_bad_version_and_bad_question(device_side):
+    from edgecloud.rag.node import Device, RagConfig
+
+    e, sp, dev, _ = device_side
+    proc, port = _cloud()
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+            s.sendall(HEAD.pack(MAGIC, 99, 2, 0) + b"{}")
+            s.settimeout(30)
+            reply = s.recv(4096)
+        assert b"version 99" in reply
+        d = Device(e, dev, ("127.0.0.1", port), RagConfig(max_new=4))
+        with pytest.raises(UserError, match="context"):
+            _ask(d, "why " * 9000)
+        a = _ask(Device(e, dev, ("127.0.0.1", port), RagConfig(max_new=4)), "What is an astronomer?")
+        assert a.fallback is None and len(a.tokens) == 4
+    finally:
+        proc.kill()
+        proc.wait()
