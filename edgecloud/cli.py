@@ -24,6 +24,7 @@ SYSTEMS: list[tuple[str, str, str]] = [
     ("vmsched", "edgecloud.vmsched.cli", "VM scheduling on multi-NUMA hosts (DVAMP, SPANE)."),
     ("kvcache", "edgecloud.kvcache.cli", "KV-cache systems: MPIC reuse, CSR sparse caches."),
     ("llm", "edgecloud.llm.cli", "The language-model substrate: batched engine and its benchmark."),
+    ("route", "edgecloud.route.cli", "LLM route recommendation (PathGPT) on the Helsinki OSM graph."),
 ]
 
 
