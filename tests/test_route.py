@@ -132,3 +132,18 @@ def test_gpx_errors(tmp_path):
     ok.write_text("<gpx xmlns='http://www.topografix.com/GPX/1/1'><trk><trkseg><trkpt lat='60.17' lon='24.94'/>"
                   "</trkseg></trk></gpx>")
     assert read_gpx(ok).shape == (1, 2)
+
+
+def test_cli_bad_input_is_one_user_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgecloud.route.cli import app
+
+    bad = tmp_path / "x.gpx"
+    bad.write_text("<gpx><trk>")
+    r = CliRunner().invoke(app, ["match", "--gpx", str(bad)])
+    assert isinstance(r.exception, UserError) and "--gpx" in str(r.exception)
+    r = CliRunner().invoke(app, ["recommend", "--from", "Mannerheimintei", "--to", "Fabianinkatu"])
+    assert isinstance(r.exception, UserError) and "Mannerheimintie" in str(r.exception)
+    r = CliRunner().invoke(app, ["recommend", "--from", "Mannerheimintie", "--to", "Fabianinkatu", "--method", "x"])
+    assert isinstance(r.exception, UserError) and "--method" in str(r.exception)

@@ -18,7 +18,7 @@ def _engine(model: str):
 
 
 @app.command("bench")
-def bench_cmd(quick: bool = typer.Option(False, "--quick", help="4 requests per preference."),
+def bench_cmd(quick: bool = typer.Option(False, "--quick", help="2 requests per preference (10 in all)."),
               seed: int = typer.Option(0, "--seed"), json: bool = typer.Option(False, "--json"),
               model: str = typer.Option("smollm2-135m", "--model")) -> None:
     """Every method on held-out requests: edge/name F1, length Jaccard, validity, latency."""

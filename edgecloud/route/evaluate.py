@@ -9,7 +9,7 @@ import numpy as np
 
 from edgecloud.route.graph import RoadGraph, load_helsinki
 from edgecloud.route.metrics import length_jaccard, prf
-from edgecloud.route.recommend import METHODS, Answer, Recommender, Request, RecConfig, TripIndex
+from edgecloud.route.recommend import METHODS, Answer, RecConfig, Recommender, Request, TripIndex
 from edgecloud.route.trips import HELDOUT, PREFS, Trip, TripConfig, generate, roads_of
 
 ALL = METHODS + ["names_v1"]
@@ -18,7 +18,7 @@ ALL = METHODS + ["names_v1"]
 @dataclass(frozen=True)
 class BenchConfig:
     quick: bool = False
-    requests_per_pref: int = 0    # 0: all test trips (quick: 4 per preference)
+    requests_per_pref: int = 0    # 0: all test trips (quick: 2 per preference)
     model: str = "smollm2-135m"
 
 
@@ -40,8 +40,9 @@ def pick_tests(trips: list[Trip], per_pref: int) -> list[Trip]:
 def score(g: RoadGraph, a: Answer, t: Trip) -> dict:
     p, r, f = prf(a.edges, t.edges)
     _, _, nf = prf(roads_of(g, a.edges) if a.valid else a.roads, roads_of(g, t.edges))
-    return {"precision": p, "recall": r, "f1": f, "name_f1": nf, "len_jaccard": length_jaccard(a.edges, t.edges, g.length),
-            "valid": float(a.valid and g.is_path(a.edges, t.origin, t.dest)) if a.valid else 0.0,
+    return {"precision": p, "recall": r, "f1": f, "name_f1": nf,
+            "len_jaccard": length_jaccard(a.edges, t.edges, g.length),
+            "valid": float(a.valid and (not a.is_route or g.is_path(a.edges, t.origin, t.dest))),
             "latency_s": a.latency_s, "unknown": a.unknown}
 
 
@@ -54,7 +55,7 @@ def run(cfg: BenchConfig, seed: int = 0, engine=None, progress=None) -> dict:
     index = TripIndex([t for t in trips if t.split == "train"])
     engine = engine or Engine(load_model(cfg.model))
     rec = Recommender(g, index, engine, RecConfig())
-    tests = pick_tests(trips, cfg.requests_per_pref or (4 if cfg.quick else 0))
+    tests = pick_tests(trips, cfg.requests_per_pref or (2 if cfg.quick else 0))
     rows = {m: [] for m in ALL}
     for i, t in enumerate(tests):
         req = request_of(t)

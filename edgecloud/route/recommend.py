@@ -26,11 +26,11 @@ SYSTEM = "You recommend driving routes in central Helsinki. Answer with road nam
 
 @dataclass(frozen=True)
 class RecConfig:
-    k: int = 3                # retrieved trips in the prompt
+    k: int = 2                # retrieved trips in the prompt
     picks: int = 3            # roads the LLM chooses
     discount: float = 0.3     # cost factor on chosen roads' edges
     detour: float = 1.5       # candidate roads: edge midpoints inside this ellipse around origin/destination
-    v1_tokens: int = 24       # free-text tokens for names_v1
+    v1_tokens: int = 16       # free-text tokens for names_v1
     rrf: float = 60.0         # reciprocal-rank-fusion constant
 
 
@@ -58,6 +58,7 @@ class Answer:
     unknown: int = 0                                  # named roads not on the graph (ignored)
     valid: bool = True
     latency_s: float = 0.0
+    is_route: bool = True                             # False: ``edges`` is a set of named roads (names_v1)
 
 
 def _trim(cache, n0: int) -> None:
@@ -122,14 +123,13 @@ class Recommender:
         edges = [int(e) for r in known for e in self.g.edges_named[r]]
         return known, edges, unknown
 
-    def prompt(self, req: Request, context: list[Trip], cands: list[str]) -> str:
+    def prompt(self, req: Request, context: list[Trip]) -> str:
         g = self.g
         lines = []
         if context:
             lines.append("Past trips:")
             lines += [f"{i + 1}. {t.text}" for i, t in enumerate(context)]
         lines.append(f"Request: {req.query(g)}.")
-        lines.append(f"Candidate roads: {', '.join(cands)}.")
         lines.append("Which roads should the route use?")
         return self.engine.chat_prompt(SYSTEM, "\n".join(lines)) + "Roads:"
 
@@ -146,16 +146,23 @@ class Recommender:
             free = e.decode_text(toks)
             _trim(cache, n0)
         first = torch.log_softmax(logits, -1)
-        scores = []
-        for c in cands:
-            cid = e.encode(" " + c)
-            lp = float(first[cid[0]])
-            if len(cid) > 1:
-                out = torch.log_softmax(e.logits_for(cid[:-1], cache), -1)
-                lp += float(out[torch.arange(len(cid) - 1), torch.tensor(cid[1:])].sum())
-                _trim(cache, n0)
-            scores.append(lp / len(cid))
-        order = np.argsort(-np.array(scores), kind="stable")
+        if not cands:
+            return [], free
+        toks = [e.encode(" " + c) for c in cands]
+        L = max(len(t) for t in toks)
+        scores = np.array([float(first[t[0]]) for t in toks])
+        if L > 1:
+            # all candidates in one batch after the shared prompt cache; right padding never reaches a scored token
+            cache.batch_repeat_interleave(len(toks))
+            ids = torch.tensor([t + [t[-1]] * (L - len(t)) for t in toks])
+            pos = torch.arange(n0, n0 + L - 1).expand(len(toks), -1)
+            out = e.model(inputs_embeds=e.decoder.embed_tokens(ids[:, :-1]), position_ids=pos, cache=cache,
+                          use_cache=True).logits.float()
+            lp = torch.log_softmax(out, -1).gather(2, ids[:, 1:, None])[..., 0]
+            mask = torch.arange(1, L)[None, :] < torch.tensor([len(t) for t in toks])[:, None]
+            scores += (lp * mask).sum(1).numpy()
+        scores /= np.array([len(t) for t in toks])
+        order = np.argsort(-scores, kind="stable")
         return [cands[i] for i in order[: self.cfg.picks]], free
 
     # ------------------------------------------------------------- methods
@@ -177,13 +184,15 @@ class Recommender:
             return Answer(self.connect(o, t, anchors), roads_of(g, anchors))
         cands = self.candidates(o, t)
         if method == "llm_no_context":
-            chosen, _ = self.llm_choose(self.prompt(req, [], cands), cands)
+            chosen, _ = self.llm_choose(self.prompt(req, []), cands)
         elif method in ("pathgpt", "names_v1"):
             ctx = self.index.top(req.query(g), self.cfg.k)
             if method == "names_v1":
-                _, free = self.llm_choose(self.prompt(req, ctx, cands), [], self.cfg.v1_tokens)
+                _, free = self.llm_choose(self.prompt(req, ctx), [], self.cfg.v1_tokens)
                 return self.names_v1(o, t, free)
-            chosen, _ = self.llm_choose(self.prompt(req, ctx, cands), cands)
+            # constrained choice among the retrieved trips' roads near this request (all nearby roads if none)
+            near = [r for r in dict.fromkeys(r for c in ctx for r in roads_of(g, c.edges)) if r in cands]
+            chosen, _ = self.llm_choose(self.prompt(req, ctx), near or cands)
         else:
             raise ValueError(method)
         known, edges, unknown = self.resolve(chosen)
@@ -196,4 +205,4 @@ class Recommender:
         g = self.g
         touch = [set(g.u[g.edges_named[r]]) | set(g.v[g.edges_named[r]]) for r in known]
         valid = bool(touch) and o in touch[0] and t in touch[-1] and all(a & b for a, b in zip(touch, touch[1:]))
-        return Answer(edges, known, unknown, valid)
+        return Answer(edges, known, unknown, valid, is_route=False)
