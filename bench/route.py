@@ -13,7 +13,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 def main() -> None:
-    from edgecloud import atomic
     from edgecloud.llm.engine import Engine
     from edgecloud.llm.models import load_model
     from edgecloud.results import Result, check_out_dir
@@ -44,7 +43,6 @@ def main() -> None:
     r.figure = map_figure(g, paths, t.edges, "one 'avoid_major' request: ground truth black, method red "
                                               "(© OpenStreetMap contributors, ODbL)")
     paths_written = r.write(out)
-    atomic.save_figure(r.figure, out / "route_map.png")
     print({k: v for k, v in d.items() if k.startswith("f1") or k in ("validity_rate", "names_v1_not_a_path")})
     print(paths_written)
 
