@@ -27,6 +27,7 @@ SYSTEMS: list[tuple[str, str, str]] = [
     ("llm", "edgecloud.llm.cli", "The language-model substrate: batched engine and its benchmark."),
     ("rag", "edgecloud.rag.cli", "DRAGON: device–cloud distributed RAG with speculative aggregation."),
     ("vision", "edgecloud.vision.cli", "SAM-COD: camouflaged object detection from RGB-D with dual-stream adapters."),
+    ("route", "edgecloud.route.cli", "LLM route recommendation (PathGPT) on the Helsinki OSM graph."),
 ]
 
 

@@ -1,0 +1,51 @@
+"""PathGPT route recommendation benchmark: every method on held-out requests -> docs/results/route.{json,md,png}.
+
+    PYTHONPATH=. EDGECLOUD_THREADS=1 python bench/route.py [--per-pref N] [--seed S] [--out docs/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def main() -> None:
+    from edgecloud.llm.engine import Engine
+    from edgecloud.llm.models import load_model
+    from edgecloud.results import Result, check_out_dir
+    from edgecloud.route.evaluate import ALL, BenchConfig, map_figure, request_of, run
+    from edgecloud.route.graph import load_helsinki
+    from edgecloud.route.recommend import Recommender, TripIndex
+    from edgecloud.route.trips import TripConfig, generate
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--per-pref", type=int, default=4)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default="docs/results")
+    a = ap.parse_args()
+    out = check_out_dir(a.out)
+    t0 = time.time()
+    engine = Engine(load_model("smollm2-135m"))
+    d = run(BenchConfig(requests_per_pref=a.per_pref), a.seed, engine,
+            progress=lambda i, n: print(f"request {i}/{n}", flush=True))
+    r = Result("route", d, seed=a.seed, title="PathGPT route recommendation (Helsinki OSM)", started=t0)
+    r.table(d["table"], ["method", "pref", "n", "precision", "recall", "f1", "name_f1", "len_jaccard", "valid",
+                         "latency_s", "unknown_names"])
+    # one request, every method, on the map
+    g = load_helsinki()
+    _, trips = generate(g, TripConfig(), a.seed)
+    rec = Recommender(g, TripIndex([t for t in trips if t.split == "train"]), engine)
+    t = next(t for t in trips if t.split == "test" and t.pref == "avoid_major")
+    paths = {m: rec.run(m, request_of(t)).edges for m in ALL}
+    r.figure = map_figure(g, paths, t.edges, "one 'avoid_major' request: ground truth black, method red "
+                                              "(© OpenStreetMap contributors, ODbL)")
+    paths_written = r.write(out)
+    print({k: v for k, v in d.items() if k.startswith("f1") or k in ("validity_rate", "names_v1_not_a_path")})
+    print(paths_written)
+
+
+if __name__ == "__main__":
+    main()

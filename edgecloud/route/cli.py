@@ -1,0 +1,89 @@
+"""``edgecloud route``: PathGPT-style route recommendation on the Helsinki OSM graph (bench, recommend, match)."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
+
+
+def _engine(model: str):
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from edgecloud.llm.engine import Engine
+    from edgecloud.llm.models import load_model
+
+    return Engine(load_model(model))
+
+
+@app.command("bench")
+def bench_cmd(quick: bool = typer.Option(False, "--quick", help="2 requests per preference (10 in all)."),
+              seed: int = typer.Option(0, "--seed"), json: bool = typer.Option(False, "--json"),
+              model: str = typer.Option("smollm2-135m", "--model")) -> None:
+    """Every method on held-out requests: edge/name F1, length Jaccard, validity, latency."""
+    from edgecloud.results import markdown_table, report
+    from edgecloud.route.evaluate import BenchConfig, run
+
+    d = run(BenchConfig(quick=quick, model=model), seed)
+    if json:
+        print(report({k: v for k, v in d.items() if k != "table"}, seed=seed))
+    else:
+        print(markdown_table(d["table"]))
+
+
+@app.command("recommend")
+def recommend_cmd(origin: str = typer.Option(..., "--from", help="street, 'street & cross street', OSM id, lat,lon"),
+                  dest: str = typer.Option(..., "--to"),
+                  prefer: str = typer.Option("get there as fast as possible", "--prefer"),
+                  method: str = typer.Option("pathgpt", "--method"),
+                  map_out: str = typer.Option(None, "--map", help="write a PNG map of the route"),
+                  seed: int = typer.Option(0, "--seed", help="seed of the historical trips"),
+                  model: str = typer.Option("smollm2-135m", "--model")) -> None:
+    """Recommend a route (always a valid path) and print its roads."""
+    from edgecloud.errors import UserError
+    from edgecloud.results import check_out_file
+    from edgecloud.route.evaluate import ALL
+    from edgecloud.route.graph import load_helsinki
+    from edgecloud.route.recommend import Recommender, Request, TripIndex
+    from edgecloud.route.trips import generate, roads_of
+
+    if method not in ALL:
+        raise UserError(f"--method {method!r}: choose one of {', '.join(ALL)}")
+    if not prefer.strip():
+        raise UserError("--prefer is empty; say how you like to drive, e.g. 'avoid highways'")
+    if map_out:
+        check_out_file(map_out, "--map")
+    g = load_helsinki()
+    o, t = g.locate(origin, "--from"), g.locate(dest, "--to")
+    if o == t:
+        raise UserError("--from and --to are the same node; pick two different places")
+    _, trips = generate(g, seed=seed)
+    rec = Recommender(g, TripIndex([x for x in trips if x.split == "train"]),
+                      _engine(model) if method in ("pathgpt", "llm_no_context", "names_v1") else None)
+    a = rec.run(method, Request(o, t, prefer.strip()))
+    km = g.length[a.edges].sum() / 1000
+    print(f"{method}: {g.describe_node(o)} -> {g.describe_node(t)}: {' -> '.join(roads_of(g, a.edges))}")
+    print(f"{km:.2f} km, {g.time[a.edges].sum() / 60:.1f} min, {len(a.edges)} edges, valid path: "
+          f"{a.valid and g.is_path(a.edges, o, t)}; LLM chose: {', '.join(a.roads) or '-'}"
+          + (f"; {a.unknown} named road(s) not on the graph were ignored" if a.unknown else ""))
+    if map_out:
+        from edgecloud import atomic
+        from edgecloud.route.evaluate import map_figure
+
+        atomic.save_figure(map_figure(g, {method: a.edges}, [], f"{prefer}"), map_out)
+        print(f"map: {map_out}")
+
+
+@app.command("match")
+def match_cmd(gpx: str = typer.Option(..., "--gpx", help="a GPX track on the Helsinki graph's area")) -> None:
+    """Map-match a GPX track onto the Helsinki graph (HMM) and print the matched roads."""
+    from edgecloud.route.graph import load_helsinki
+    from edgecloud.route.mapmatch import MapMatcher, read_gpx
+    from edgecloud.route.trips import roads_of
+
+    pts = read_gpx(gpx)
+    g = load_helsinki()
+    path = MapMatcher(g).match(pts)
+    print(f"{len(pts)} fixes -> {len(path)} edges, {g.length[path].sum() / 1000:.2f} km: "
+          f"{' -> '.join(roads_of(g, path))}")

