@@ -51,7 +51,7 @@ def evaluate_cmd(
                                      help="first-fit, balance-fit, best-fit, worst-fit, random, a shipped model "
                                           "(spane, ...) or checkpoint:DIR. Repeat for several."),
     split: str = typer.Option("test", "--split", help="test, valid, or a .npy / text file of start rows."),
-    pms: int = typer.Option(5, "--pms", help="Number of PMs (N >= 1)."),
+    pms: int = typer.Option(5, "--pms", min=1, max=1000, help="Number of PMs (N >= 1)."),
     trace: Path | None = TraceOpt,
     horizon: float | None = HorizonOpt,
     cpu: float = CpuOpt,
@@ -62,11 +62,11 @@ def evaluate_cmd(
 ) -> None:
     """Total wait per episode on a split, as SPANE scores it: 10% trimmed mean, mean, p50/p90/p99."""
     cluster = _cluster(pms, cpu, mem, double_threshold)
+    pols = [make_policy(name, seed=seed, n_pms=pms) for name in policy]  # a bad name fails before the trace loads
     tr = load_trace(trace, horizon=horizon)
     starts = load_starts(split, len(tr))
     rows = []
-    for name in policy:
-        pol = make_policy(name, seed=seed, n_pms=pms)
+    for name, pol in zip(policy, pols, strict=True):
         with progress_bar(f"{name} on {split}", enabled=not as_json) as bar:
             res = evaluate(tr, cluster, pol, starts, split_name=split, progress=bar)
         row = res.summary()
@@ -82,8 +82,8 @@ def evaluate_cmd(
 def flex_cmd(
     policy: list[str] = typer.Option([], "--policy", "-p", help="Extra policies beside first-fit and balance-fit "
                                                                 "(e.g. checkpoint:DIR trained at N=5)."),
-    pms_min: int = typer.Option(2, "--pms-min"),
-    pms_max: int = typer.Option(9, "--pms-max"),
+    pms_min: int = typer.Option(2, "--pms-min", min=1, max=1000),
+    pms_max: int = typer.Option(9, "--pms-max", min=1, max=1000),
     split: str = typer.Option("test", "--split"),
     out: Path = typer.Option(Path("out/vmsched-flex"), "--out", help="Folder for flex.md, flex.csv, flex.png."),
     trace: Path | None = TraceOpt,
@@ -97,8 +97,13 @@ def flex_cmd(
     """Trimmed-mean total wait for N = pms-min..pms-max PMs: First-Fit, Balance-Fit and any --policy."""
     if pms_min < 1 or pms_max < pms_min:
         raise UserError(f"--pms-min {pms_min} / --pms-max {pms_max}: need 1 <= pms-min <= pms-max")
+    from edgecloud.results import check_out_dir
     from edgecloud.vmsched.flex import flex_table, plot_flex
 
+    check_out_dir(out)
+    _cluster(pms_min, cpu, mem, double_threshold)
+    for name in policy:
+        make_policy(name, seed=seed)  # a bad name fails before the trace loads
     tr = load_trace(trace, horizon=horizon)
     starts = load_starts(split, len(tr))
     names = ["first-fit", "balance-fit"] + [p for p in policy if p not in ("first-fit", "balance-fit")]

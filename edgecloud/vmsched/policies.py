@@ -151,6 +151,7 @@ def make_policy(name: str, seed: int = 0, n_pms: int | None = None) -> Policy:
         learned = load_policy(name, n_pms)
     if learned is not None:
         return learned
-    raise UserError(
-        f"unknown policy '{name}'; choose one of {', '.join(HEURISTICS)}, a shipped model name, or checkpoint:DIR"
-    )
+    from edgecloud.vmsched.agents.config import AGENTS
+
+    raise UserError(f"unknown policy '{name}'; choose one of {', '.join(HEURISTICS)}, a shipped model "
+                    f"({', '.join(AGENTS)}), or checkpoint:DIR")
