@@ -12,7 +12,9 @@ import logging
 import threading
 from dataclasses import dataclass
 
-from pydantic import BaseModel, Field
+from typing import Annotated
+
+from pydantic import BaseModel, Field, StringConstraints
 
 from edgecloud.errors import UserError
 from edgecloud.kvcache.mpic import MPIC, Segment
@@ -22,17 +24,20 @@ from edgecloud.paths import cache_root
 
 log = logging.getLogger("edgecloud.kvcache.server")
 
+Text = Annotated[str, StringConstraints(min_length=1, pattern=r"\S")]  # empty or blank text is a 422
+
+
 class GenerateIn(BaseModel):
-    system: str = Field("You are a helpful assistant. Answer using the documents.", min_length=1)
-    chunks: list[str] = Field(min_length=1, max_length=64)
-    question: str = Field(min_length=1)
+    system: Text = "You are a helpful assistant. Answer using the documents."
+    chunks: list[Text] = Field(min_length=1, max_length=64)
+    question: Text
     max_new_tokens: int = Field(32, ge=1, le=512)
     selector: str = Field("mpic", pattern="^(mpic|cacheblend|full-reuse)$")
     k: int | None = Field(None, ge=0, le=4096)
 
 
 class ChunksIn(BaseModel):
-    chunks: list[str] = Field(min_length=1, max_length=256)
+    chunks: list[Text] = Field(min_length=1, max_length=256)
 
 
 @dataclass
