@@ -11,7 +11,6 @@ import contextlib
 import logging
 import threading
 from dataclasses import dataclass
-
 from typing import Annotated
 
 from pydantic import BaseModel, Field, StringConstraints
