@@ -179,3 +179,46 @@ def test_version():
 
     code, out, _ = run_cli("--version")
     assert code == 0 and out.strip() == f"edgecloud {__version__}"
+
+
+def tiny_checkpoint(path: Path) -> Path:
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from edgecloud.llm.models import load_model
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    AutoTokenizer.from_pretrained(load_model().path, local_files_only=True).save_pretrained(path)
+    return path
+
+
+def test_truncated_safetensors_is_one_line_and_cache_rebuilds(tmp_path, monkeypatch):
+    from edgecloud.errors import UserError
+    from edgecloud.llm import models
+
+    src = tiny_checkpoint(tmp_path / "tiny")
+    w = src / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    with pytest.raises(UserError, match="model.safetensors is damaged"):
+        models.load_model(str(src))
+    code, _, err = run_cli("kvcache", "bench", "--quick", "--model", src)
+    check(code, err)
+    assert code == 2 and "model.safetensors" in err
+
+    # a damaged conversion in the cache is removed and converted again
+    good = tiny_checkpoint(tmp_path / "good")
+    calls = []
+
+    def fake_convert(_src, out):
+        calls.append(out)
+        import shutil
+
+        shutil.copytree(good, out)
+        if len(calls) == 1:  # the first conversion is truncated, as by a killed process or full disk
+            (out / "model.safetensors").write_bytes(b"\x00" * 40)
+
+    monkeypatch.setenv("EDGECLOUD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(models, "_convert", fake_convert)
+    lm = models.load_model("smollm2-135m")
+    assert len(calls) == 2 and lm.model.config.hidden_size == 16
