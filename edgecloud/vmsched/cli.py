@@ -36,12 +36,20 @@ def _cluster(pms: int, cpu: float, mem: float, double_threshold: float) -> Clust
 
 
 def _print_summary(rows: list[dict], title: str) -> None:
-    table = Table(title=title)
-    for col in ("policy", "n_pms", "split", "episodes", "trimmed_mean", "mean", "p50", "p90", "p99"):
+    from edgecloud.vmsched.published import reference
+
+    cols = ("policy", "n_pms", "split", "episodes", "trimmed_mean", "published", "vs published", "mean", "p50",
+            "p90", "p99")
+    table = Table(title=title, caption="Each episode's total wait (s) summed over its VMs; trimmed_mean = 10% "
+                  "trimmed mean over the split's episodes (SPANE's score). Lower is better. 'published' is the "
+                  "SPANE paper's number for the test split (learned models: mean of the top 3 by validation); "
+                  "'vs published' = ours / published.")
+    for col in cols:
         table.add_column(col, justify="right" if col not in ("policy", "split") else "left")
     for r in rows:
-        table.add_row(*[fmt2(r[c]) for c in
-                        ("policy", "n_pms", "split", "episodes", "trimmed_mean", "mean", "p50", "p90", "p99")])
+        ref = reference(r["policy"], r["n_pms"]) if r["split"] == "test" else None
+        pub, ratio = (fmt2(ref[0]), f"{r['trimmed_mean'] / ref[0]:.3f}") if ref else ("-", "-")
+        table.add_row(*[fmt2(r[c]) for c in cols[:5]], pub, ratio, *[fmt2(r[c]) for c in cols[7:]])
     console.print(table)
 
 
