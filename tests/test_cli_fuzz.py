@@ -222,3 +222,15 @@ def test_truncated_safetensors_is_one_line_and_cache_rebuilds(tmp_path, monkeypa
     monkeypatch.setattr(models, "_convert", fake_convert)
     lm = models.load_model("smollm2-135m")
     assert len(calls) == 2 and lm.model.config.hidden_size == 16
+
+
+def test_help_has_no_bool_noise():
+    import typer
+
+    from edgecloud.cli import app
+
+    root = typer.main.get_command(app)
+    for group in root.commands:
+        for cmd in root.commands[group].commands:
+            code, out, err = run_cli(group, cmd, "--help")
+            assert code == 0 and "<bool>" not in out and "Traceback" not in err, (group, cmd)
