@@ -15,9 +15,15 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from edgecloud import __version__
 from edgecloud.errors import UserError
+
+try:  # typer >= 0.25 vendors click; its usage errors are these classes
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer on plain click
+    from click import exceptions as click_errors
 
 # (group name, module exporting a Typer ``app``, help)
 SYSTEMS: list[tuple[str, str, str]] = [
@@ -72,15 +78,29 @@ app = build_app()
 err_console = Console(stderr=True)
 
 
-def main() -> None:
+def error_line(message: str) -> None:
+    """The one line every bad input ends in (on stderr); ``message`` is never read as markup."""
+    err_console.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the CLI: bad input (a :class:`UserError` or a usage error such as an out-of-range option) ends in one
+    line on stderr and exit status 2."""
     try:
-        app()
+        rc = app(args=args, standalone_mode=False)
     except UserError as e:
-        err_console.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True, markup=True)
+        error_line(str(e))
         sys.exit(2)
-    except KeyboardInterrupt:
+    except click_errors.NoArgsIsHelpError as e:
+        print(e.format_message())
+        sys.exit(2)
+    except click_errors.ClickException as e:
+        error_line(f"{e.format_message()} (see --help)")
+        sys.exit(e.exit_code)
+    except (KeyboardInterrupt, typer.Abort):
         err_console.print("interrupted")
         sys.exit(130)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

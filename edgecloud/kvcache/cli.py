@@ -13,8 +13,8 @@ def bench(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
     model: str = typer.Option("smollm2-135m", "--model", help="registry name or a transformers checkpoint dir"),
     seed: int = typer.Option(0, "--seed"),
-    k: int = typer.Option(32, "--k", help="the MPIC k reported as the headline"),
-    threads: int = typer.Option(0, "--threads", help="torch threads (0: idle cores)"),
+    k: int = typer.Option(32, "--k", min=0, max=4096, help="the MPIC k reported as the headline"),
+    threads: int = typer.Option(0, "--threads", min=0, max=1024, help="torch threads (0: idle cores)"),
     qa: str = typer.Option("", "--qa", help="JSONL QA file (question, answers, context, distractors) instead of "
                            "SQuAD v1.1 dev + passkey"),
 ) -> None:
@@ -71,25 +71,21 @@ def format_table(out: dict) -> str:
 @app.command()
 def serve(
     host: str = typer.Option("127.0.0.1", "--host"),
-    port: int = typer.Option(8008, "--port"),
+    port: int = typer.Option(8008, "--port", min=1, max=65535),
     model: str = typer.Option("smollm2-135m", "--model"),
     store: str = typer.Option("", "--store", help="KV store directory (default: cache dir / kvstore)"),
-    k: int = typer.Option(32, "--k"),
-    mem_mb: int = typer.Option(256, "--mem-mb", help="memory tier budget"),
+    k: int = typer.Option(32, "--k", min=0, max=4096),
+    mem_mb: int = typer.Option(256, "--mem-mb", min=1, help="memory tier budget (MB)"),
+    max_body_mb: float = typer.Option(2.0, "--max-body-mb", min=0.001, max=1024,
+                                      help="larger request bodies get 413 before they are read"),
 ) -> None:
     """HTTP generation with chunk reuse: POST /generate {system, chunks, question}; POST /chunks; GET /health."""
-    import uvicorn
-
-    from edgecloud.kvcache.server import build
+    from edgecloud.kvcache.server import ServeConfig, serve
     from edgecloud.llm.engine import Engine
     from edgecloud.llm.models import load_model
 
-    if not 0 < port < 65536:
-        from edgecloud.errors import UserError
-
-        raise UserError(f"--port {port}: give 1..65535")
-    app_ = build(Engine(load_model(model)), store or None, k=k, mem_mb=mem_mb)
-    uvicorn.run(app_, host=host, port=port, log_level="warning")
+    ServeConfig(k=k, mem_mb=mem_mb, max_body_mb=max_body_mb)  # bad limits fail before the model loads
+    serve(Engine(load_model(model)), host, port, store or None, k=k, mem_mb=mem_mb, max_body_mb=max_body_mb)
 
 
 from edgecloud.kvcache.csr.cli import register as _register_csr  # noqa: E402  (csr-bench joins this group)

@@ -130,12 +130,17 @@ def _quiet() -> None:
 
 def _load_dir(path: Path, name: str, fingerprint: str, chat: bool) -> LoadedModel:
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _quiet()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except SafetensorError as e:  # a truncated or corrupt weight file
+        files = ", ".join(f.name for f in sorted(path.glob("*.safetensors"))) or "model.safetensors"
+        raise UserError(f"--model {path}: weight file {files} is damaged ({str(e).splitlines()[0][:120]}); "
+                        "copy it again (a converted registry model is rebuilt automatically)") from None
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"--model {path}: not a transformers checkpoint directory ({type(e).__name__}: "
                         f"{str(e).splitlines()[0][:160]})") from None

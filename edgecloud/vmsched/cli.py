@@ -13,6 +13,7 @@ from edgecloud.errors import UserError
 from edgecloud.results import check_out_dir, report
 from edgecloud.vmsched.cluster import ClusterConfig
 from edgecloud.vmsched.evaluate import evaluate_policies, fmt2
+from edgecloud.vmsched.policies import make_policy
 from edgecloud.vmsched.trace import load_starts, load_trace
 
 app = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
@@ -34,12 +35,20 @@ def _cluster(pms: int, cpu: float, mem: float, double_threshold: float) -> Clust
 
 
 def _print_summary(rows: list[dict], title: str) -> None:
-    table = Table(title=title)
-    for col in ("policy", "n_pms", "split", "episodes", "trimmed_mean", "mean", "p50", "p90", "p99"):
+    from edgecloud.vmsched.published import reference
+
+    cols = ("policy", "n_pms", "split", "episodes", "trimmed_mean", "published", "vs published", "mean", "p50",
+            "p90", "p99")
+    table = Table(title=title, caption="Each episode's total wait (s) summed over its VMs; trimmed_mean = 10% "
+                  "trimmed mean over the split's episodes (SPANE's score). Lower is better. 'published' is the "
+                  "SPANE paper's number for the test split (learned models: mean of the top 3 by validation); "
+                  "'vs published' = ours / published.")
+    for col in cols:
         table.add_column(col, justify="right" if col not in ("policy", "split") else "left")
     for r in rows:
-        table.add_row(*[fmt2(r[c]) for c in
-                        ("policy", "n_pms", "split", "episodes", "trimmed_mean", "mean", "p50", "p90", "p99")])
+        ref = reference(r["policy"], r["n_pms"]) if r["split"] == "test" else None
+        pub, ratio = (fmt2(ref[0]), f"{r['trimmed_mean'] / ref[0]:.3f}") if ref else ("-", "-")
+        table.add_row(*[fmt2(r[c]) for c in cols[:5]], pub, ratio, *[fmt2(r[c]) for c in cols[7:]])
     console.print(table)
 
 
@@ -49,7 +58,7 @@ def evaluate_cmd(
                                      help="first-fit, balance-fit, best-fit, worst-fit, random, a shipped model "
                                           "(spane, ...) or checkpoint:DIR. Repeat for several."),
     split: str = typer.Option("test", "--split", help="test, valid, or a .npy / text file of start rows."),
-    pms: int = typer.Option(5, "--pms", help="Number of PMs (N >= 1)."),
+    pms: int = typer.Option(5, "--pms", min=1, max=1000, help="Number of PMs (N >= 1)."),
     trace: Path | None = TraceOpt,
     horizon: float | None = HorizonOpt,
     cpu: float = CpuOpt,
@@ -60,6 +69,8 @@ def evaluate_cmd(
 ) -> None:
     """Total wait per episode on a split, as SPANE scores it: 10% trimmed mean, mean, p50/p90/p99."""
     cluster = _cluster(pms, cpu, mem, double_threshold)
+    for name in policy:
+        make_policy(name, seed=seed, n_pms=pms)  # a bad name fails before the trace loads
     tr = load_trace(trace, horizon=horizon)
     starts = load_starts(split, len(tr))
     rows = evaluate_policies(tr, cluster, policy, starts, split, seed=seed, show_progress=not as_json)
@@ -73,8 +84,8 @@ def evaluate_cmd(
 def flex_cmd(
     policy: list[str] = typer.Option([], "--policy", "-p", help="Extra policies beside first-fit and balance-fit "
                                                                 "(e.g. checkpoint:DIR trained at N=5)."),
-    pms_min: int = typer.Option(2, "--pms-min"),
-    pms_max: int = typer.Option(9, "--pms-max"),
+    pms_min: int = typer.Option(2, "--pms-min", min=1, max=1000),
+    pms_max: int = typer.Option(9, "--pms-max", min=1, max=1000),
     split: str = typer.Option("test", "--split"),
     out: Path = typer.Option(Path("out/vmsched-flex"), "--out",
                      help="Folder for flex.json, flex.md, flex.csv, flex.png."),
@@ -92,6 +103,9 @@ def flex_cmd(
     from edgecloud.vmsched.flex import flex_table, write_flex
 
     check_out_dir(out)
+    _cluster(pms_min, cpu, mem, double_threshold)
+    for name in policy:
+        make_policy(name, seed=seed)  # a bad name fails before the trace loads
     tr = load_trace(trace, horizon=horizon)
     starts = load_starts(split, len(tr))
     names = ["first-fit", "balance-fit"] + [p for p in policy if p not in ("first-fit", "balance-fit")]

@@ -25,6 +25,11 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if int(self.n_pms) != self.n_pms or self.n_pms < 1:
             raise UserError(f"n_pms (--pms) is {self.n_pms}; it must be an integer >= 1")
+        for name, flag in (("node_cpu", "--cpu"), ("node_mem", "--mem"), ("double_threshold", "--double-threshold")):
+            if not np.isfinite(getattr(self, name)):
+                raise UserError(f"{name} ({flag}) is {getattr(self, name)}; give a finite number")
+        if self.double_threshold < 0:
+            raise UserError(f"double_threshold (--double-threshold) is {self.double_threshold}; give a memory >= 0")
         if self.node_cpu <= 0 or self.node_mem <= 0:
             raise UserError(f"node capacities must be > 0 (got cpu={self.node_cpu}, mem={self.node_mem})")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,13 +67,16 @@ def _read_rows(path: Path) -> tuple[list[str], list[list[str]]]:
         raise UserError(f"trace file not found: looked at {path}; {HOW_TO_GET}")
     if path.is_dir():
         raise UserError(f"trace path {path} is a directory; pass the CSV file itself")
-    with open(path, newline="") as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise UserError(f"trace {path} is empty; it needs a header line and at least one row") from None
-        rows = list(reader)
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.reader(f)
+            try:
+                header = [h.strip() for h in next(reader)]
+            except StopIteration:
+                raise UserError(f"trace {path} is empty; it needs a header line and at least one row") from None
+            rows = list(reader)
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UserError(f"trace {path} is not a UTF-8 CSV text file ({type(e).__name__}); pass the trace CSV") from None
     return header, rows
 
 
@@ -196,11 +200,23 @@ def load_trace(path: str | Path | None = None, horizon: float | None = None) -> 
     """Load either form, chosen by the header."""
     path = Path(path) if path is not None else default_trace_path()
     if path.is_file():
-        with open(path) as f:
-            header = {h.strip() for h in f.readline().split(",")}
+        header = set(_read_header(path))
         if {"time", "type"} <= header:
             return load_event_trace(path, horizon=horizon)
     return load_lifetime_trace(path)
+
+
+def _read_header(path: Path) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return [h.strip() for h in f.readline().split(",")]
+    except UnicodeDecodeError:
+        raise UserError(f"trace {path} is not a UTF-8 CSV text file; pass the trace CSV") from None
+
+
+def _magic(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(6)
 
 
 def load_starts(split: str | Path, trace_len: int | None = None) -> np.ndarray:
@@ -217,11 +233,18 @@ def load_starts(split: str | Path, trace_len: int | None = None) -> np.ndarray:
                 f"split '{split}' is neither 'test' nor 'valid' nor an existing file; pass test, valid, "
                 "or a path to a .npy or text file of start rows"
             )
+    if path.is_dir():
+        raise UserError(f"split {path} is a directory; pass a .npy or text file of start rows")
+    if path.suffix == ".npy" and _magic(path) != b"\x93NUMPY":
+        raise UserError(f"split file {path} is named .npy but is not a NumPy array file; save it with numpy.save, "
+                        "or give a text file of start rows another suffix")
     try:
-        if path.suffix == ".npy":
-            starts = np.load(path, allow_pickle=False)
-        else:
-            starts = np.loadtxt(path, dtype=np.float64, ndmin=1, delimiter=None)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # an empty file is reported below, in one line
+            if path.suffix == ".npy":
+                starts = np.load(path, allow_pickle=False)
+            else:
+                starts = np.loadtxt(path, dtype=np.float64, ndmin=1, delimiter=None)
     except Exception as e:  # noqa: BLE001 - numpy raises many types; all mean "unreadable"
         raise UserError(
             f"split file {path} could not be read as integers ({e}); write one start row per line"

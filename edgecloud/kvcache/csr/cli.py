@@ -15,12 +15,12 @@ def csr_bench(
     quick: bool = typer.Option(False, "--quick", help="Small run (2x512 tokens, 512 atoms): minutes on one core."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     seed: int = typer.Option(0, "--seed", help="Seed for k-means, NeuralDict and online-atom sampling."),
-    seq_len: int = typer.Option(0, "--seq-len", help="Held-out tokens per sequence (0: the preset's)."),
-    eval_seqs: int = typer.Option(0, "--eval-seqs", help="Held-out sequences (0: the preset's)."),
-    atoms: int = typer.Option(0, "--atoms", help="Dictionary size N (0: the preset's)."),
-    steps: int = typer.Option(-1, "--steps", help="NeuralDict steps (-1: the preset's)."),
+    seq_len: int = typer.Option(0, "--seq-len", min=0, help="Held-out tokens per sequence (0: the preset's)."),
+    eval_seqs: int = typer.Option(0, "--eval-seqs", min=0, help="Held-out sequences (0: the preset's)."),
+    atoms: int = typer.Option(0, "--atoms", min=0, max=32767, help="Dictionary size N (0: the preset's)."),
+    steps: int = typer.Option(-1, "--steps", min=-1, help="NeuralDict steps (-1: the preset's)."),
     out: Path | None = typer.Option(None, "--out", help="Also write the JSON here (atomically)."),
-    threads: int = typer.Option(1, "--threads", help="torch CPU threads."),
+    threads: int = typer.Option(1, "--threads", min=1, max=1024, help="torch CPU threads."),
     model: str = typer.Option("smollm2-135m", "--model", help="Registry model name or a Llama-family checkpoint."),
 ) -> None:
     """Bits per KV element, perplexity, top-1 agreement with fp16, codec time: fp16, KIVI-2/4, CSR variants."""
@@ -30,6 +30,8 @@ def csr_bench(
     from edgecloud.llm.models import load_model
     from edgecloud.results import Result, check_out_file
 
+    if out is not None:
+        check_out_file(out)  # before minutes of compute
     if threads < 1:
         raise UserError(f"--threads={threads}: use 1 or more")
     if out is not None:

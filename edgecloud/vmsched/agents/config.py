@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, fields
 
 from edgecloud.errors import UserError
@@ -124,6 +125,25 @@ class DQNConfig:
             raise UserError(f"demo_weight_final={self.demo_weight_final}: use a weight >= 0, or -1 for demo_weight")
         if self.updates_per_step <= 0:
             raise UserError(f"updates_per_step={self.updates_per_step}: must be > 0")
+        bad = [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), float)
+               and not math.isfinite(getattr(self, f.name))]
+        if bad:
+            raise UserError(f"{bad[0]}={getattr(self, bad[0])}: must be a finite number")
+        for name in ("lr", "lr_decay"):
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name}={getattr(self, name)}: must be > 0")
+        if self.lr_decay > 1:
+            raise UserError(f"lr_decay={self.lr_decay}: must be in (0, 1]")
+        for name in ("weight_decay", "grad_clip", "warmup_steps", "max_minutes", "valid_limit", "demo_size"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name}={getattr(self, name)}: must be >= 0")
+        for name in ("eps_start", "eps_end"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"{name}={getattr(self, name)}: an exploration probability must be in [0, 1]")
+        if not 0.0 < self.eps_episodes <= 1.0:
+            raise UserError(f"eps_episodes={self.eps_episodes}: a fraction of episodes in (0, 1]")
+        if self.threads < 1:
+            raise UserError(f"threads={self.threads}: must be >= 1")
 
     # --- (de)serialisation ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
