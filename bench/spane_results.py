@@ -223,8 +223,8 @@ def main() -> None:
         lines.append(f"| {g} | {len(rs)} | {bt:,.0f} (seed {best['seed']}) | {tests.min():,.0f} | {med:,.0f} | "
                      f"{med_sel:,.0f} | {bt / ff:.3f} | {bt / bf:.3f} | "
                      + (f"{min(p):,.0f} / {top3:,.0f} | {med / top3:.3f} |" if p else "(not published) | |"))
-    lines += ["", "Ratios are the best-by-validation model's test score over the baseline; 'median vs published mean of "
-              "3 best by test' is our median over seeds over the mean of the 3 lowest published test scores (the "
+    lines += ["", "Ratios are the best-by-validation model's test score over the baseline; 'median vs published mean "
+              "of 3 best by test' is our median over seeds over the mean of the 3 lowest published test scores (the "
               "published headline, the mean test score of the 3 models best by validation, is another number: "
               "edgecloud/vmsched/published.py names both). The published "
               "'best' is the lowest test score among 11 published models, so compare it with our 'min over "
