@@ -193,6 +193,7 @@ def tiny_checkpoint(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # loads and re-saves real weights (~30 s)
 def test_truncated_safetensors_is_one_line_and_cache_rebuilds(tmp_path, monkeypatch):
     from edgecloud.errors import UserError
     from edgecloud.llm import models

@@ -82,6 +82,7 @@ async def post(client: httpx.AsyncClient, path: str, body) -> tuple[int, float, 
     return r.status_code, time.perf_counter() - t0, r.text
 
 
+@pytest.mark.slow  # 65 requests against the real model (~15-80 s)
 def test_server_load(server):
     base, engine = server
     bad = malformed(engine)
