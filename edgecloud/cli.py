@@ -34,6 +34,7 @@ SYSTEMS: list[tuple[str, str, str]] = [
     ("rag", "edgecloud.rag.cli", "DRAGON: device–cloud distributed RAG with speculative aggregation."),
     ("vision", "edgecloud.vision.cli", "SAM-COD: camouflaged object detection from RGB-D with dual-stream adapters."),
     ("route", "edgecloud.route.cli", "LLM route recommendation (PathGPT) on the Helsinki OSM graph."),
+    ("personal", "edgecloud.personal.cli", "Personalization: anonymous user embeddings and questioner-aware replies."),
 ]
 
 
