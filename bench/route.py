@@ -16,7 +16,7 @@ def main() -> None:
     from edgecloud.llm.engine import Engine
     from edgecloud.llm.models import load_model
     from edgecloud.results import Result, check_out_dir
-    from edgecloud.route.evaluate import ALL, BenchConfig, map_figure, request_of, run
+    from edgecloud.route.evaluate import ALL, BenchConfig, map_figure, request_of, run, timed
     from edgecloud.route.graph import load_helsinki
     from edgecloud.route.recommend import Recommender, TripIndex
     from edgecloud.route.trips import TripConfig, generate
@@ -31,6 +31,18 @@ def main() -> None:
     engine = Engine(load_model("smollm2-135m"))
     d = run(BenchConfig(requests_per_pref=a.per_pref), a.seed, engine,
             progress=lambda i, n: print(f"request {i}/{n}", flush=True))
+    # the real-data path: tracklib's real GPX track map-matched onto its real IGN network (ground-truth-free quality)
+    from edgecloud.route.mapmatch import MapMatcher, read_gpx
+    from edgecloud.route.realtraces import load_wkt_network, match_quality, tracklib_files
+
+    files = tracklib_files()
+    net = load_wkt_network(files["network_22245.csv"])
+    pts = read_gpx(files["utgtrack-22245.gpx"])
+    mm = MapMatcher(net)
+    (path, match_s) = timed(mm.match, pts)
+    d["real_trace"] = {"source": "tracklib 0.8.4.2 utgtrack-22245.gpx on network_22245.csv (IGN BD TOPO)",
+                       "network_nodes": net.n_nodes, "network_edges": net.n_edges, "match_s": match_s,
+                       **match_quality(net, pts, path, mm)}
     r = Result("route", d, seed=a.seed, title="PathGPT route recommendation (Helsinki OSM)", started=t0)
     r.table(d["table"], ["method", "pref", "n", "precision", "recall", "f1", "name_f1", "len_jaccard", "valid",
                          "latency_s", "unknown_names"])
@@ -43,7 +55,8 @@ def main() -> None:
     r.figure = map_figure(g, paths, t.edges, "one 'avoid_major' request: ground truth black, method red "
                                               "(© OpenStreetMap contributors, ODbL)")
     paths_written = r.write(out)
-    print({k: v for k, v in d.items() if k.startswith("f1") or k in ("validity_rate", "names_v1_not_a_path")})
+    print({k: v for k, v in d.items() if k.startswith("f1") or k in ("validity_rate", "names_v1_not_a_path",
+                                                                        "llm_preference_probe", "real_trace")})
     print(paths_written)
 
 

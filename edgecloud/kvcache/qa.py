@@ -30,6 +30,7 @@ import numpy as np
 from edgecloud.atomic import atomic_path
 from edgecloud.errors import UserError
 from edgecloud.paths import cache_root
+from edgecloud.sdist import fetch_sdist
 
 SDIST = "bigbench-1.0.0.tar.gz"
 SQUAD_MEMBER = "bigbench-1.0.0/bigbench/benchmark_tasks/squad_shifts/squaddev_v1.1.json"
@@ -69,27 +70,10 @@ def squad_path(fetch: bool = True) -> Path:
 
 
 def _download_sdist(dest: Path) -> None:
-    """The sdist from PyPI's simple index, its sha256 checked. (``pip download`` fetches it and then refuses the
-    package's metadata, a direct-URL dependency, so we read the index ourselves.)"""
-    import hashlib
-    import urllib.request
-
     try:
-        index = urllib.request.urlopen("https://pypi.org/simple/bigbench/", timeout=60).read().decode()
-        m = re.search(r'href="([^"]*/' + re.escape(SDIST) + r'#sha256=([0-9a-f]{64}))"', index)
-        if m is None:
-            raise OSError(f"{SDIST} not listed on the index")
-        with atomic_path(dest) as tmp:
-            with urllib.request.urlopen(m.group(1).replace("&amp;", "&"), timeout=600) as r, open(tmp, "wb") as f:
-                h = hashlib.sha256()
-                while chunk := r.read(1 << 20):
-                    h.update(chunk)
-                    f.write(chunk)
-            if h.hexdigest() != m.group(2):
-                raise OSError("sha256 mismatch")
-    except OSError as e:
-        raise UserError(f"could not download {SDIST} (holds SQuAD v1.1 dev) from PyPI ({e}); "
-                        f"put it at {dest} or give --qa FILE") from None
+        fetch_sdist("bigbench", SDIST, dest.parent, "holds SQuAD v1.1 dev")
+    except UserError as e:
+        raise UserError(f"{e}, or give --qa FILE") from None
 
 
 def squad_items(path: Path) -> list[QAItem]:

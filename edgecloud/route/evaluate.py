@@ -46,6 +46,29 @@ def score(g: RoadGraph, a: Answer, t: Trip) -> dict:
             "latency_s": a.latency_s, "unknown": a.unknown}
 
 
+PROFILE_SYSTEM = "You choose a routing profile for a driving request."
+
+
+def preference_probe(rec: Recommender) -> dict:
+    """Can the LLM tell the preferences apart at all? For each preference's words, its constrained choice among the
+    five preference descriptions (the same scoring PathGPT uses for roads), and the same with a neutral request as a
+    control. A model that answers the same whatever the request cannot steer a route by preference words."""
+    labels = list(PREFS)
+    descs = [PREFS[p] for p in labels]
+    menu = "; ".join(descs)
+
+    def choice(words: str) -> str:
+        prompt = rec.engine.chat_prompt(PROFILE_SYSTEM, f"Request: the driver wants to {words}.\n"
+                                                        f"Which routing profile fits: {menu}?") + "Profile:"
+        ranked, _ = rec.llm_choose(prompt, descs)
+        return labels[descs.index(ranked[0])]
+
+    picks = {p: choice(PREFS[p]) for p in labels}
+    return {"accuracy": float(np.mean([picks[p] == p for p in labels])), "picks": picks,
+            "distinct_answers": len(set(picks.values())), "neutral_request": choice("drive somewhere"),
+            "chance": 1 / len(labels)}
+
+
 def run(cfg: BenchConfig, seed: int = 0, engine=None, progress=None) -> dict:
     from edgecloud.llm.engine import Engine
     from edgecloud.llm.models import load_model
@@ -82,6 +105,7 @@ def run(cfg: BenchConfig, seed: int = 0, engine=None, progress=None) -> dict:
         "names_v1_not_a_path": float(1 - np.mean([r["valid"] for r in rows["names_v1"]])),
         "requests": len(tests), "heldout_preference": HELDOUT, "graph": {"nodes": g.n_nodes, "edges": g.n_edges,
                                                                           "named_roads": len(g.names)},
+        "llm_preference_probe": preference_probe(rec),
         "train_trips": len(index.trips), "table": table, "model": cfg.model, "lora": False,
         "example": {"origin": int(tests[0].origin), "dest": int(tests[0].dest), "pref": tests[0].pref}
         if tests else None,

@@ -79,7 +79,7 @@ class MapMatcher:
         layers = [self.candidates(p) for p in pts]
         keep = [i for i, c in enumerate(layers) if len(c[0])]
         if len(keep) < 2:
-            raise UserError(f"the trace has {len(keep)} points within {cfg.radius:.0f} m of the Helsinki graph; "
+            raise UserError(f"the trace has {len(keep)} points within {cfg.radius:.0f} m of the road graph; "
                             "it must run on the graph's area")
         pts, layers = pts[keep], [layers[i] for i in keep]
         score = -0.5 * (layers[0][1] / cfg.sigma) ** 2
