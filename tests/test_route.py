@@ -147,3 +147,27 @@ def test_cli_bad_input_is_one_user_error(tmp_path):
     assert isinstance(r.exception, UserError) and "Mannerheimintie" in str(r.exception)
     r = CliRunner().invoke(app, ["recommend", "--from", "Mannerheimintie", "--to", "Fabianinkatu", "--method", "x"])
     assert isinstance(r.exception, UserError) and "--method" in str(r.exception)
+
+
+def test_preference_probe_scores_the_models_choice():
+    """The probe's accuracy is the share of preferences whose own words pick their own description."""
+    from edgecloud.route.evaluate import preference_probe
+    from edgecloud.route.recommend import Recommender
+    from edgecloud.route.trips import PREFS
+
+    class FakeEngine:
+        def chat_prompt(self, system, user):
+            return user
+
+    class Always(Recommender):  # a model that ignores the request
+        def llm_choose(self, prompt, cands, free_tokens=0):
+            return [cands[0]], ""
+
+    class Reads(Recommender):  # a model that finds the words it was given
+        def llm_choose(self, prompt, cands, free_tokens=0):
+            return [next((c for c in cands if f"wants to {c}." in prompt), cands[-1])], ""
+
+    dumb = preference_probe(Always(None, None, FakeEngine()))
+    assert dumb["accuracy"] == 1 / len(PREFS) and dumb["distinct_answers"] == 1
+    good = preference_probe(Reads(None, None, FakeEngine()))
+    assert good["accuracy"] == 1.0 and good["distinct_answers"] == len(PREFS)

@@ -32,6 +32,24 @@ def bench_cmd(quick: bool = typer.Option(False, "--quick", help="2 requests per 
         print(markdown_table(d["table"]))
 
 
+@app.command("probe")
+def probe_cmd(model: str = typer.Option("smollm2-135m", "--model"),
+              json: bool = typer.Option(False, "--json")) -> None:
+    """Can the LLM tell the route preferences apart? Its choice among the five preference descriptions for each
+    preference's own words (accuracy vs chance 0.2), and for a neutral request."""
+    from edgecloud.results import report
+    from edgecloud.route.evaluate import preference_probe
+    from edgecloud.route.recommend import RecConfig, Recommender
+
+    d = preference_probe(Recommender(None, None, _engine(model), RecConfig(picks=5)))
+    d["model"] = model
+    if json:
+        print(report(d))
+    else:
+        print(f"{model}: accuracy {d['accuracy']:.2f} (chance {d['chance']:.2f}), {d['distinct_answers']} distinct "
+              f"answers; picks {d['picks']}; neutral request -> {d['neutral_request']}")
+
+
 @app.command("recommend")
 def recommend_cmd(origin: str = typer.Option(..., "--from", help="street, 'street & cross street', OSM id, lat,lon"),
                   dest: str = typer.Option(..., "--to"),
