@@ -49,6 +49,47 @@ def test_cross_side_mixture_equals_union(tiny):
             s.advance(t)
 
 
+def _single_sequence_union(e, ctx, scores, prompt, tokens, tau=0.05):
+    """The oracle: REPLUG over the union from per-document single-sequence engine calls (no batch)."""
+    rows = []
+    for c in ctx:
+        logits, cache = e.prefill(list(c) + list(prompt))
+        seq = [logits] + [e.logits_for([t], cache)[-1] for t in tokens[:-1]]
+        rows.append(torch.log_softmax(torch.stack(seq).double(), -1))  # (T, V) for this document
+    lp = torch.stack(rows)  # (docs, T, V)
+    tok = torch.as_tensor(tokens)
+    before = torch.cumsum(lp[:, torch.arange(len(tokens)), tok], 1)
+    before = torch.cat([torch.zeros(len(ctx), 1, dtype=torch.float64), before[:, :-1]], 1)
+    lw = torch.tensor(scores, dtype=torch.float64)[:, None] / tau + before  # (docs, T)
+    return torch.logsumexp(lw[..., None] + lp, 0) - torch.logsumexp(lw, 0)[:, None]  # (T, V)
+
+
+def test_batched_sides_equal_single_sequence_union(tiny):
+    """Each side decodes its documents as one batch (one model call per token); the cross-side mixture equals
+    REPLUG over the union computed one document at a time on the unbatched engine."""
+    g = torch.Generator().manual_seed(5)
+    ctx = [torch.randint(0, 64, (int(n),), generator=g).tolist() for n in (5, 9, 7, 12, 3)]
+    scores = torch.rand(5, generator=g).tolist()
+    prompt = torch.randint(0, 64, (6,), generator=g).tolist()
+    dev, cl = Side(tiny, ctx[:2], scores[:2]), Side(tiny, ctx[2:], scores[2:])
+    calls = []
+    hook = tiny.model.register_forward_hook(lambda m, a, kw_out=None: calls.append(1))
+    try:
+        for s in (dev, cl):
+            s.start(prompt)
+        assert len(calls) == 2  # one prefill pass per side, all its documents together
+        tokens, mixed = [3, 17, 60, 5, 5, 41], []
+        for t in tokens:
+            mixed.append(combine([dev.dist(), cl.dist()]))
+            for s in (dev, cl):
+                s.advance(t)
+        assert len(calls) == 2 + 2 * len(tokens)  # one decode call per side per token
+    finally:
+        hook.remove()
+    want = _single_sequence_union(tiny, ctx, scores, prompt, tokens)
+    assert float((torch.stack(mixed).double() - want).abs().max()) < 1e-5
+
+
 def test_teacher_forced_score_matches_stepwise(tiny):
     _, _, uni = _sides(tiny, 1)
     toks, stepwise = [7, 1, 40, 22], []

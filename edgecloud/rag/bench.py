@@ -23,7 +23,7 @@ import torch
 
 from edgecloud.collab.link import LinkConfig
 from edgecloud.rag.corpus import make_split
-from edgecloud.rag.mix import Side, combine, draft, scored_mixture, verify
+from edgecloud.rag.mix import Side, combine, draft, scored_mixture, target_logprobs, verify
 from edgecloud.rag.node import Device, RagConfig, Scheduler, contexts_for
 from edgecloud.rag.protocol import local_generate
 from edgecloud.rag.store import load_or_build
@@ -69,23 +69,15 @@ def quality(e, sp, dev, cl, cfg: BenchConfig, k: int, tau: float) -> dict:
         per, prior = {}, {}
         for name, store in (("device", dev), ("cloud", cl)):
             docs, scores = store.retrieve(query, k)
-            rows = [_target_logprobs(e, e.encode_prompt(d.text + "\n\n" + query), target) for d in docs]
-            per[name], prior[name] = torch.stack(rows), torch.tensor(scores, dtype=torch.float64) / tau
-        plain = _target_logprobs(e, e.encode_prompt(query), target)[None]
+            seqs = [e.encode_prompt(d.text + "\n\n" + query) + target for d in docs]
+            per[name], prior[name] = target_logprobs(e, seqs, target), torch.tensor(scores, dtype=torch.float64) / tau
+        plain = target_logprobs(e, [e.encode_prompt(query) + target], target)
         lps["no_rag"].append(plain[0])
         lps["device_only"].append(scored_mixture(prior["device"], per["device"], True))
         lps["cloud_only"].append(scored_mixture(prior["cloud"], per["cloud"], True))
         lps["dragon"].append(scored_mixture(torch.cat([prior["device"], prior["cloud"]]),
                                             torch.cat([per["device"], per["cloud"]]), True))
     return {n: float(torch.exp(-torch.cat(v).mean())) for n, v in lps.items()}
-
-
-def _target_logprobs(e, ctx: list[int], target: list[int]) -> torch.Tensor:
-    from transformers import DynamicCache
-
-    logits = e.logits_for(list(ctx) + list(target), DynamicCache())[len(ctx) - 1 : -1]
-    lp = torch.log_softmax(logits.double(), -1)
-    return lp[torch.arange(len(target)), torch.as_tensor(target)]
 
 
 def reference(e, dev, cl, question: str, rc: RagConfig) -> dict:
