@@ -212,3 +212,36 @@ def test_scored_mixture_static_weights():
     dyn = scored_mixture(prior, per, reweight=True)  # second token: weights follow the first token's likelihood
     w2 = torch.softmax(prior + per[:, 0], 0)
     assert float(dyn[1]) == pytest.approx(float(torch.log((w2 * per[:, 1].exp()).sum())))
+
+
+def test_scheduler_window_covers_the_round_trip():
+    s = Scheduler(t_dev=0.1, t_cloud=0.05)
+    assert s.window(0.3, 4, 16) == 5  # ceil(0.3 / 0.1) + 2
+    assert s.window(0.0, 4, 16) == 4  # never below the base
+    assert s.window(3.0, 4, 16) == 16  # never past the answer
+    assert Scheduler().window(0.3, 4, 16) == 4  # nothing measured yet
+
+
+def test_inbox_preamble_taken_out_and_refusal_raised():
+    from edgecloud.errors import UserError
+
+    async def go(first):
+        async def peer(r, w):
+            c = Connection(r, w, Trace("cloud"))
+            await c.send(first, message="too long")
+            await c.send("verdict", pos=0)
+
+        server = await asyncio.start_server(peer, "127.0.0.1", 0)
+        conn = await Connection.open("127.0.0.1", server.sockets[0].getsockname()[1], Trace("device"), timeout=5)
+        inbox = Inbox(conn, "ready", lambda m: UserError(f"refused: {m['message']}"))
+        try:
+            msg, _ = await inbox.get()
+            return msg["type"], inbox.preamble_at is not None
+        finally:
+            inbox.stop()
+            await conn.close()
+            server.close()
+
+    assert asyncio.run(asyncio.wait_for(go("ready"), 20)) == ("verdict", True)
+    with pytest.raises(UserError, match="refused: too long"):
+        asyncio.run(asyncio.wait_for(go("error_query"), 20))

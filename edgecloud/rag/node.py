@@ -12,6 +12,7 @@ goes away mid-answer, the device finishes from the committed prefix with its own
 from __future__ import annotations
 
 import asyncio
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -82,6 +83,8 @@ class CloudServer:
                 msg, _ = await conn.recv()
                 if msg["type"] == "bye":
                     break
+                if msg["type"] in ("draft", "end"):  # the device drafts before our ready: a refused question's
+                    continue
                 if msg["type"] == "ping":
                     await conn.send("pong")
                 elif msg["type"] == "query":
@@ -166,6 +169,13 @@ class Scheduler:
         return {"device": base + (1 - self.acc_cloud_drafts) * (self.rtt + self.t_cloud),
                 "cloud": base + (1 - self.acc_dev_drafts) * (self.rtt + self.t_dev)}
 
+    def window(self, rtt: float, base: int, cap: int) -> int:
+        """Drafts in flight: enough to keep the drafter busy while a verdict makes the round trip at the measured
+        per-token time (``ceil(rtt / t) + 2``), never below ``base``, at most ``cap``."""
+        t = max(self.t_dev, self.t_cloud)
+        need = math.ceil(rtt / t) + 2 if t > 0 else base
+        return int(min(cap, max(base, need)))
+
     def choose(self) -> str:
         if self.fixed:
             return self.fixed
@@ -188,8 +198,9 @@ class Answer:
     tokens: list[int]
     text: str
     agg: str
+    window: int  # drafts allowed ahead of the last verdict
     ttft_s: float  # question sent -> first token known on the device
-    per_token_s: float  # (last token - decode start) / tokens; decode start = both sides prefilled (cloud's ready)
+    per_token_s: float  # time per output token after the first: (last - first commit) / (tokens - 1)
     total_s: float
     acceptance: float
     rtt_s: float
@@ -235,7 +246,6 @@ class Device:
                "sequence": "device"}[mode] or self.sched.choose()
         window = {"token-sync": 1, "sequence": cfg.max_new}.get(mode, cfg.window)
         out, side, rtt, fallback = Outcome(on_commit=self.on_commit), None, 0.0, None
-        t_ready = None
         self.engine.check_length(len(self.engine.encode(question)) + 400 + cfg.max_new, "question + passage")
         try:
             if self.conn is None:
@@ -244,15 +254,15 @@ class Device:
             await self.conn.send("ping")
             await self.conn.expect("pong")
             rtt = time.time() - tp
+            if mode.startswith("dragon"):  # enough drafts in flight to cover the round trip at the measured rate
+                window = self.sched.window(rtt, cfg.window, cfg.max_new)
             t0 = time.time()
             await self.conn.send("query", question=question, agg=agg, window=window, sequence=mode == "sequence",
                                  config=asdict(cfg))
-            side = make_side(self.engine, self.store, question, cfg)
-            msg, _ = await self.conn.recv()
-            if msg["type"] == "error_query":
-                raise UserError(f"the cloud refused the question: {msg['message']}")
-            t_ready = time.time()
-            inbox = Inbox(self.conn)
+            side = make_side(self.engine, self.store, question, cfg)  # overlaps the cloud's retrieval + prefill
+            # the cloud's ready (or its refusal) is read by the inbox: a drafting device starts without waiting
+            inbox = Inbox(self.conn, "ready", lambda m: UserError(f"the cloud refused the question: "
+                                                                  f"{m.get('message', m['type'])}"))
             try:
                 if agg == "device":
                     await run_aggregator(side, self.conn, inbox, out, cfg.max_new, cfg.greedy, cfg.seed,
@@ -273,7 +283,6 @@ class Device:
             self.conn = None
             if side is None:
                 side = make_side(self.engine, self.store, question, cfg)
-            t_ready = t_ready or time.time()
             side.rollback(len(out.tokens))
             if out.tokens and side.n < len(out.tokens):
                 side.advance(out.tokens[-1])
@@ -286,6 +295,6 @@ class Device:
         n = len(out.tokens)
         ct = out.commit_times
         after = self.trace.totals()
-        return Answer(out.tokens, self.engine.decode_text(out.tokens), agg, (ct[0] - t0) if ct else 0.0,
-                      (ct[-1] - t_ready) / n if n else 0.0, (ct[-1] - t0) if ct else 0.0,
+        return Answer(out.tokens, self.engine.decode_text(out.tokens), agg, window, (ct[0] - t0) if ct else 0.0,
+                      (ct[-1] - ct[0]) / (n - 1) if n > 1 else 0.0, (ct[-1] - t0) if ct else 0.0,
                       out.accepted / max(1, n), rtt, fallback, {k: after[k] - before[k] for k in after})
