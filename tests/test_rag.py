@@ -236,12 +236,12 @@ def test_inbox_preamble_taken_out_and_refusal_raised():
         inbox = Inbox(conn, "ready", lambda m: UserError(f"refused: {m['message']}"))
         try:
             msg, _ = await inbox.get()
-            return msg["type"], inbox.preamble_at is not None
+            return msg["type"], inbox.preamble_msg["type"]
         finally:
             inbox.stop()
             await conn.close()
             server.close()
 
-    assert asyncio.run(asyncio.wait_for(go("ready"), 20)) == ("verdict", True)
+    assert asyncio.run(asyncio.wait_for(go("ready"), 20)) == ("verdict", "ready")
     with pytest.raises(UserError, match="refused: too long"):
         asyncio.run(asyncio.wait_for(go("error_query"), 20))

@@ -38,7 +38,7 @@ class BenchConfig:
     articles: int = 16  # 40+ is better but the MiniLM store build alone took > 7 min on the shared 2 cores
     windows: int = 8  # held-out evaluation windows
     window_words: int = 40  # query words, then as many target words
-    questions: int = 1
+    questions: int = 2  # per (RTT, mode) cell
     max_new: int = 12
     rtts_ms: tuple[int, ...] = (0, 50, 100, 200, 300)
     jitter: float = 0.2
@@ -188,19 +188,27 @@ async def _ask_all(d: Device, questions, mode):
     return out
 
 
-def device_only_ttft(e, dev, questions, rc: RagConfig) -> float:
-    ts = []
+def local_latency(e, stores: list, questions: list[str], rc: RagConfig) -> dict:
+    """Centralized RAG in this one process over ``stores``' documents (no link): TTFT (retrieval + one batched
+    prefill + first token) and time per output token after the first. Device-only = [dev], cloud-only = [cloud]
+    (its compute; over a link add the RTT to TTFT), centralized = [dev, cloud] (the union, one batch)."""
+    ttft, tpot = [], []
     for q in questions:
         t0 = time.perf_counter()
-        side = Side(e, *contexts_for(e, dev, q, rc.k)[:2], rc.tau)
+        parts = [contexts_for(e, st, q, rc.k)[:2] for st in stores]
+        side = Side(e, [c for p in parts for c in p[0]], [s for p in parts for s in p[1]], rc.tau)
         side.start([])
-        side.dist()
-        ts.append(time.perf_counter() - t0)
-    return float(np.mean(ts))
+        draft(side.dist()[1], True, None)
+        t1 = time.perf_counter()
+        toks = local_generate(side, rc.max_new, True, rc.seed)
+        ttft.append(t1 - t0)
+        tpot.append((time.perf_counter() - t1) / max(1, len(toks) - 1))
+    return {"ttft_s": float(np.mean(ttft)), "per_token_s": float(np.mean(tpot))}
 
 
 def run(cfg: BenchConfig) -> Result:
     t0 = time.time()
+    load0 = list(os.getloadavg())  # the machine is shared: say how busy it was
     torch.manual_seed(cfg.seed)
     e, sp, dev, cl = load_all(cfg.articles, cfg.seed)
     rc = RagConfig(max_new=cfg.max_new, seed=cfg.seed)
@@ -209,7 +217,9 @@ def run(cfg: BenchConfig) -> Result:
     refs = [reference(e, dev, cl, q, rc) for q in questions]
     chi = chi2_test([c for r in refs for c in r["cached"]][:3], cfg.chi2_samples, cfg.seed)
     lat = latency(e, dev, cfg, rc, questions, [r["tokens"] for r in refs])
-    ttft_dev = device_only_ttft(e, dev, questions, rc)
+    local = {name: local_latency(e, st, questions, rc)
+             for name, st in (("device_only", [dev]), ("cloud_only", [cl]), ("centralized", [dev, cl]))}
+    ttft_dev = local["device_only"]["ttft_s"]
     by = {(r["rtt_ms"], r["mode"]): r for r in lat["rows"]}
     top = max(cfg.rtts_ms)
     best_fixed = {rtt: min(by[(rtt, "dragon-device")]["per_token_s"], by[(rtt, "dragon-cloud")]["per_token_s"])
@@ -230,6 +240,11 @@ def run(cfg: BenchConfig) -> Result:
         "scheduler_vs_best_fixed": sched_ratio,
         "ttft_device_only_rag_s": ttft_dev,
         "ttft_dragon_vs_device_only": float(np.mean([by[(r, "dragon")]["ttft_s"] for r in cfg.rtts_ms])) / ttft_dev,
+        "ttft_dragon_vs_device_only_by_rtt": {r: by[(r, "dragon")]["ttft_s"] / ttft_dev for r in cfg.rtts_ms},
+        "local_rag": local,  # in-process baselines (no link)
+        "per_token_dragon_vs_centralized_by_rtt": {r: by[(r, "dragon")]["per_token_s"] / local["centralized"][
+            "per_token_s"] for r in cfg.rtts_ms},
+        "load_average": {"start": load0, "end": list(os.getloadavg())},
         "latency": lat["rows"],
         "config": asdict(cfg), "rag_config": asdict(rc),
         "corpus": {"device_passages": len(dev.passages), "cloud_passages": len(cl.passages),
@@ -239,6 +254,7 @@ def run(cfg: BenchConfig) -> Result:
     res = Result(name, data, seed=cfg.seed, title="DRAGON: distributed RAG with speculative aggregation",
                  started=t0)
     res.table([{"condition": k, "perplexity": v} for k, v in ppl.items()])
+    res.table([{"baseline (one process, no link)": k, **v} for k, v in local.items()])
     res.table(lat["rows"], ["rtt_ms", "mode", "per_token_s", "ttft_s", "acceptance", "agg", "window", "bytes"])
     res.figure = _plot(lat["rows"], cfg.rtts_ms, ppl)
     return res

@@ -108,7 +108,7 @@ class CloudServer:
         except (UserError, TypeError, KeyError) as e:
             await conn.send("error_query", message=f"{type(e).__name__}: {e}")
             return
-        await conn.send("ready", docs=len(side.contexts), step_s=_mean(self.step_s[-32:]))
+        await conn.send("ready", docs=len(side.contexts), step_s=_mean(self.step_s[-32:]), t=time.time())
         inbox, out = Inbox(conn), Outcome()
         try:
             if msg["agg"] == "device":
@@ -200,7 +200,8 @@ class Answer:
     agg: str
     window: int  # drafts allowed ahead of the last verdict
     ttft_s: float  # question sent -> first token known on the device
-    per_token_s: float  # time per output token after the first: (last - first commit) / (tokens - 1)
+    per_token_s: float  # (last token - decode start) / tokens; decode start = both sides prefilled (same-host
+    # wall clocks: the cloud's ready carries time.time(), as the traces do)
     total_s: float
     acceptance: float
     rtt_s: float
@@ -246,6 +247,7 @@ class Device:
                "sequence": "device"}[mode] or self.sched.choose()
         window = {"token-sync": 1, "sequence": cfg.max_new}.get(mode, cfg.window)
         out, side, rtt, fallback = Outcome(on_commit=self.on_commit), None, 0.0, None
+        t_start = None  # decode start: both sides' documents prefilled (the cloud's ready carries its wall time)
         self.engine.check_length(len(self.engine.encode(question)) + 400 + cfg.max_new, "question + passage")
         try:
             if self.conn is None:
@@ -260,6 +262,7 @@ class Device:
             await self.conn.send("query", question=question, agg=agg, window=window, sequence=mode == "sequence",
                                  config=asdict(cfg))
             side = make_side(self.engine, self.store, question, cfg)  # overlaps the cloud's retrieval + prefill
+            t_start = time.time()
             # the cloud's ready (or its refusal) is read by the inbox: a drafting device starts without waiting
             inbox = Inbox(self.conn, "ready", lambda m: UserError(f"the cloud refused the question: "
                                                                   f"{m.get('message', m['type'])}"))
@@ -275,6 +278,7 @@ class Device:
                     end = await _drain_until(inbox, "end")
             finally:
                 inbox.stop()
+            t_start = max(t_start, float((inbox.preamble_msg or {}).get("t", 0.0)))
             acc = out.accepted / max(1, len(out.tokens))
             if mode.startswith("dragon"):  # every speculative run is a measurement the scheduler learns from
                 self.sched.update(agg, rtt, _mean(out.step_s), float(end["step_s"]), acc)
@@ -283,6 +287,7 @@ class Device:
             self.conn = None
             if side is None:
                 side = make_side(self.engine, self.store, question, cfg)
+            t_start = t_start or time.time()
             side.rollback(len(out.tokens))
             if out.tokens and side.n < len(out.tokens):
                 side.advance(out.tokens[-1])
@@ -296,5 +301,5 @@ class Device:
         ct = out.commit_times
         after = self.trace.totals()
         return Answer(out.tokens, self.engine.decode_text(out.tokens), agg, window, (ct[0] - t0) if ct else 0.0,
-                      (ct[-1] - ct[0]) / (n - 1) if n > 1 else 0.0, (ct[-1] - t0) if ct else 0.0,
+                      (ct[-1] - t_start) / n if n else 0.0, (ct[-1] - t0) if ct else 0.0,
                       out.accepted / max(1, n), rtt, fallback, {k: after[k] - before[k] for k in after})
