@@ -21,7 +21,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
@@ -128,7 +128,7 @@ def _python(*args: str) -> list[str]:
     return [sys.executable, "-m", *args]
 
 
-def _start(argv: list[str], marker: str) -> tuple[subprocess.Popen, int]:
+def start_server(argv: list[str], marker: str) -> tuple[subprocess.Popen, int]:
     """Start a server process and read its port from the first stdout line that holds ``marker``."""
     env = dict(os.environ, EDGECLOUD_THREADS="1")
     err = tempfile.TemporaryFile(mode="w+")  # a file, not a pipe: a chatty server never blocks on stderr
@@ -140,12 +140,12 @@ def _start(argv: list[str], marker: str) -> tuple[subprocess.Popen, int]:
         p.wait(timeout=15)
         err.seek(0)
         why = err.read().strip()[-400:]
-        _stop(p)
+        stop(p)
         raise RuntimeError(f"{' '.join(argv)} did not start: {line.strip()!r} {why}")
     return p, int(re.search(r":(\d+)", line.split(marker, 1)[1]).group(1))
 
 
-def _stop(*procs: subprocess.Popen) -> None:
+def stop(*procs: subprocess.Popen) -> None:
     for p in procs:
         if p.poll() is None:
             p.kill()
@@ -154,7 +154,7 @@ def _stop(*procs: subprocess.Popen) -> None:
         p.errfile.close()
 
 
-def _client(argv: list[str], timeout: float) -> dict:
+def run_client(argv: list[str], timeout: float) -> dict:
     r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
     if r.returncode != 0:
         raise RuntimeError(f"{' '.join(argv)} failed: {r.stderr.strip()[-400:]}")
@@ -165,38 +165,49 @@ def _probe_args(cfg: ProbeConfig) -> list[str]:
     return [a for f, v in asdict(cfg).items() for a in ("--" + f.replace("_", "-"), str(v))]
 
 
-def probe_kernel(rate_mbit: float, cfg: ProbeConfig) -> dict:
-    """The probe's server in one namespace, its client in the other, across the tbf-shaped veth pair."""
+Args = Callable[..., list[str]]
+
+
+def across_kernel(rate_mbit: float, server: Args, client: Args, marker: str, timeout: float) -> dict:
+    """``python -m server(host)`` in one namespace, ``python -m client(host, port)`` in the other, across the
+    tbf-shaped veth pair; returns the client's last stdout line as JSON."""
     with veth_pair(rate_mbit) as link:
-        server, port = _start(link.cmd(link.b, _python("edgecloud.collab.probe", "server", "--host", link.ip_b)),
-                              "listening on")
+        srv, port = start_server(link.cmd(link.b, _python(*server(link.ip_b))), marker)
         try:
-            return _client(link.cmd(link.a, _python("edgecloud.collab.probe", "client", "--to",
-                                                    f"{link.ip_b}:{port}", *_probe_args(cfg))), cfg.timeout_s * 4)
+            return run_client(link.cmd(link.a, _python(*client(link.ip_b, port))), timeout)
         finally:
-            _stop(server)
+            stop(srv)
 
 
-def probe_emulated(rate_mbit: float, cfg: ProbeConfig, rtt_ms: float = 0.0, seed: int = 0) -> dict:
-    """The same probe processes on loopback through the userspace link proxy at the same rate."""
-    server, port = _start(_python("edgecloud.collab.probe", "server"), "listening on")
+def across_emulator(rate_mbit: float, server: Args, client: Args, marker: str, timeout: float, rtt_ms: float = 0.0,
+                    seed: int = 0) -> dict:
+    """The same two processes on loopback with the userspace link proxy (same rate) between them."""
+    srv, port = start_server(_python(*server("127.0.0.1")), marker)
     try:
-        proxy, pport = _start(_python("edgecloud.collab.link", "--listen", "0", "--to", f"127.0.0.1:{port}",
-                                      "--bandwidth-mbps", str(rate_mbit), "--rtt-ms", str(rtt_ms), "--seed",
-                                      str(seed)), "link proxy")
+        proxy, pport = start_server(_python("edgecloud.collab.link", "--listen", "0", "--to", f"127.0.0.1:{port}",
+                                            "--bandwidth-mbps", str(rate_mbit), "--rtt-ms", str(rtt_ms), "--seed",
+                                            str(seed)), "link proxy")
         try:
-            return _client(_python("edgecloud.collab.probe", "client", "--to", f"127.0.0.1:{pport}",
-                                   *_probe_args(cfg)), cfg.timeout_s * 4)
+            return run_client(_python(*client("127.0.0.1", pport)), timeout)
         finally:
-            _stop(proxy)
+            stop(proxy)
     finally:
-        _stop(server)
+        stop(srv)
 
 
 def crosscheck(rate_mbit: float, cfg: ProbeConfig | None = None) -> dict:
-    """Kernel-shaped vs emulated figures at one rate, with emulated/kernel ratios."""
+    """Kernel-shaped vs emulated probe figures at one rate, with emulated/kernel ratios."""
     cfg = cfg or ProbeConfig()
-    kernel, emulated = probe_kernel(rate_mbit, cfg), probe_emulated(rate_mbit, cfg)
+    marker, timeout = "listening on", cfg.timeout_s * 4
+
+    def server(host):
+        return ["edgecloud.collab.probe", "server", "--host", host]
+
+    def client(host, port):
+        return ["edgecloud.collab.probe", "client", "--to", f"{host}:{port}", *_probe_args(cfg)]
+
+    kernel = across_kernel(rate_mbit, server, client, marker, timeout)
+    emulated = across_emulator(rate_mbit, server, client, marker, timeout)
     return {"rate_mbit": rate_mbit, "kernel": kernel, "emulated": emulated,
             "ratio": {k: emulated[k] / kernel[k] for k in ("bulk_mbps", "message_rtt_s")},
             # both sub-millisecond here (no kernel delay to shape): compared as a difference, not a ratio
