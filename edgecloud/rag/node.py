@@ -207,6 +207,7 @@ class Answer:
     rtt_s: float
     fallback: str | None
     traffic: dict
+    step_s: dict  # mean per-token decode compute of each side's batch ({"device", "cloud"}), for profiling
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -247,6 +248,7 @@ class Device:
                "sequence": "device"}[mode] or self.sched.choose()
         window = {"token-sync": 1, "sequence": cfg.max_new}.get(mode, cfg.window)
         out, side, rtt, fallback = Outcome(on_commit=self.on_commit), None, 0.0, None
+        cloud_step = 0.0
         t_start = None  # decode start: both sides' documents prefilled (the cloud's ready carries its wall time)
         self.engine.check_length(len(self.engine.encode(question)) + 400 + cfg.max_new, "question + passage")
         try:
@@ -280,6 +282,7 @@ class Device:
                 inbox.stop()
             t_start = max(t_start, float((inbox.preamble_msg or {}).get("t", 0.0)))
             acc = out.accepted / max(1, len(out.tokens))
+            cloud_step = float(end["step_s"])
             if mode.startswith("dragon"):  # every speculative run is a measurement the scheduler learns from
                 self.sched.update(agg, rtt, _mean(out.step_s), float(end["step_s"]), acc)
         except (PeerGone, ProtocolError) as e:
@@ -302,4 +305,5 @@ class Device:
         after = self.trace.totals()
         return Answer(out.tokens, self.engine.decode_text(out.tokens), agg, window, (ct[0] - t0) if ct else 0.0,
                       (ct[-1] - t_start) / n if n else 0.0, (ct[-1] - t0) if ct else 0.0,
-                      out.accepted / max(1, n), rtt, fallback, {k: after[k] - before[k] for k in after})
+                      out.accepted / max(1, n), rtt, fallback, {k: after[k] - before[k] for k in after},
+                      {"device": _mean(out.step_s), "cloud": cloud_step})
