@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edgecloud.errors import UserError
-from edgecloud.llm.batch import Batch, current_rows, generate_batch
+from edgecloud.llm.batch import Batch, current_rows, generate_batch, last_logits
 
 QUESTIONS = ["What is 2+2?", "Name a colour of the sky on a clear day, and explain why it looks that way.", "Hi",
              "Write the word 'python' backwards, then tell me how many letters it has."]
@@ -66,6 +66,17 @@ def test_rollback_then_decode_matches(engine, prompts):
     engine.logits_for([5], ref)
     assert torch.allclose(out["a"], engine.logits_for([42], ref)[-1], atol=1e-4)
     assert b.seqs["a"].tokens == [5, 42]
+
+
+def test_last_logits_equal_single(engine, prompts):
+    from transformers import DynamicCache
+
+    ids = [engine.encode_prompt(p) for p in prompts]
+    got = last_logits(engine, ids, 3)
+    for r, i in enumerate(ids):
+        assert torch.allclose(got[r], engine.logits_for(i, DynamicCache())[-3:], atol=1e-4)
+    with pytest.raises(UserError, match="at least n=5"):
+        last_logits(engine, [[1, 2, 3, 4]], 5)
 
 
 def test_seeded_sampling_per_sequence(engine, prompts):

@@ -49,6 +49,47 @@ def test_cross_side_mixture_equals_union(tiny):
             s.advance(t)
 
 
+def _single_sequence_union(e, ctx, scores, prompt, tokens, tau=0.05):
+    """The oracle: REPLUG over the union from per-document single-sequence engine calls (no batch)."""
+    rows = []
+    for c in ctx:
+        logits, cache = e.prefill(list(c) + list(prompt))
+        seq = [logits] + [e.logits_for([t], cache)[-1] for t in tokens[:-1]]
+        rows.append(torch.log_softmax(torch.stack(seq).double(), -1))  # (T, V) for this document
+    lp = torch.stack(rows)  # (docs, T, V)
+    tok = torch.as_tensor(tokens)
+    before = torch.cumsum(lp[:, torch.arange(len(tokens)), tok], 1)
+    before = torch.cat([torch.zeros(len(ctx), 1, dtype=torch.float64), before[:, :-1]], 1)
+    lw = torch.tensor(scores, dtype=torch.float64)[:, None] / tau + before  # (docs, T)
+    return torch.logsumexp(lw[..., None] + lp, 0) - torch.logsumexp(lw, 0)[:, None]  # (T, V)
+
+
+def test_batched_sides_equal_single_sequence_union(tiny):
+    """Each side decodes its documents as one batch (one model call per token); the cross-side mixture equals
+    REPLUG over the union computed one document at a time on the unbatched engine."""
+    g = torch.Generator().manual_seed(5)
+    ctx = [torch.randint(0, 64, (int(n),), generator=g).tolist() for n in (5, 9, 7, 12, 3)]
+    scores = torch.rand(5, generator=g).tolist()
+    prompt = torch.randint(0, 64, (6,), generator=g).tolist()
+    dev, cl = Side(tiny, ctx[:2], scores[:2]), Side(tiny, ctx[2:], scores[2:])
+    calls = []
+    hook = tiny.model.register_forward_hook(lambda m, a, kw_out=None: calls.append(1))
+    try:
+        for s in (dev, cl):
+            s.start(prompt)
+        assert len(calls) == 2  # one prefill pass per side, all its documents together
+        tokens, mixed = [3, 17, 60, 5, 5, 41], []
+        for t in tokens:
+            mixed.append(combine([dev.dist(), cl.dist()]))
+            for s in (dev, cl):
+                s.advance(t)
+        assert len(calls) == 2 + 2 * len(tokens)  # one decode call per side per token
+    finally:
+        hook.remove()
+    want = _single_sequence_union(tiny, ctx, scores, prompt, tokens)
+    assert float((torch.stack(mixed).double() - want).abs().max()) < 1e-5
+
+
 def test_teacher_forced_score_matches_stepwise(tiny):
     _, _, uni = _sides(tiny, 1)
     toks, stepwise = [7, 1, 40, 22], []
@@ -171,3 +212,36 @@ def test_scored_mixture_static_weights():
     dyn = scored_mixture(prior, per, reweight=True)  # second token: weights follow the first token's likelihood
     w2 = torch.softmax(prior + per[:, 0], 0)
     assert float(dyn[1]) == pytest.approx(float(torch.log((w2 * per[:, 1].exp()).sum())))
+
+
+def test_scheduler_window_covers_the_round_trip():
+    s = Scheduler(t_dev=0.1, t_cloud=0.05)
+    assert s.window(0.3, 4, 16) == 5  # ceil(0.3 / 0.1) + 2
+    assert s.window(0.0, 4, 16) == 4  # never below the base
+    assert s.window(3.0, 4, 16) == 16  # never past the answer
+    assert Scheduler().window(0.3, 4, 16) == 4  # nothing measured yet
+
+
+def test_inbox_preamble_taken_out_and_refusal_raised():
+    from edgecloud.errors import UserError
+
+    async def go(first):
+        async def peer(r, w):
+            c = Connection(r, w, Trace("cloud"))
+            await c.send(first, message="too long")
+            await c.send("verdict", pos=0)
+
+        server = await asyncio.start_server(peer, "127.0.0.1", 0)
+        conn = await Connection.open("127.0.0.1", server.sockets[0].getsockname()[1], Trace("device"), timeout=5)
+        inbox = Inbox(conn, "ready", lambda m: UserError(f"refused: {m['message']}"))
+        try:
+            msg, _ = await inbox.get()
+            return msg["type"], inbox.preamble_msg["type"]
+        finally:
+            inbox.stop()
+            await conn.close()
+            server.close()
+
+    assert asyncio.run(asyncio.wait_for(go("ready"), 20)) == ("verdict", "ready")
+    with pytest.raises(UserError, match="refused: too long"):
+        asyncio.run(asyncio.wait_for(go("error_query"), 20))

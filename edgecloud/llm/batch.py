@@ -94,6 +94,34 @@ def _left_pad(rows: list[torch.Tensor], width: int, dim: int) -> torch.Tensor:
     return torch.cat(out, 0)
 
 
+def _pad_prompts(prompts: Sequence[Sequence[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded token ids, 0/1 mask and per-sequence positions (each sequence starts at position 0)."""
+    lens = [len(p) for p in prompts]
+    width = max(lens)
+    tok = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros(len(prompts), width, dtype=torch.long)
+    for r, p in enumerate(prompts):
+        tok[r, width - lens[r]:] = torch.as_tensor(list(p), dtype=torch.long)
+        mask[r, width - lens[r]:] = 1
+    return tok, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+
+@torch.inference_mode()
+def last_logits(engine, prompts: Sequence[Sequence[int]], n: int) -> torch.Tensor:
+    """Teacher-forced logits at the last ``n`` positions of every prompt, in one left-padded pass: (batch, n, vocab).
+
+    What :meth:`Engine.logits_for` gives per prompt (same positions, masked padding), for scoring several
+    sequences (documents + a target text, say) at once without a cache."""
+    ids = list(range(len(prompts)))
+    _check_prompts(engine, prompts, ids)
+    if any(len(p) < n for p in prompts):
+        raise UserError(f"last_logits: every prompt needs at least n={n} tokens")
+    tok, mask, pos = _pad_prompts(prompts)
+    with _rows(ids):
+        out = engine.model(input_ids=tok, attention_mask=mask, position_ids=pos, use_cache=False, logits_to_keep=n)
+    return out.logits[:, -n:].float()
+
+
 class Batch:
     """Sequences decoding together on one :class:`~edgecloud.llm.engine.Engine`."""
 
@@ -153,13 +181,7 @@ class Batch:
             return {}
         t0 = time.perf_counter()
         lens = [len(prompts[i]) for i in ids]
-        width = max(lens)
-        tok = torch.zeros(len(ids), width, dtype=torch.long)
-        mask = torch.zeros(len(ids), width, dtype=torch.long)
-        for r, i in enumerate(ids):
-            tok[r, width - lens[r]:] = torch.as_tensor(list(prompts[i]), dtype=torch.long)
-            mask[r, width - lens[r]:] = 1
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        tok, mask, pos = _pad_prompts([prompts[i] for i in ids])
         from transformers import DynamicCache
 
         cache = DynamicCache()

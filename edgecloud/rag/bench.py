@@ -23,7 +23,7 @@ import torch
 
 from edgecloud.collab.link import LinkConfig
 from edgecloud.rag.corpus import make_split
-from edgecloud.rag.mix import Side, combine, draft, scored_mixture, verify
+from edgecloud.rag.mix import Side, combine, draft, scored_mixture, target_logprobs, verify
 from edgecloud.rag.node import Device, RagConfig, Scheduler, contexts_for
 from edgecloud.rag.protocol import local_generate
 from edgecloud.rag.store import load_or_build
@@ -38,7 +38,7 @@ class BenchConfig:
     articles: int = 16  # 40+ is better but the MiniLM store build alone took > 7 min on the shared 2 cores
     windows: int = 8  # held-out evaluation windows
     window_words: int = 40  # query words, then as many target words
-    questions: int = 1
+    questions: int = 2  # per (RTT, mode) cell
     max_new: int = 12
     rtts_ms: tuple[int, ...] = (0, 50, 100, 200, 300)
     jitter: float = 0.2
@@ -69,23 +69,15 @@ def quality(e, sp, dev, cl, cfg: BenchConfig, k: int, tau: float) -> dict:
         per, prior = {}, {}
         for name, store in (("device", dev), ("cloud", cl)):
             docs, scores = store.retrieve(query, k)
-            rows = [_target_logprobs(e, e.encode_prompt(d.text + "\n\n" + query), target) for d in docs]
-            per[name], prior[name] = torch.stack(rows), torch.tensor(scores, dtype=torch.float64) / tau
-        plain = _target_logprobs(e, e.encode_prompt(query), target)[None]
+            seqs = [e.encode_prompt(d.text + "\n\n" + query) + target for d in docs]
+            per[name], prior[name] = target_logprobs(e, seqs, target), torch.tensor(scores, dtype=torch.float64) / tau
+        plain = target_logprobs(e, [e.encode_prompt(query) + target], target)
         lps["no_rag"].append(plain[0])
         lps["device_only"].append(scored_mixture(prior["device"], per["device"], True))
         lps["cloud_only"].append(scored_mixture(prior["cloud"], per["cloud"], True))
         lps["dragon"].append(scored_mixture(torch.cat([prior["device"], prior["cloud"]]),
                                             torch.cat([per["device"], per["cloud"]]), True))
     return {n: float(torch.exp(-torch.cat(v).mean())) for n, v in lps.items()}
-
-
-def _target_logprobs(e, ctx: list[int], target: list[int]) -> torch.Tensor:
-    from transformers import DynamicCache
-
-    logits = e.logits_for(list(ctx) + list(target), DynamicCache())[len(ctx) - 1 : -1]
-    lp = torch.log_softmax(logits.double(), -1)
-    return lp[torch.arange(len(target)), torch.as_tensor(target)]
 
 
 def reference(e, dev, cl, question: str, rc: RagConfig) -> dict:
@@ -159,11 +151,12 @@ def start_link(port: int, rtt: float, jitter: float, seed: int) -> tuple[subproc
 def latency(e, dev, cfg: BenchConfig, rc: RagConfig, questions: list[str], refs: list[list[int]]) -> dict:
     cloud, port = start_cloud(cfg)
     rows, identical = [], []
+    sched = Scheduler()  # one device, one scheduler, learning live as the link changes under it
     try:
-        for rtt in cfg.rtts_ms:
+        asyncio.run(_ask_all(Device(e, dev, ("127.0.0.1", port), rc, Scheduler()), questions[:1], "dragon-cloud"))
+        for rtt in cfg.rtts_ms:  # (above: warm-up, untimed: the cloud's first retrieval loads MiniLM's kernels)
             link, lport = start_link(port, rtt, cfg.jitter if rtt else 0.0, cfg.seed)
             try:
-                sched = Scheduler()
                 for mode in MODES:
                     d = Device(e, dev, ("127.0.0.1", lport), rc, sched)
                     res = asyncio.run(_ask_all(d, questions, mode))
@@ -173,6 +166,7 @@ def latency(e, dev, cfg: BenchConfig, rc: RagConfig, questions: list[str], refs:
                                  "per_token_s": float(np.mean([a.per_token_s for a in res])),
                                  "ttft_s": float(np.mean([a.ttft_s for a in res])),
                                  "acceptance": float(np.mean([a.acceptance for a in res])),
+                                 "window": ",".join(str(a.window) for a in res),
                                  "agg": ",".join(a.agg for a in res),
                                  "bytes": int(sum(a.traffic["sent_bytes"] + a.traffic["recv_bytes"] for a in res))})
             finally:
@@ -194,19 +188,27 @@ async def _ask_all(d: Device, questions, mode):
     return out
 
 
-def device_only_ttft(e, dev, questions, rc: RagConfig) -> float:
-    ts = []
+def local_latency(e, stores: list, questions: list[str], rc: RagConfig) -> dict:
+    """Centralized RAG in this one process over ``stores``' documents (no link): TTFT (retrieval + one batched
+    prefill + first token) and time per output token after the first. Device-only = [dev], cloud-only = [cloud]
+    (its compute; over a link add the RTT to TTFT), centralized = [dev, cloud] (the union, one batch)."""
+    ttft, tpot = [], []
     for q in questions:
         t0 = time.perf_counter()
-        side = Side(e, *contexts_for(e, dev, q, rc.k)[:2], rc.tau)
+        parts = [contexts_for(e, st, q, rc.k)[:2] for st in stores]
+        side = Side(e, [c for p in parts for c in p[0]], [s for p in parts for s in p[1]], rc.tau)
         side.start([])
-        side.dist()
-        ts.append(time.perf_counter() - t0)
-    return float(np.mean(ts))
+        draft(side.dist()[1], True, None)
+        t1 = time.perf_counter()
+        toks = local_generate(side, rc.max_new, True, rc.seed)
+        ttft.append(t1 - t0)
+        tpot.append((time.perf_counter() - t1) / max(1, len(toks) - 1))
+    return {"ttft_s": float(np.mean(ttft)), "per_token_s": float(np.mean(tpot))}
 
 
 def run(cfg: BenchConfig) -> Result:
     t0 = time.time()
+    load0 = list(os.getloadavg())  # the machine is shared: say how busy it was
     torch.manual_seed(cfg.seed)
     e, sp, dev, cl = load_all(cfg.articles, cfg.seed)
     rc = RagConfig(max_new=cfg.max_new, seed=cfg.seed)
@@ -215,7 +217,9 @@ def run(cfg: BenchConfig) -> Result:
     refs = [reference(e, dev, cl, q, rc) for q in questions]
     chi = chi2_test([c for r in refs for c in r["cached"]][:3], cfg.chi2_samples, cfg.seed)
     lat = latency(e, dev, cfg, rc, questions, [r["tokens"] for r in refs])
-    ttft_dev = device_only_ttft(e, dev, questions, rc)
+    local = {name: local_latency(e, st, questions, rc)
+             for name, st in (("device_only", [dev]), ("cloud_only", [cl]), ("centralized", [dev, cl]))}
+    ttft_dev = local["device_only"]["ttft_s"]
     by = {(r["rtt_ms"], r["mode"]): r for r in lat["rows"]}
     top = max(cfg.rtts_ms)
     best_fixed = {rtt: min(by[(rtt, "dragon-device")]["per_token_s"], by[(rtt, "dragon-cloud")]["per_token_s"])
@@ -236,6 +240,11 @@ def run(cfg: BenchConfig) -> Result:
         "scheduler_vs_best_fixed": sched_ratio,
         "ttft_device_only_rag_s": ttft_dev,
         "ttft_dragon_vs_device_only": float(np.mean([by[(r, "dragon")]["ttft_s"] for r in cfg.rtts_ms])) / ttft_dev,
+        "ttft_dragon_vs_device_only_by_rtt": {r: by[(r, "dragon")]["ttft_s"] / ttft_dev for r in cfg.rtts_ms},
+        "local_rag": local,  # in-process baselines (no link)
+        "per_token_dragon_vs_centralized_by_rtt": {r: by[(r, "dragon")]["per_token_s"] / local["centralized"][
+            "per_token_s"] for r in cfg.rtts_ms},
+        "load_average": {"start": load0, "end": list(os.getloadavg())},
         "latency": lat["rows"],
         "config": asdict(cfg), "rag_config": asdict(rc),
         "corpus": {"device_passages": len(dev.passages), "cloud_passages": len(cl.passages),
@@ -245,7 +254,8 @@ def run(cfg: BenchConfig) -> Result:
     res = Result(name, data, seed=cfg.seed, title="DRAGON: distributed RAG with speculative aggregation",
                  started=t0)
     res.table([{"condition": k, "perplexity": v} for k, v in ppl.items()])
-    res.table(lat["rows"], ["rtt_ms", "mode", "per_token_s", "ttft_s", "acceptance", "agg", "bytes"])
+    res.table([{"baseline (one process, no link)": k, **v} for k, v in local.items()])
+    res.table(lat["rows"], ["rtt_ms", "mode", "per_token_s", "ttft_s", "acceptance", "agg", "window", "bytes"])
     res.figure = _plot(lat["rows"], cfg.rtts_ms, ppl)
     return res
 

@@ -1,6 +1,7 @@
 """Per-side REPLUG mixing, the exact cross-side mixture, and the speculative acceptance rule.
 
-A side holds ``n`` retrieved documents, each decoded as its own sequence (document + prompt + generated tokens).
+A side holds ``n`` retrieved documents, each its own sequence (document + prompt + generated tokens), decoded
+together as one batch on :mod:`edgecloud.llm.batch`.
 Document ``i`` has log weight ``log w_i = s_i / tau + sum_{t' < t} log p_i(y_t')``: its retrieval prior times the
 likelihood of the text generated so far (the Bayesian form of REPLUG, so a document that explains the answer gains
 weight; ``reweight=False`` keeps the static REPLUG weights). The side's next-token distribution is
@@ -16,6 +17,7 @@ import math
 import torch
 
 from edgecloud.errors import UserError
+from edgecloud.llm.batch import Batch, last_logits
 
 
 def combine(parts: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
@@ -58,29 +60,28 @@ def accept_distribution(logp: torch.Tensor, logq: torch.Tensor) -> torch.Tensor:
 
 
 class Side:
-    """One side's documents decoding in step. ``contexts``: token ids per document (may be empty: no retrieval)."""
+    """One side's documents decoding in step, as one batch on the shared batched engine (one model call per token
+    for all of them). ``contexts``: token ids per document (may hold a single no-retrieval prompt)."""
 
     def __init__(self, engine, contexts: list[list[int]], scores, tau: float = 0.05, reweight: bool = True):
         if not contexts:
             raise UserError("a side needs at least one context (an empty one means no retrieval)")
         self.e, self.contexts, self.reweight = engine, contexts, reweight
         self.prior = torch.tensor([float(s) / tau for s in scores], dtype=torch.float64)
-        self.caches: list = []
+        self.batch: Batch | None = None
         self.lens: list[int] = []
         self.n = 0  # generated tokens fed so far
         self.hist: list[tuple[torch.Tensor, torch.Tensor]] = []  # (logw, logp) before each fed token
 
     def start(self, prompt_ids: list[int]) -> None:
-        self.caches, self.lens, rows = [], [], []
+        """Prefill every document + prompt in one left-padded pass."""
         self.prompt = list(prompt_ids)
-        for ctx in self.contexts:
-            ids = list(ctx) + list(prompt_ids)
-            self.e.check_length(ids.__len__() + 1, "document + prompt")
-            logits, cache = self.e.prefill(ids)
-            self.caches.append(cache)
-            self.lens.append(len(ids))
-            rows.append(logits)
-        self.logp = torch.log_softmax(torch.stack(rows).double(), -1)
+        seqs = [list(ctx) + self.prompt for ctx in self.contexts]
+        for ids in seqs:
+            self.e.check_length(len(ids) + 1, "document + prompt")
+        self.lens = [len(ids) for ids in seqs]
+        self.batch = Batch(self.e)
+        self.logp = _rows_logp(self.batch.add(dict(enumerate(seqs))), len(seqs))
         self.logw = self.prior.clone()
         self.n, self.hist = 0, []
 
@@ -90,37 +91,45 @@ class Side:
         return float(lw), (torch.logsumexp(self.logw[:, None] + self.logp, 0) - lw).float()
 
     def advance(self, token: int) -> None:
+        """Feed ``token`` to every document's sequence (one batched decode step) and update the scores."""
         self.hist.append((self.logw, self.logp))
         if self.reweight:
             self.logw = self.logw + self.logp[:, token]
-        for i in range(len(self.caches)):
-            self.e.check_length(self.lens[i] + self.n + 2, "document + prompt + answer")
-        self.logp = torch.log_softmax(step_docs(self.e, self.caches, token).double(), -1)
+        self.e.check_length(max(self.lens) + self.n + 2, "document + prompt + answer")
+        self.logp = _rows_logp(self.batch.step(dict.fromkeys(range(len(self.lens)), token)), len(self.lens))
         self.n += 1
 
     def rollback(self, keep: int) -> None:
-        """Back to the state after ``keep`` generated tokens: KV caches cropped, document scores restored."""
+        """Back to the state after ``keep`` generated tokens: every document's KV cut back (the batch masks the
+        dropped slots), document scores and next-token distributions restored."""
         if keep >= self.n:
             return
         self.logw, self.logp = self.hist[keep]
         del self.hist[keep:]
-        for c, n in zip(self.caches, self.lens):
-            extra = c.get_seq_length() - (n + keep)
-            if extra > 0:
-                c.crop(-extra)  # transformers 5: a negative count removes that many trailing tokens
+        for i, n in enumerate(self.lens):
+            held = self.batch.seqs[i].length
+            if held > n + keep:
+                self.batch.rollback(i, n + keep)
         self.n = keep
 
     def score(self, prompt_ids: list[int], target: list[int]) -> torch.Tensor:
-        """Teacher-forced log-probability of each target token under this side's mixture (one pass per doc)."""
-        rows = []
-        for ctx in self.contexts:
-            ids = list(ctx) + list(prompt_ids) + list(target)
+        """Teacher-forced log-probability of each target token under this side's mixture (one batched pass)."""
+        seqs = [list(ctx) + list(prompt_ids) + list(target) for ctx in self.contexts]
+        for ids in seqs:
             self.e.check_length(len(ids), "document + window")
-            rows.append(torch.log_softmax(self.e.logits_for(ids, _fresh_cache())[-len(target) - 1 : -1].double(), -1))
-        lp = torch.stack(rows)  # (docs, T, V)
-        tok = torch.as_tensor(target)
-        per = lp[:, torch.arange(len(target)), tok]  # (docs, T)
-        return scored_mixture(self.prior, per, self.reweight)
+        return scored_mixture(self.prior, target_logprobs(self.e, seqs, target), self.reweight)
+
+
+def target_logprobs(engine, seqs: list[list[int]], target: list[int]) -> torch.Tensor:
+    """Log-probability (docs, T) of ``target`` (the last T tokens of every sequence) per sequence, one batched
+    pass on the shared engine."""
+    logits = last_logits(engine, seqs, len(target) + 1)[:, :-1].double()
+    lp = torch.log_softmax(logits, -1)
+    return lp[:, torch.arange(len(target)), torch.as_tensor(target)]
+
+
+def _rows_logp(logits: dict, n: int) -> torch.Tensor:
+    return torch.log_softmax(torch.stack([logits[i] for i in range(n)]).double(), -1)
 
 
 def scored_mixture(prior: torch.Tensor, per: torch.Tensor, reweight: bool) -> torch.Tensor:
@@ -128,18 +137,6 @@ def scored_mixture(prior: torch.Tensor, per: torch.Tensor, reweight: bool) -> to
     before = torch.cumsum(per, 1) - per if reweight else torch.zeros_like(per)
     lw = prior[:, None] + before
     return torch.logsumexp(lw + per, 0) - torch.logsumexp(lw, 0)
-
-
-def _fresh_cache():
-    from transformers import DynamicCache
-
-    return DynamicCache()
-
-
-def step_docs(engine, caches: list, token: int) -> torch.Tensor:
-    """Next-token logits (docs, vocab) after feeding ``token`` to every document's sequence. The one place a
-    side's per-document model calls happen, so the batched engine replaces this loop in one change."""
-    return torch.stack([engine.logits_for([token], c)[-1] for c in caches])
 
 
 def log_ppl(token_logprobs: list[torch.Tensor]) -> float:

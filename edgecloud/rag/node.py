@@ -12,6 +12,7 @@ goes away mid-answer, the device finishes from the committed prefix with its own
 from __future__ import annotations
 
 import asyncio
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -82,6 +83,8 @@ class CloudServer:
                 msg, _ = await conn.recv()
                 if msg["type"] == "bye":
                     break
+                if msg["type"] in ("draft", "end"):  # the device drafts before our ready: a refused question's
+                    continue
                 if msg["type"] == "ping":
                     await conn.send("pong")
                 elif msg["type"] == "query":
@@ -105,7 +108,7 @@ class CloudServer:
         except (UserError, TypeError, KeyError) as e:
             await conn.send("error_query", message=f"{type(e).__name__}: {e}")
             return
-        await conn.send("ready", docs=len(side.contexts), step_s=_mean(self.step_s[-32:]))
+        await conn.send("ready", docs=len(side.contexts), step_s=_mean(self.step_s[-32:]), t=time.time())
         inbox, out = Inbox(conn), Outcome()
         try:
             if msg["agg"] == "device":
@@ -166,6 +169,13 @@ class Scheduler:
         return {"device": base + (1 - self.acc_cloud_drafts) * (self.rtt + self.t_cloud),
                 "cloud": base + (1 - self.acc_dev_drafts) * (self.rtt + self.t_dev)}
 
+    def window(self, rtt: float, base: int, cap: int) -> int:
+        """Drafts in flight: enough to keep the drafter busy while a verdict makes the round trip at the measured
+        per-token time (``ceil(rtt / t) + 2``), never below ``base``, at most ``cap``."""
+        t = max(self.t_dev, self.t_cloud)
+        need = math.ceil(rtt / t) + 2 if t > 0 else base
+        return int(min(cap, max(base, need)))
+
     def choose(self) -> str:
         if self.fixed:
             return self.fixed
@@ -188,13 +198,16 @@ class Answer:
     tokens: list[int]
     text: str
     agg: str
+    window: int  # drafts allowed ahead of the last verdict
     ttft_s: float  # question sent -> first token known on the device
-    per_token_s: float  # (last token - decode start) / tokens; decode start = both sides prefilled (cloud's ready)
+    per_token_s: float  # (last token - decode start) / tokens; decode start = both sides prefilled (same-host
+    # wall clocks: the cloud's ready carries time.time(), as the traces do)
     total_s: float
     acceptance: float
     rtt_s: float
     fallback: str | None
     traffic: dict
+    step_s: dict  # mean per-token decode compute of each side's batch ({"device", "cloud"}), for profiling
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -235,7 +248,8 @@ class Device:
                "sequence": "device"}[mode] or self.sched.choose()
         window = {"token-sync": 1, "sequence": cfg.max_new}.get(mode, cfg.window)
         out, side, rtt, fallback = Outcome(on_commit=self.on_commit), None, 0.0, None
-        t_ready = None
+        cloud_step = 0.0
+        t_start = None  # decode start: both sides' documents prefilled (the cloud's ready carries its wall time)
         self.engine.check_length(len(self.engine.encode(question)) + 400 + cfg.max_new, "question + passage")
         try:
             if self.conn is None:
@@ -244,15 +258,16 @@ class Device:
             await self.conn.send("ping")
             await self.conn.expect("pong")
             rtt = time.time() - tp
+            if mode.startswith("dragon"):  # enough drafts in flight to cover the round trip at the measured rate
+                window = self.sched.window(rtt, cfg.window, cfg.max_new)
             t0 = time.time()
             await self.conn.send("query", question=question, agg=agg, window=window, sequence=mode == "sequence",
                                  config=asdict(cfg))
-            side = make_side(self.engine, self.store, question, cfg)
-            msg, _ = await self.conn.recv()
-            if msg["type"] == "error_query":
-                raise UserError(f"the cloud refused the question: {msg['message']}")
-            t_ready = time.time()
-            inbox = Inbox(self.conn)
+            side = make_side(self.engine, self.store, question, cfg)  # overlaps the cloud's retrieval + prefill
+            t_start = time.time()
+            # the cloud's ready (or its refusal) is read by the inbox: a drafting device starts without waiting
+            inbox = Inbox(self.conn, "ready", lambda m: UserError(f"the cloud refused the question: "
+                                                                  f"{m.get('message', m['type'])}"))
             try:
                 if agg == "device":
                     await run_aggregator(side, self.conn, inbox, out, cfg.max_new, cfg.greedy, cfg.seed,
@@ -265,7 +280,9 @@ class Device:
                     end = await _drain_until(inbox, "end")
             finally:
                 inbox.stop()
+            t_start = max(t_start, float((inbox.preamble_msg or {}).get("t", 0.0)))
             acc = out.accepted / max(1, len(out.tokens))
+            cloud_step = float(end["step_s"])
             if mode.startswith("dragon"):  # every speculative run is a measurement the scheduler learns from
                 self.sched.update(agg, rtt, _mean(out.step_s), float(end["step_s"]), acc)
         except (PeerGone, ProtocolError) as e:
@@ -273,7 +290,7 @@ class Device:
             self.conn = None
             if side is None:
                 side = make_side(self.engine, self.store, question, cfg)
-            t_ready = t_ready or time.time()
+            t_start = t_start or time.time()
             side.rollback(len(out.tokens))
             if out.tokens and side.n < len(out.tokens):
                 side.advance(out.tokens[-1])
@@ -286,6 +303,7 @@ class Device:
         n = len(out.tokens)
         ct = out.commit_times
         after = self.trace.totals()
-        return Answer(out.tokens, self.engine.decode_text(out.tokens), agg, (ct[0] - t0) if ct else 0.0,
-                      (ct[-1] - t_ready) / n if n else 0.0, (ct[-1] - t0) if ct else 0.0,
-                      out.accepted / max(1, n), rtt, fallback, {k: after[k] - before[k] for k in after})
+        return Answer(out.tokens, self.engine.decode_text(out.tokens), agg, window, (ct[0] - t0) if ct else 0.0,
+                      (ct[-1] - t_start) / n if n else 0.0, (ct[-1] - t0) if ct else 0.0,
+                      out.accepted / max(1, n), rtt, fallback, {k: after[k] - before[k] for k in after},
+                      {"device": _mean(out.step_s), "cloud": cloud_step})

@@ -42,10 +42,15 @@ class Outcome:
 
 
 class Inbox:
-    """Reads messages in the background so a side can poll between its own decode steps."""
+    """Reads messages in the background so a side can poll between its own decode steps.
 
-    def __init__(self, conn: Connection):
+    ``preamble``: the type of one message the peer sends before the protocol's own (the cloud's ``ready``); it is
+    taken out of the stream (kept in ``preamble_msg``) so a drafter can start before it arrives. Any
+    other first message is ``refuse(msg)``'s exception, raised to the reader."""
+
+    def __init__(self, conn: Connection, preamble: str | None = None, refuse=None):
         self.q: asyncio.Queue = asyncio.Queue()
+        self.preamble, self.refuse, self.preamble_msg = preamble, refuse, None
         self.task = asyncio.create_task(self._run(conn))
 
     async def _run(self, conn):
@@ -54,6 +59,14 @@ class Inbox:
                 item = await conn.recv()
             except (PeerGone, ProtocolError) as e:
                 self.q.put_nowait(e)
+                return
+            if self.preamble:
+                want, self.preamble = self.preamble, None
+                if item[0]["type"] == want:
+                    self.preamble_msg = item[0]
+                    continue
+                self.q.put_nowait(self.refuse(item[0]) if self.refuse else
+                                  ProtocolError(f"expected {want!r}, got {item[0]['type']!r}"))
                 return
             self.q.put_nowait(item)
             if item[0]["type"] == "end":  # the phase's last message: stop before reading the next phase's frames
