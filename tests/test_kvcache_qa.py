@@ -79,20 +79,25 @@ def test_bad_bench_config():
         BenchConfig(min_chunks=5, max_chunks=4)
 
 
-def test_unreachable_peer_is_one_clear_error_and_no_number():
-    import importlib.util
+def test_unreachable_peer_is_one_clear_error_before_any_compute(tmp_path):
     import socket
+    import subprocess
+    import sys
 
+    from edgecloud.llm.peers import VLLMPeer
     from edgecloud.paths import REPO_ROOT
 
-    spec = importlib.util.spec_from_file_location("bench_mpic", REPO_ROOT / "bench" / "mpic.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(UserError, match=f"no OpenAI-compatible server answers at http://127.0.0.1:{port}"):
-        mod.vllm_model(f"http://127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}"
+    with pytest.raises(UserError, match=f"no OpenAI-compatible server answers at {url}"):
+        VLLMPeer(url)
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "mpic.py"), "--peer", "vllm", "--peer-url", url,
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"no OpenAI-compatible server answers at {url}" in r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written, no number reported
 
 
 def test_cli_bad_qa_file_is_one_line_exit_2(tmp_path):
