@@ -3,7 +3,7 @@
     python bench/mpic.py            # 30 requests: 6 SQuAD articles x 4 questions + 6 passkey, 4-6 passages each
     python bench/mpic.py --quick    # the CLI's --quick workload
     python bench/mpic.py --from-json run.json   # render a saved `edgecloud kvcache bench --json` run (its provenance
-                                    # is kept as measured_provenance)
+                                    # is kept as measured_provenance); with --peer vllm: add the peer to it
     python bench/mpic.py --peer vllm --peer-url http://127.0.0.1:8000   # + TTFT of a running vLLM server (prefix
                                     # caching on, warmed on the same chunks) on the same token ids, interleaved
                                     # with MPIC-k; adds ttft_ratio_vs_vllm (scripts/peers_vllm.sh starts one)
@@ -68,15 +68,15 @@ def main() -> None:
     a = ap.parse_args()
     try:
         check_out_dir(a.out)
-        if a.from_json:
-            out = json.loads(a.from_json.read_text())
-            render = out.pop("provenance", None)  # a re-render keeps the measuring run's provenance
-            out["measured_provenance"] = out.get("measured_provenance") or render
-            return write(out, a)
         peer = VLLMPeer(a.peer_url) if a.peer else None  # an absent peer fails here, before any compute
-        cfg = BenchConfig.quick(a.seed) if a.quick else BenchConfig(seed=a.seed)
-        engine = Engine(load_model(a.model), threads=a.threads)
-        out = run(engine, cfg, progress=lambda i, n: print(f"request {i}/{n}", file=sys.stderr, flush=True))
+        if a.from_json:
+            out = load_run(a.from_json)
+            cfg = BenchConfig(**{**out["config"], "ks": tuple(out["config"]["ks"])})
+            engine = Engine(load_model(out["model"]), threads=out["threads"]) if peer else None
+        else:
+            cfg = BenchConfig.quick(a.seed) if a.quick else BenchConfig(seed=a.seed)
+            engine = Engine(load_model(a.model), threads=a.threads)
+            out = run(engine, cfg, progress=lambda i, n: print(f"request {i}/{n}", file=sys.stderr, flush=True))
         if peer is not None:
             with peer:
                 out.update(peer_ttft(engine, cfg, peer))
@@ -84,6 +84,19 @@ def main() -> None:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     write(out, a)
+
+
+def load_run(path: Path) -> dict:
+    """A saved run (this script's JSON or `kvcache bench --json`); its provenance is kept as measured_provenance,
+    the new file's provenance then names the command that re-rendered it (or added the peer to it)."""
+    try:
+        out = json.loads(Path(path).read_text())
+        out["config"], out["model"], out["threads"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--from-json {path}: not a saved MPIC bench run ({type(e).__name__}: {e})") from None
+    render = out.pop("provenance", None)
+    out["measured_provenance"] = out.get("measured_provenance") or render
+    return out
 
 
 def write(out: dict, a) -> None:

