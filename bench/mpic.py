@@ -3,9 +3,10 @@
     python bench/mpic.py            # 30 requests: 6 SQuAD articles x 4 questions + 6 passkey, 4-6 passages each
     python bench/mpic.py --quick    # the CLI's --quick workload
     python bench/mpic.py --from-json run.json   # render a saved `edgecloud kvcache bench --json` run (its provenance
-                                    # is kept as measured_provenance)
+                                    # is kept as measured_provenance); with --peer vllm: add the peer to it
     python bench/mpic.py --peer vllm --peer-url http://127.0.0.1:8000   # + TTFT of a running vLLM server (prefix
-                                    # caching on) on the same token ids; adds ttft_ratio_vs_vllm when measured
+                                    # caching on, warmed on the same chunks) on the same token ids, interleaved
+                                    # with MPIC-k; adds ttft_ratio_vs_vllm (scripts/peers_vllm.sh starts one)
 
 The peer is optional and never started here: run vLLM yourself (docs/mpic.md). An unreachable peer is one error
 line before any compute, and no peer number is ever reported that was not measured in this run.
@@ -16,48 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 from edgecloud.errors import UserError
-from edgecloud.kvcache.bench import BenchConfig, make_workload, run
+from edgecloud.kvcache.bench import BenchConfig, peer_ttft, run
 from edgecloud.kvcache.cli import format_table
 from edgecloud.llm.engine import Engine
 from edgecloud.llm.models import load_model
+from edgecloud.llm.peers import VLLMPeer
 from edgecloud.results import Result, check_out_dir
 
 OUT = Path(__file__).resolve().parent.parent / "docs" / "results"
-
-
-def vllm_model(url: str) -> str:
-    """The served model's name, or a UserError when the server does not answer."""
-    import httpx
-
-    try:
-        r = httpx.get(f"{url.rstrip('/')}/v1/models", timeout=10)
-        r.raise_for_status()
-        return r.json()["data"][0]["id"]
-    except (httpx.HTTPError, ValueError, KeyError, IndexError) as e:
-        raise UserError(f"--peer vllm: no OpenAI-compatible server answers at {url} ({type(e).__name__}); start "
-                        f"vLLM there (docs/mpic.md) or drop --peer") from None
-
-
-def vllm_ttft(url: str, model: str, prompts: list[list[int]]) -> list[float]:
-    """Seconds to the first streamed token per prompt (token ids, in order, so its prefix cache sees them as we do)."""
-    import httpx
-
-    out = []
-    with httpx.Client(timeout=600) as c:
-        for ids in prompts:
-            t = time.perf_counter()
-            with c.stream("POST", f"{url.rstrip('/')}/v1/completions",
-                          json={"model": model, "prompt": ids, "max_tokens": 1, "temperature": 0, "stream": True}) as r:
-                r.raise_for_status()
-                for line in r.iter_lines():
-                    if line.startswith("data:") and line.strip() != "data: [DONE]":
-                        break
-            out.append(time.perf_counter() - t)
-    return out
 
 
 def plot(out: dict):
@@ -98,33 +68,48 @@ def main() -> None:
     a = ap.parse_args()
     try:
         check_out_dir(a.out)
+        peer = VLLMPeer(a.peer_url) if a.peer else None  # an absent peer fails here, before any compute
         if a.from_json:
-            out = json.loads(a.from_json.read_text())
-            render = out.pop("provenance", None)  # a re-render keeps the measuring run's provenance
-            out["measured_provenance"] = out.get("measured_provenance") or render
-            return write(out, a)
-        peer_model = vllm_model(a.peer_url) if a.peer else None
-        cfg = BenchConfig.quick(a.seed) if a.quick else BenchConfig(seed=a.seed)
-        engine = Engine(load_model(a.model), threads=a.threads)
-        out = run(engine, cfg, progress=lambda i, n: print(f"request {i}/{n}", file=sys.stderr, flush=True))
-        if peer_model is not None:
-            prompts = [[t for s in r.segments for t in s.ids] for r in make_workload(engine, cfg)]
-            ttft = vllm_ttft(a.peer_url, peer_model, prompts)
-            out["ttft_vllm_s"] = sum(ttft) / len(ttft)
-            out["ttft_ratio_vs_vllm"] = out["ttft_mpic_s"] / out["ttft_vllm_s"]
-            out["peer"] = {"engine": "vllm", "url": a.peer_url, "model": peer_model}
+            out = load_run(a.from_json)
+            cfg = BenchConfig(**{**out["config"], "ks": tuple(out["config"]["ks"])})
+            engine = Engine(load_model(out["model"]), threads=out["threads"]) if peer else None
+        else:
+            cfg = BenchConfig.quick(a.seed) if a.quick else BenchConfig(seed=a.seed)
+            engine = Engine(load_model(a.model), threads=a.threads)
+            out = run(engine, cfg, progress=lambda i, n: print(f"request {i}/{n}", file=sys.stderr, flush=True))
+        if peer is not None:
+            with peer:
+                out.update(peer_ttft(engine, cfg, peer))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
     write(out, a)
 
 
+def load_run(path: Path) -> dict:
+    """A saved run (this script's JSON or `kvcache bench --json`); its provenance is kept as measured_provenance,
+    the new file's provenance then names the command that re-rendered it (or added the peer to it)."""
+    try:
+        out = json.loads(Path(path).read_text())
+        out["config"], out["model"], out["threads"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--from-json {path}: not a saved MPIC bench run ({type(e).__name__}: {e})") from None
+    render = out.pop("provenance", None)
+    out["measured_provenance"] = out.get("measured_provenance") or render
+    return out
+
+
 def write(out: dict, a) -> None:
     res = Result("mpic", out, seed=out.get("seed", a.seed), title="MPIC on gold-answer QA (SQuAD v1.1 dev + passkey)")
     res.markdown = format_table(out)
     if "ttft_ratio_vs_vllm" in out:
-        res.markdown += (f"\n\nvLLM (prefix caching, {out['peer']['model']}) on the same token ids: TTFT "
-                         f"{out['ttft_vllm_s']:.3f} s; MPIC-{out['k']} / vLLM = {out['ttft_ratio_vs_vllm']:.2f}.\n")
+        hit = out["vllm_prefix_hit_rate"]
+        res.markdown += (f"\n\nvLLM ({out['peer']['model']}, automatic prefix caching on, warmed on the same "
+                         f"{out['warm_chunks']} chunks) on the same token ids, interleaved with MPIC-{out['k']}: TTFT "
+                         f"vLLM {out['ttft_vllm_s']:.3f} s, MPIC-{out['k']} {out['ttft_mpic_beside_vllm_s']:.3f} s; "
+                         f"MPIC-{out['k']} / vLLM = {out['ttft_ratio_vs_vllm']:.2f}"
+                         + (f"; vLLM prefix-cache hit rate {hit:.0%} of prompt tokens" if hit is not None else "")
+                         + ".\n")
     res.figure = plot(out)
     res.write(a.out)
     print(res.markdown)

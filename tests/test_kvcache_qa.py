@@ -79,20 +79,25 @@ def test_bad_bench_config():
         BenchConfig(min_chunks=5, max_chunks=4)
 
 
-def test_unreachable_peer_is_one_clear_error_and_no_number():
-    import importlib.util
+def test_unreachable_peer_is_one_clear_error_before_any_compute(tmp_path):
     import socket
+    import subprocess
+    import sys
 
+    from edgecloud.llm.peers import VLLMPeer
     from edgecloud.paths import REPO_ROOT
 
-    spec = importlib.util.spec_from_file_location("bench_mpic", REPO_ROOT / "bench" / "mpic.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    with pytest.raises(UserError, match=f"no OpenAI-compatible server answers at http://127.0.0.1:{port}"):
-        mod.vllm_model(f"http://127.0.0.1:{port}")
+    url = f"http://127.0.0.1:{port}"
+    with pytest.raises(UserError, match=f"no OpenAI-compatible server answers at {url}"):
+        VLLMPeer(url)
+    r = subprocess.run([sys.executable, str(REPO_ROOT / "bench" / "mpic.py"), "--peer", "vllm", "--peer-url", url,
+                        "--out", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"no OpenAI-compatible server answers at {url}" in r.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written, no number reported
 
 
 def test_cli_bad_qa_file_is_one_line_exit_2(tmp_path):
@@ -105,3 +110,75 @@ def test_cli_bad_qa_file_is_one_line_exit_2(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "bad.jsonl:2: not valid JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def _tiny_text_engine():
+    """The tiny random Llama with a word tokenizer: enough to run the whole benchmark loop in seconds."""
+    from tests.test_kvcache_mpic import tiny_engine
+
+    class WordTok:
+        eos_token_id = 1
+
+        def __init__(self):
+            self.vocab: dict[str, int] = {}
+
+        def __call__(self, s, add_special_tokens=True):
+            return {"input_ids": [self.vocab.setdefault(w, 2 + len(self.vocab) % 99) for w in s.split()]}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(f"w{i}" for i in ids)
+
+    e = tiny_engine(context=512)
+    e.tok = e.lm.tokenizer = WordTok()
+    return e
+
+
+def _tiny_items():
+    return [QAItem(f"question {i} ?", ["w5"], f"gold passage {i} " + "x y z " * 4,
+                   [f"other passage {j} " + "u v " * 5 for j in range(5)], "g", "squad") for i in range(3)]
+
+
+def test_bench_loop_end_to_end_on_a_tiny_model():
+    from edgecloud.kvcache.bench import run
+
+    cfg = BenchConfig(min_chunks=3, max_chunks=4, groups=0, passkey=0, answer_tokens=3, bf16_floor=1, ks=(4,), k=4)
+    out = run(_tiny_text_engine(), cfg, items=_tiny_items())
+    m = out["methods"]
+    assert out["requests"] == 3 and set(m) == {"full", "full-bf16", "prefix", "full-reuse", "cacheblend-15", "mpic-4"}
+    for name in ("full", "prefix"):  # exact caches: fidelity to full prefill is exact
+        assert m[name]["first_token_agreement"] == 1.0 and m[name]["top1_agreement"] == 1.0
+        assert m[name]["kl"] < 1e-6
+    assert out["floor_bf16"]["requests"] == 1 and out["floor_bf16"]["kl"] >= 0
+    assert 0 <= out["accuracy_full"] <= 1 and out["accuracy_full_ci"][0] <= out["accuracy_full"]
+    assert 0 < m["mpic-4"]["recompute_frac"] < 1 and m["full"]["recompute_frac"] == 1
+
+
+def test_peer_ttft_warms_the_same_chunks_and_interleaves():
+    from edgecloud.kvcache.bench import make_workload, peer_ttft
+
+    class Peer:
+        url, root = "http://fake", "/models/m"
+
+        def __init__(self):
+            self.sent, self.q = [], 0.0
+
+        def ttft(self, ids):
+            self.sent.append(list(ids))
+            self.q += len(ids)
+            return 0.5
+
+        def prefix_cache_counters(self):
+            return {"prefix_cache_queries": self.q, "prefix_cache_hits": self.q / 2}
+
+    e, items = _tiny_text_engine(), _tiny_items()
+    cfg = BenchConfig(min_chunks=3, max_chunks=4, groups=0, passkey=0, answer_tokens=3, k=4)
+    p = Peer()
+    out = peer_ttft(e, cfg, p, items)
+    reqs = make_workload(e, cfg, items)
+    chunks = {tuple(s.ids) for r in reqs for s in r.segments[1:] if s.kind == "chunk"}
+    head = reqs[0].segments[0].ids
+    assert out["warm_chunks"] == len(chunks) and len(p.sent) == len(chunks) + len(reqs)
+    assert all(s[: len(head)] == head for s in p.sent[: len(chunks)])  # each chunk behind the system prompt
+    assert p.sent[len(chunks):] == [[t for s in r.segments for t in s.ids] for r in reqs]  # the same token ids
+    assert out["ttft_vllm_s"] == 0.5 and out["ttft_ratio_vs_vllm"] == out["ttft_mpic_beside_vllm_s"] / 0.5
+    assert 0 < out["vllm_prefix_hit_rate"] < 1

