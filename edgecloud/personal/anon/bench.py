@@ -78,7 +78,9 @@ def embed_time_ms(dist: device.Distribution, basis: device.Basis, n: int = 2000)
     return (time.perf_counter() - t) / n * 1e3
 
 
-def run(cfg: BenchConfig, log=_log) -> dict:
+def run(cfg: BenchConfig, log=_log, on_seed=None) -> dict:
+    """Every arm for every seed; ``on_seed(summary)`` is called after each seed (the full bench writes partial
+    results then, so a run cut short still leaves its finished seeds)."""
     from edgecloud.llm.models import load_model
 
     torch.set_num_threads(1)
@@ -132,6 +134,8 @@ def run(cfg: BenchConfig, log=_log) -> dict:
             log(f"seed {seed} {name}: acc {ev['acc']:.3f} loss {ev['lm_loss']:.3f} attack {row['attack_top1']:.3f} "
                 f"link {row['link_top1']:.3f} ({row['wall_s']} s)")
         per_seed.append(rows)
+        if on_seed is not None:
+            on_seed(summarize(cfg, ds, per_seed, time.time() - t0))
     return summarize(cfg, ds, per_seed, time.time() - t0)
 
 
@@ -169,7 +173,7 @@ def summarize(cfg: BenchConfig, ds, per_seed: list[dict], wall: float) -> dict:
     best = max(ok, key=lambda r: r["acc"]["mean"]) if ok else None
     return {
         "users": U, **{k: v for k, v in ds.summary().items() if k != "users"},
-        "seeds": list(cfg.seeds),
+        "seeds": list(cfg.seeds[:len(per_seed)]),
         "acc_no_embedding": by["none"]["acc"]["mean"],
         "acc_static_id": by["static"]["acc"]["mean"],
         "acc_anonymous": head["acc"]["mean"],
@@ -189,3 +193,53 @@ def summarize(cfg: BenchConfig, ds, per_seed: list[dict], wall: float) -> dict:
         "config": asdict(cfg),
         "bench_wall_s": round(wall, 1),
     }
+
+
+def to_result(d: dict):
+    """The shared results layer's Result: table per arm (mean ± std over seeds) and the trade-off plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from edgecloud.results import Result
+
+    res = Result("anonymous_embeddings", d, seed=d["seeds"][0] if d["seeds"] else None,
+                 title="Anonymous user embeddings (IDfree-PL): personalization vs attribution")
+    pm = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}"  # noqa: E731
+    res.markdown = (f"{d['users']} chitchat users, {d['train_examples']} training / {d['eval_examples']} held-out "
+                    f"examples (split in time), reply selection among {d['candidates']} candidates; seeds "
+                    f"{d['seeds']} (mean ± std). Attribution chance = 1/{d['users']} = {d['attack_chance']:.3f}; "
+                    f"the goal bound is chance + 0.05 = {d['attack_chance'] + 0.05:.3f}.\n")
+    rows = [{"arm": a["arm"], "acc": pm(a["acc"]), "loss": pm(a["lm_loss"]), "ppl": f"{a['ppl']['mean']:.1f}",
+             "attack": pm(a["attack_top1"]), "link": pm(a["link_top1"]), "ari": f"{a['link_ari']['mean']:.3f}",
+             "gain": pm(a["gain_recovered"]) if a.get("gain_recovered") else "—"} for a in d["arms"]]
+    res.table(rows, ["arm", "acc", "loss", "ppl", "attack", "link", "ari", "gain"],
+              ["arm", "reply-selection acc ↑", "held-out LM loss ↓", "ppl ↓", "attack top-1 (classifier) ↓",
+               "attack top-1 (k-means linker) ↓", "linker ARI", "static-ID gain recovered"])
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    g = [a for a in d["arms"] if a["kind"] == "gaussian"]
+    ax.errorbar([a["attack_top1"]["mean"] for a in g], [a["acc"]["mean"] for a in g],
+                xerr=[a["attack_top1"]["std"] for a in g], yerr=[a["acc"]["std"] for a in g], marker="o",
+                label="anonymous, close distributions (sigma sweep)")
+    for a in g:
+        ax.annotate(f"σ={a['sigma']:g}", (a["attack_top1"]["mean"], a["acc"]["mean"]), fontsize=8,
+                    textcoords="offset points", xytext=(4, 4))
+    for a, m in ((x, mk) for x in d["arms"] for mk, k in (("s", "mixture"), ("*", "static"), ("x", "none"))
+                 if x["kind"] == k):
+        ax.errorbar(a["attack_top1"]["mean"], a["acc"]["mean"], xerr=a["attack_top1"]["std"],
+                    yerr=a["acc"]["std"], marker=m, ms=9, ls="", label=a["arm"])
+    ax.axvline(d["attack_chance"], color="gray", ls=":", label="chance")
+    ax.axvspan(0, d["attack_chance"] + 0.05, color="green", alpha=0.08, label="goal: ≤ chance + 5 pts")
+    ax.set_xlabel("attribution top-1 (classifier on a labelled window)")
+    ax.set_ylabel("reply-selection accuracy (10 candidates)")
+    ax.set_xlim(0, 1.05)
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title("Accuracy vs attribution as the embedding variance grows", fontsize=10)
+    fig.tight_layout()
+    res.figure = fig
+    return res
+
+
+CONTRACT = ("users", "acc_no_embedding", "acc_static_id", "acc_anonymous", "gain_recovered", "attack_top1",
+            "attack_chance")

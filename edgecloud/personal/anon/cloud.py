@@ -72,8 +72,11 @@ class CloudModel(nn.Module):
         b = z.shape[0]
         return self.bias + self.proj(z).view(b, self.cfg.k_prefix, -1) * self.scale
 
-    def hidden(self, seqs: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Final-normed hidden states (B, k + T, hidden) for (lower hidden, segment) sequences behind the prefix."""
+    def query_hidden(self, seqs: list[tuple[torch.Tensor, torch.Tensor]], z: torch.Tensor,
+                     queries: list[torch.Tensor]) -> torch.Tensor:
+        """Final-normed hidden states (B, Q, hidden) at ``queries`` (indices into each text sequence) of
+        (lower hidden, segment) sequences behind the prefix. Only the last layer's queries that predict a token are
+        computed (:func:`last_layer_at`): keys/values need every token, the MLP only those."""
         norm, rotary, _ = self._frozen
         k = self.cfg.k_prefix
         pre = self.prefix(z)
@@ -83,7 +86,13 @@ class CloudModel(nn.Module):
             pos = torch.cat([torch.arange(k), k + positions(seg)])
             items.append((torch.cat([pre[b], h.float()]), pos, mask))
         hb, pos, mask = pad_batch(items)
-        return norm(run_layers(self.top, rotary, hb, pos, mask)), k
+        qn = max(len(q) for q in queries)
+        qidx = torch.zeros(len(seqs), qn, dtype=torch.long)
+        for b, q in enumerate(queries):
+            qidx[b, :len(q)] = k + q
+        if len(self.top) > 1:
+            hb = run_layers(self.top[:-1], rotary, hb, pos, mask)
+        return norm(last_layer_at(self.top[-1], rotary, hb, pos, mask, qidx))
 
     def token_nll(self, seqs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], z: torch.Tensor,
                   vocab: torch.Tensor | None = None, full_seg: int | None = None):
@@ -93,22 +102,25 @@ class CloudModel(nn.Module):
         With ``vocab`` the softmax runs over those token ids only (training and candidate ranking: the head over
         49k tokens would cost more than the trained layer); ``full_seg`` also returns, per sequence, the NLL under
         the full vocabulary of that segment's tokens (the held-out LM loss)."""
-        hs, k = self.hidden([(h, s) for h, _, s in seqs], z)
-        head = self._frozen[2]
-        src, tgt, owner, segid = [], [], [], []
-        for b, (_, ids, seg) in enumerate(seqs):
+        queries, tgts, segids = [], [], []
+        for _, ids, seg in seqs:
             p = int((seg == 0).sum())
-            for c in seg.unique().tolist():
-                if c == 0:
+            q, t, c = [], [], []
+            for s in seg.unique().tolist():
+                if s == 0:
                     continue
-                idx = (seg == c).nonzero().squeeze(1)
-                prev = torch.cat([torch.tensor([p - 1]), idx[:-1]])
-                src.append(b * hs.shape[1] + k + prev)
-                tgt.append(ids[idx])
-                owner.append(torch.full((len(idx),), b))
-                segid.append(torch.full((len(idx),), c))
-        src, tgt, owner, segid = map(torch.cat, (src, tgt, owner, segid))
-        h = hs.reshape(-1, hs.shape[-1])[src]
+                idx = (seg == s).nonzero().squeeze(1)
+                q.append(torch.cat([torch.tensor([p - 1]), idx[:-1]]))
+                t.append(ids[idx])
+                c.append(torch.full((len(idx),), s))
+            queries.append(torch.cat(q))
+            tgts.append(torch.cat(t))
+            segids.append(torch.cat(c))
+        hs = self.query_hidden([(h, s) for h, _, s in seqs], z, queries)
+        head = self._frozen[2]
+        h = torch.cat([hs[b, :len(q)] for b, q in enumerate(queries)])
+        tgt, segid = torch.cat(tgts), torch.cat(segids)
+        owner = torch.cat([torch.full((len(q),), b) for b, q in enumerate(queries)])
         if vocab is None:
             nll = nn.functional.cross_entropy(h @ head.T, tgt, reduction="none")
         else:
@@ -119,6 +131,31 @@ class CloudModel(nn.Module):
         sel = segid == full_seg
         full = nn.functional.cross_entropy(h[sel] @ head.T, tgt[sel], reduction="none")
         return out, [full[owner[sel] == b] for b in range(len(seqs))]
+
+
+def last_layer_at(layer, rotary, h: torch.Tensor, pos: torch.Tensor, mask: torch.Tensor,
+                  qidx: torch.Tensor) -> torch.Tensor:
+    """A Llama decoder layer's output at query positions ``qidx`` (B, Q) only: the same arithmetic as the layer
+    (RMSNorm, RoPE, grouped-query SDPA, MLP, residuals), with queries, o_proj and the MLP on Q rows instead of all."""
+    from transformers.models.llama.modeling_llama import repeat_kv, rotate_half
+
+    att = layer.self_attn
+    b, t, _ = h.shape
+    hd = att.head_dim
+    x = layer.input_layernorm(h)
+    gather = lambda y: torch.gather(y, 1, qidx[..., None].expand(-1, -1, y.shape[-1]))  # noqa: E731
+    cos, sin = rotary(h, pos)
+    q = att.q_proj(gather(x)).view(b, qidx.shape[1], -1, hd).transpose(1, 2)
+    kk = att.k_proj(x).view(b, t, -1, hd).transpose(1, 2)
+    v = att.v_proj(x).view(b, t, -1, hd).transpose(1, 2)
+    cq, sq = gather(cos)[:, None], gather(sin)[:, None]
+    q = q * cq + rotate_half(q) * sq
+    kk = kk * cos[:, None] + rotate_half(kk) * sin[:, None]
+    kk, v = repeat_kv(kk, att.num_key_value_groups), repeat_kv(v, att.num_key_value_groups)
+    m = torch.gather(mask, 1, qidx[..., None].expand(-1, -1, t))[:, None]
+    o = nn.functional.scaled_dot_product_attention(q, kk, v, attn_mask=m, scale=att.scaling)
+    hq = gather(h) + att.o_proj(o.transpose(1, 2).reshape(b, qidx.shape[1], -1))
+    return hq + layer.mlp(layer.post_attention_layernorm(hq))
 
 
 def vocabulary(*packs: Packed) -> torch.Tensor:

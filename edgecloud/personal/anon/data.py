@@ -38,9 +38,8 @@ class DataConfig:
             raise UserError(f"train_frac={self.train_frac}: must be in (0, 1)")
         if self.n_candidates < 2:
             raise UserError(f"n_candidates={self.n_candidates}: need the real reply and at least one negative")
-        if self.min_replies < self.n_train + self.n_eval:
-            raise UserError(f"min_replies={self.min_replies} is below n_train + n_eval = "
-                            f"{self.n_train + self.n_eval}")
+        if self.min_replies < 2:
+            raise UserError(f"min_replies={self.min_replies}: need at least 2")
 
 
 @dataclass(frozen=True)
@@ -96,17 +95,35 @@ def split_user(examples: list[Example], cfg: DataConfig, who: str = "user") -> t
     return tr, ho
 
 
-def build(cfg: DataConfig, convs=None) -> Dataset:
-    """Select users, split in time, pick per-user examples and the candidate sets (deterministic, no seed)."""
-    from edgecloud.llm.retrieval import BM25
+def select_users(cfg: DataConfig, convs=None) -> tuple[list[str], dict[str, list[Example]]]:
+    """The ``cfg.users`` senders with the most replies (each with enough for both periods), and all replies."""
     from edgecloud.personal.chitchat import load_conversations
 
     by = replies_by_sender(convs if convs is not None else load_conversations())
     ranked = sorted(by, key=lambda s: (-len(by[s]), s))
-    eligible = [s for s in ranked if len(by[s]) >= cfg.min_replies]
+    need = max(cfg.min_replies, int(np.ceil(cfg.n_train / cfg.train_frac)),
+               int(np.ceil(cfg.n_eval / (1 - cfg.train_frac))))
+    eligible = [s for s in ranked if len(by[s]) >= need]
     if len(eligible) < cfg.users:
-        raise UserError(f"users={cfg.users}: only {len(eligible)} senders have at least {cfg.min_replies} replies")
-    chosen = eligible[:cfg.users]
+        raise UserError(f"users={cfg.users}: only {len(eligible)} senders have at least {need} replies "
+                        f"(lower --users or --n-train)")
+    return eligible[:cfg.users], by
+
+
+def user_periods(cfg: DataConfig, index: int, convs=None) -> tuple[list[Example], list[Example]]:
+    """What one device holds: the ``index``-th selected user's (training-period, held-out-period) examples."""
+    chosen, by = select_users(cfg, convs)
+    if not 0 <= index < len(chosen):
+        raise UserError(f"--user {index}: choose 0..{len(chosen) - 1} (the selected users, most replies first)")
+    tr, ho = split_user(by[chosen[index]], cfg, f"user {index}")
+    return evenly(tr, cfg.n_train), evenly(ho, cfg.n_eval)
+
+
+def build(cfg: DataConfig, convs=None) -> Dataset:
+    """Select users, split in time, pick per-user examples and the candidate sets (deterministic, no seed)."""
+    from edgecloud.llm.retrieval import BM25
+
+    chosen, by = select_users(cfg, convs)
     train, evals, pool = [], [], []
     for u, s in enumerate(chosen):
         tr, ho = split_user(by[s], cfg, f"sender {u}")

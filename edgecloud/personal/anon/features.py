@@ -187,3 +187,14 @@ def reply_features(p: Packed) -> torch.Tensor:
         h, _, seg = p.seq(i)
         out[i] = h[seg == 1].float().mean(0)
     return out
+
+
+def message_features(lm, examples, cfg, n_top: int) -> torch.Tensor:
+    """Device side: per own message (context, reply), the mean lower-layer hidden state over the reply tokens."""
+    tok = lm.tokenizer
+    ids, segs = [], []
+    for e in examples:
+        p, r = prompt_ids(tok, e.context, cfg.ctx_tokens), reply_ids(tok, e.reply, cfg.reply_tokens)
+        ids.append(p + r)
+        segs.append([0] * len(p) + [1] * len(r))
+    return reply_features(pack(lm, ids, segs, lm.model.config.num_hidden_layers - n_top))
