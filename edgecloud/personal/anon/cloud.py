@@ -30,9 +30,9 @@ class CloudConfig:
     lora_r: int = 8
     lora_alpha: int = 16
     lr: float = 2e-3  # LoRA
-    prefix_lr: float = 1e-2  # prefix projection, bias and the static-ID table
+    prefix_lr: float = 3e-3  # prefix projection, bias and the static-ID table
     batch: int = 16
-    epochs: float = 2.0
+    epochs: float = 1.5
     eval_batch: int = 8
 
     def __post_init__(self):

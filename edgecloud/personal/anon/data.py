@@ -20,7 +20,7 @@ from edgecloud.errors import UserError
 @dataclass(frozen=True)
 class DataConfig:
     users: int = 32  # the top senders by number of replies
-    n_train: int = 32  # training examples per user (training period)
+    n_train: int = 24  # training examples per user (training period)
     n_eval: int = 4  # held-out examples per user (held-out period)
     train_frac: float = 0.8  # the first 80% of a user's replies in time are the training period
     n_candidates: int = 10  # the real reply + 9 negatives
