@@ -111,6 +111,7 @@ def test_the_embedding_steers_the_prefix_and_training_moves_it(lm, seqs):
     assert not torch.equal(before, m.table.weight)  # the static-ID table is trained
 
 
+@pytest.mark.slow
 def test_cli_basis_then_device_fit_and_their_refusals(tmp_path, capsys):
     """Cloud fits the basis on anonymous texts, a device fits its distribution from its own messages; a device
     with too little data, a file for another model, and a corrupt file are one-line errors (exit 2)."""
@@ -146,3 +147,54 @@ def test_cli_basis_then_device_fit_and_their_refusals(tmp_path, capsys):
     rc = run(["anon-fit", "--basis", str(tmp_path / "cut.st"), "--user", "1", "--out",
              str(tmp_path / "u.st"), "--users", "3", "--n-train", "8"])
     assert rc == 2 and "corrupt or truncated" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_train_on_the_store_then_serve_personalized_scores(tmp_path, lm, capsys):
+    """The cloud trains on its store of anonymous uploads (anon-train), then answers score requests over the
+    wire with the trained model: the same numbers as scoring in process; a model for another basis is refused."""
+    import asyncio
+
+    from edgecloud.cli import main
+    from edgecloud.errors import UserError
+    from edgecloud.personal.anon import device
+    from edgecloud.personal.anon.data import DataConfig
+    from edgecloud.personal.anon.server import AnonServer, DeviceClient, UploadStore
+
+    g = torch.Generator().manual_seed(0)
+    b = device.fit_basis(torch.randn(50, 576, generator=g), 4, 2, lm.fingerprint)
+    b.save(tmp_path / "basis.st")
+    store = UploadStore(tmp_path / "store")
+    for i in range(6):
+        store.append({"context": f"how was your day {i}?", "text": "pretty good, thanks", "embedding":
+                      torch.randn(4, generator=g).tolist()})
+    try:
+        main(["personal", "anon-train", "--store", str(tmp_path / "store"), "--basis", str(tmp_path / "basis.st"),
+              "--out", str(tmp_path / "cloud.st"), "--epochs", "0.7"])
+    except SystemExit as e:
+        assert e.code == 0, capsys.readouterr().err
+    assert "trained on 6 uploads" in capsys.readouterr().out
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "cloud.st"), "pt") as f:
+        assert not any("table" in k for k in f.keys())  # nothing per-user is served
+    m = cloud.load_model_file(tmp_path / "cloud.st", lm, b.fingerprint())
+    score = cloud.scorer(m, lm, DataConfig())
+    d = device.fit(torch.randn(10, 576, generator=g), b, sigma=0.0)  # sigma 0: the same embedding every request
+    want = score("how was your day?", ["pretty good", "the cat sat on the mat"], d.mean)
+
+    async def main_():
+        srv = AnonServer(store, 4, scorer=score)
+        port = await srv.start()
+        c = await DeviceClient.connect("127.0.0.1", port, d, b)
+        try:
+            return await c.score("how was your day?", ["pretty good", "the cat sat on the mat"])
+        finally:
+            await c.close()
+            await srv.close()
+
+    got = asyncio.run(main_())
+    assert got == pytest.approx(want, abs=1e-5) and len(got) == 2
+    other = device.fit_basis(torch.randn(50, 576, generator=g), 4, 2, lm.fingerprint)
+    with pytest.raises(UserError, match="trained for basis"):
+        cloud.load_model_file(tmp_path / "cloud.st", lm, other.fingerprint())

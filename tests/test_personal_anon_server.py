@@ -124,6 +124,7 @@ def test_device_refuses_a_rejected_upload(tmp_path):
     assert not (tmp_path / "uploads.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_serve_and_upload(tmp_path):
     """anon-serve and anon-upload as separate OS processes, uploading real chitchat messages of three users."""
     b, _ = basis_and_dists()

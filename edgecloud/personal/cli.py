@@ -137,8 +137,11 @@ def anon_fit(basis: str = typer.Option(..., help="The cloud's basis file."),
 @app.command("anon-serve")
 def anon_serve(store: str = typer.Option(..., help="Directory of the upload store (uploads.jsonl, server.log)."),
                basis: str = typer.Option(..., help="The basis file (its dimension is the embedding size)."),
-               host: str = typer.Option("127.0.0.1"), port: int = typer.Option(7710, min=0, max=65535)) -> None:
-    """Cloud: accept anonymous uploads (text + embedding, no identifier) until interrupted."""
+               host: str = typer.Option("127.0.0.1"), port: int = typer.Option(7710, min=0, max=65535),
+               cloud_model: str = typer.Option("", help="A model from anon-train: also answer score requests.")
+               ) -> None:
+    """Cloud: accept anonymous uploads (text + embedding, no identifier) until interrupted; with --cloud-model
+    also rank candidate replies for a (context, embedding) request (personalized inference)."""
     import asyncio
 
     from edgecloud.personal.anon.device import Basis
@@ -147,9 +150,20 @@ def anon_serve(store: str = typer.Option(..., help="Directory of the upload stor
 
     b = Basis.load(basis)
     st = UploadStore(check_out_dir(store, "--store"))
+    score = None
+    if cloud_model:
+        import torch
+
+        from edgecloud.llm.models import load_model
+        from edgecloud.personal.anon import cloud
+        from edgecloud.personal.anon.data import DataConfig
+
+        torch.set_num_threads(1)
+        lm = load_model()
+        score = cloud.scorer(cloud.load_model_file(cloud_model, lm, b.fingerprint()), lm, DataConfig())
 
     async def serve():
-        srv = AnonServer(st, b.dim, host=host, port=port)
+        srv = AnonServer(st, b.dim, scorer=score, host=host, port=port)
         p = await srv.start()
         print(f"anon cloud listening on {host}:{p} (dim {b.dim})", flush=True)
         await asyncio.Event().wait()
@@ -194,3 +208,45 @@ def anon_upload(dist: str = typer.Option(..., help="This device's distribution f
     out = {"uploaded": len(msgs), "embed_ms_mean": sum(ms) / len(ms), "embed_ms_max": max(ms),
            "bytes_sent": c.conn.trace.totals()["sent_bytes"]}
     print(report(out, seed=seed) if json_out else "\n".join(f"{k}: {v}" for k, v in out.items()))
+
+
+@app.command("anon-train")
+def anon_train(store: str = typer.Option(..., help="The upload store of anon-serve (uploads.jsonl)."),
+               basis: str = typer.Option(..., help="The basis the uploads' embeddings were sampled in."),
+               out: str = typer.Option(..., help="Write the trained cloud model (safetensors) here."),
+               epochs: float = typer.Option(1.5, min=0.01), seed: int = typer.Option(0)) -> None:
+    """Cloud: train the prefix + LoRA model on the stored (embedding, text) pairs (no user identifiers)."""
+    import os
+    from dataclasses import replace
+    from pathlib import Path
+
+    import torch
+
+    from edgecloud.errors import UserError
+    from edgecloud.llm.models import load_model
+    from edgecloud.personal.anon import cloud, data, device, features
+    from edgecloud.personal.anon.server import UploadStore
+    from edgecloud.results import check_out_file
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    check_out_file(out)
+    torch.set_num_threads(1)
+    recs = UploadStore(Path(store)).records()
+    if len(recs) < 2:
+        raise UserError(f"--store {store}: {len(recs)} uploads; training needs at least 2")
+    lm = load_model()
+    for p in lm.model.parameters():
+        p.requires_grad_(False)
+    b = device.Basis.load(basis, lm.fingerprint)
+    z = torch.tensor([r["embedding"] for r in recs], dtype=torch.float32)
+    if z.shape[1] != b.dim:
+        raise UserError(f"--store {store}: embeddings of dimension {z.shape[1]}, the basis has {b.dim}")
+    dcfg, ccfg = data.DataConfig(), replace(cloud.CloudConfig(), epochs=epochs)
+    train = features.pack_pairs(lm, [(r["context"], r["text"]) for r in recs], dcfg, ccfg.n_top)
+    mean, std = cloud.hidden_stats(train)
+    m = cloud.CloudModel(lm, ccfg, b.dim, mean, std, seed=seed)
+    curve = cloud.train_model(m, train, torch.zeros(len(recs), dtype=torch.long), lambda idx, u, g: z[idx], seed,
+                              cloud.vocabulary(train))
+    cloud.save_model(m, out, lm.fingerprint, b.fingerprint())
+    print(f"trained on {len(recs)} uploads, {curve['steps']} steps (loss {curve['loss_first10']:.3f} -> "
+          f"{curve['loss_last10']:.3f}) -> {out}")

@@ -219,3 +219,69 @@ def evaluate(model: CloudModel, evals: Packed, users: torch.Tensor, embed, seed:
             tok_n += len(real)
     loss = tok_nll / tok_n
     return {"acc": correct / len(evals), "lm_loss": loss, "ppl": float(torch.tensor(loss).exp())}
+
+
+MODEL_FORMAT = "edgecloud-anon-cloud-1"
+
+
+def save_model(model: CloudModel, path, model_fingerprint: str, basis_fingerprint: str) -> None:
+    """The trained parameters (LoRA, prefix projection and bias, scale) as safetensors; the frozen LM is not
+    copied, its fingerprint is recorded and checked on load."""
+    import json
+    from dataclasses import asdict
+
+    from safetensors.torch import save_file
+
+    from edgecloud import atomic
+
+    keep = {n: t.detach().contiguous() for n, t in model.state_dict().items()
+            if n == "scale" or not n.startswith("top.") or "lora_" in n}
+    keep.pop("table.weight", None)  # a per-user table is never served: it would identify users
+    with atomic.atomic_path(path) as tmp:
+        save_file(keep, str(tmp), metadata={"format": MODEL_FORMAT, "model_fingerprint": model_fingerprint,
+                                            "basis_fingerprint": basis_fingerprint, "emb_dim": str(model.emb_dim),
+                                            "config": json.dumps(asdict(model.cfg))})
+
+
+def load_model_file(path, lm, basis_fingerprint: str) -> CloudModel:
+    import json
+
+    from edgecloud.personal.anon.device import _load
+
+    t, meta = _load(path, MODEL_FORMAT, ("bias", "scale", "proj.weight"))
+    if meta.get("model_fingerprint") != lm.fingerprint:
+        raise UserError(f"{path}: trained on model {meta.get('model_fingerprint')}, this cloud runs {lm.fingerprint}")
+    if meta.get("basis_fingerprint") != basis_fingerprint:
+        raise UserError(f"{path}: trained for basis {meta.get('basis_fingerprint')}, the served basis is "
+                        f"{basis_fingerprint}; train it again on uploads made with this basis")
+    cfg = CloudConfig(**json.loads(meta["config"]))
+    hd = t["scale"].shape[0]
+    m = CloudModel(lm, cfg, int(meta["emb_dim"]), torch.zeros(hd), torch.ones(hd))
+    missing = [n for n in m.state_dict() if n not in t and (not n.startswith("top.") or "lora_" in n)]
+    if missing:
+        raise UserError(f"{path}: missing tensor(s) {', '.join(missing[:3])}; the file is not a full cloud model")
+    m.load_state_dict(t, strict=False)
+    return m.eval()
+
+
+def scorer(model: CloudModel, lm, data_cfg):
+    """``score(context, candidates, z)`` -> mean NLL per candidate (full vocabulary): the served personalization."""
+    from edgecloud.personal.anon.features import lower_hidden, prompt_ids, reply_ids
+
+    n_lower = lm.model.config.num_hidden_layers - model.cfg.n_top
+
+    @torch.no_grad()
+    def score(context: str, candidates: list[str], z: torch.Tensor) -> list[float]:
+        tok = lm.tokenizer
+        p = prompt_ids(tok, context, data_cfg.ctx_tokens)
+        ids, seg = list(p), [0] * len(p)
+        for j, c in enumerate(candidates):
+            r = reply_ids(tok, c, data_cfg.reply_tokens)
+            ids += r
+            seg += [j + 1] * len(r)
+        (h,) = lower_hidden(lm, [ids], [seg], n_lower)
+        seg_t = torch.tensor(seg)
+        ((nll, segid),) = model.token_nll([(h, torch.tensor(ids), seg_t)], z[None])
+        return [float(nll[segid == j + 1].mean()) for j in range(len(candidates))]
+
+    return score

@@ -157,11 +157,7 @@ def build_features(lm, ds, n_top: int, cache: bool = True) -> tuple[Packed, Pack
         t = load_file(str(path))
         return Packed.from_tensors(t, "train"), Packed.from_tensors(t, "eval")
     tok, c = lm.tokenizer, ds.cfg
-    tr_ids, tr_seg = [], []
-    for e in ds.train:
-        p, r = prompt_ids(tok, e.context, c.ctx_tokens), reply_ids(tok, e.reply, c.reply_tokens)
-        tr_ids.append(p + r)
-        tr_seg.append([0] * len(p) + [1] * len(r))
+    tr_ids, tr_seg = pair_ids(tok, [(e.context, e.reply) for e in ds.train], c)
     ev_ids, ev_seg = [], []
     for e, cands in zip(ds.eval, ds.candidates):
         p = prompt_ids(tok, e.context, c.ctx_tokens)
@@ -189,12 +185,21 @@ def reply_features(p: Packed) -> torch.Tensor:
     return out
 
 
-def message_features(lm, examples, cfg, n_top: int) -> torch.Tensor:
-    """Device side: per own message (context, reply), the mean lower-layer hidden state over the reply tokens."""
-    tok = lm.tokenizer
+def pair_ids(tok, pairs, cfg) -> tuple[list[list[int]], list[list[int]]]:
+    """(ids, segments) of prompt + reply sequences for (context, reply) pairs."""
     ids, segs = [], []
-    for e in examples:
-        p, r = prompt_ids(tok, e.context, cfg.ctx_tokens), reply_ids(tok, e.reply, cfg.reply_tokens)
+    for context, reply in pairs:
+        p, r = prompt_ids(tok, context, cfg.ctx_tokens), reply_ids(tok, reply, cfg.reply_tokens)
         ids.append(p + r)
         segs.append([0] * len(p) + [1] * len(r))
-    return reply_features(pack(lm, ids, segs, lm.model.config.num_hidden_layers - n_top))
+    return ids, segs
+
+
+def pack_pairs(lm, pairs, cfg, n_top: int) -> Packed:
+    """Training sequences for (context, reply) pairs (e.g. the cloud's store of uploads)."""
+    return pack(lm, *pair_ids(lm.tokenizer, pairs, cfg), lm.model.config.num_hidden_layers - n_top)
+
+
+def message_features(lm, examples, cfg, n_top: int) -> torch.Tensor:
+    """Device side: per own message (context, reply), the mean lower-layer hidden state over the reply tokens."""
+    return reply_features(pack_pairs(lm, [(e.context, e.reply) for e in examples], cfg, n_top))
