@@ -1,0 +1,139 @@
+"""VaLoRA adapters: train one peft adapter per task, measure base vs adapter on held-out splits, fuse tasks into as
+few adapters as meet every task's target (next-fit greedy with rollback), and compare a task head with decoding
+on the classification tasks -> docs/results/valora_adapters.{json,md,png}.
+
+    nice -n 10 python bench/valora_adapters.py [--work DIR] [--steps 40] [--text-steps 30] [--fuse-steps 15]
+
+Resumable: every finished adapter, evaluation and head is recorded in WORK/state.json (written atomically) and
+training resumes from its last checkpoint, so an interrupted run continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from edgecloud import atomic
+from edgecloud.lora.tasks import CLASSES, TASKS, examples
+from edgecloud.results import Result, check_out_dir
+
+BASE = "smollm2-135m"
+
+
+def main() -> None:
+    from edgecloud.paths import cache_root
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, default=cache_root() / "lora" / "adapters")
+    ap.add_argument("--steps", type=int, default=40, help="training steps of a generated-data task's adapter")
+    ap.add_argument("--text-steps", type=int, default=30, help="steps for the real-text tasks (longer prompts)")
+    ap.add_argument("--fuse-steps", type=int, default=15, help="warm-start steps of each fusion attempt")
+    ap.add_argument("--margin", type=float, default=0.1, help="target = dedicated adapter accuracy - margin")
+    ap.add_argument("--n-test", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results")
+    a = ap.parse_args()
+    check_out_dir(a.out)
+    torch.set_num_threads(1)
+    a.work.mkdir(parents=True, exist_ok=True)
+    state_p = a.work / "state.json"
+    st = json.loads(state_p.read_text()) if state_p.exists() else {"acc": {}, "train": {}, "head": {}}
+
+    def save():
+        atomic.write_text(state_p, json.dumps(st, indent=1))
+
+    from edgecloud.llm.engine import Engine
+    from edgecloud.llm.models import load_model
+    from edgecloud.lora.adapters import load_adapter
+    from edgecloud.lora.layer import LoRAModel
+    from edgecloud.lora.train import TrainConfig, evaluate, train
+
+    e = Engine(load_model(BASE), threads=1)
+    lm = LoRAModel(e.model, BASE)
+
+    def ensure_loaded(name):
+        if name is not None and name not in lm.adapters:
+            lm.add(load_adapter(a.work / name, e.model, BASE, name))
+
+    def acc(name, task):
+        key = f"{name or 'base'}/{task}"
+        if key not in st["acc"]:
+            ensure_loaded(name)
+            t = time.perf_counter()
+            with torch.inference_mode():
+                st["acc"][key] = evaluate(e, lm, name, task, a.n_test, a.seed)
+            print(f"eval {key}: {st['acc'][key]:.3f} ({time.perf_counter() - t:.0f}s)", flush=True)
+            save()
+        return st["acc"][key]
+
+    def trained(tasks, name, steps, init=None):
+        if name not in st["train"]:
+            cfg = TrainConfig(tasks=tuple(tasks), steps=steps, lr=3e-3, checkpoint_every=10, seed=a.seed)
+            print(f"train {name} ({steps} steps on {tasks})", flush=True)
+            st["train"][name] = train(cfg, a.work / name, BASE, init=a.work / init if init else None,
+                                      log=lambda s: print(f"  {name} {s}", flush=True))
+            save()
+        return name
+
+    tasks = list(TASKS)
+    for t in tasks:
+        acc(None, t)
+    for t in tasks:
+        trained([t], t, a.text_steps if t in CLASSES else a.steps)
+        acc(t, t)
+
+    from edgecloud.lora.head import Head, compare, features, fit
+
+    for t in CLASSES:
+        if t not in st["head"]:
+            ensure_loaded(t)
+            tr = examples(t, "train", 160, a.seed)
+            head = fit(features(e, lm, t, tr), [x.answer for x in tr], CLASSES[t]())
+            head.save(a.work / t / "head.safetensors")
+            st["head"][t] = compare(e, lm, t, Head.load(a.work / t / "head.safetensors"),
+                                    examples(t, "test", a.n_test, a.seed))
+            print(f"head {t}: {st['head'][t]}", flush=True)
+            save()
+
+    from edgecloud.lora.fusion import fuse
+
+    dedicated = {t: (t, acc(t, t)) for t in tasks}
+    targets = {t: round(max(0.0, dedicated[t][1] - a.margin), 4) for t in tasks}
+    groups, attempts = fuse(tasks, targets, dedicated,
+                            lambda ts, init, name: trained(ts, name, a.fuse_steps, init), acc)
+
+    rows = [{"task": t, "base": st["acc"][f"base/{t}"], "adapter": dedicated[t][1], "target": targets[t],
+             "fused_adapter": g.adapter, "fused": g.accuracy[t],
+             "steps": st["train"][t]["config"]["steps"], "train_s": st["train"][t]["train_s"]}
+            for g in groups for t in g.tasks]
+    data = {"base_model": BASE, "tasks": rows, "adapters_before": len(tasks), "adapters_after": len(groups),
+            "groups": [{"tasks": g.tasks, "adapter": g.adapter} for g in groups], "fusion_attempts": attempts,
+            "head_vs_decode": st["head"], "n_test": a.n_test, "margin": a.margin,
+            "train": {k: {"steps": v["config"]["steps"], "tasks": v["config"]["tasks"], "train_s": v["train_s"],
+                          "final_loss": v["final_loss"], "init": v["init"]} for k, v in st["train"].items()}}
+    res = Result("valora_adapters", data, seed=a.seed)
+    res.table(rows, ["task", "base", "adapter", "target", "fused_adapter", "fused", "steps", "train_s"])
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    x = range(len(rows))
+    for j, (k, lab) in enumerate((("base", "base model"), ("adapter", "own adapter"), ("fused", "fused adapter"))):
+        ax.bar([i + 0.27 * j for i in x], [r[k] for r in rows], 0.27, label=lab)
+    ax.scatter([i + 0.27 for i in x], [r["target"] for r in rows], marker="_", s=300, color="k", label="target")
+    ax.set_xticks([i + 0.27 for i in x], [r["task"] for r in rows], fontsize=8)
+    ax.set_ylabel("held-out accuracy")
+    ax.set_title(f"{len(tasks)} tasks -> {len(groups)} adapters")
+    ax.legend(fontsize=7)
+    res.figure = fig
+    res.write(a.out)
+
+
+if __name__ == "__main__":
+    main()
