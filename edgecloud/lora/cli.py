@@ -89,3 +89,33 @@ def bench_cmd(quick: bool = False, adapters: Path = typer.Option(None, help="dir
 
     data = bench_data(quick, adapters, table, seed, base)
     print(report(data, seed=seed) if json_out else json.dumps(data, indent=1))
+
+
+@app.command("serve")
+def serve_cmd(host: str = typer.Option("127.0.0.1", "--host"),
+              port: int = typer.Option(8009, "--port", min=1, max=65535),
+              adapters: Path = typer.Option(None, help="directory of peft adapters (default: the trained ones in "
+                                                        "the cache, <cache>/lora/adapters)"),
+              table: Path = typer.Option(DEFAULT_TABLE, help="ATMM dispatch table"),
+              base: str = "smollm2-135m",
+              max_batch: int = typer.Option(16, "--max-batch", min=1, max=256),
+              max_body_mb: float = typer.Option(1.0, "--max-body-mb", min=0.001, max=1024),
+              threads: int = typer.Option(1, "--threads", min=1, max=256)) -> None:
+    """OpenAI-compatible server: GET /v1/models, POST /v1/completions and /v1/chat/completions (stream too);
+    `model` = "<base>" or "<base>:<adapter>"; adapters hot-load from --adapters on first use."""
+    from edgecloud.errors import UserError
+    from edgecloud.llm.engine import Engine
+    from edgecloud.llm.models import load_model
+    from edgecloud.lora.atmm import Dispatch
+    from edgecloud.lora.layer import LoRAModel
+    from edgecloud.lora.server import ServeConfig, serve
+    from edgecloud.paths import cache_root
+
+    cfg = ServeConfig(max_batch=max_batch, max_body_mb=max_body_mb)  # bad limits fail before the model loads
+    adapters = adapters or cache_root() / "lora" / "adapters"
+    if not adapters.is_dir():
+        raise UserError(f"--adapters {adapters}: not a directory; train adapters first "
+                        "(`python bench/valora_adapters.py`) or pass a directory of peft adapters")
+    dispatch = Dispatch.load(table) if table.exists() else Dispatch()
+    e = Engine(load_model(base), threads=threads)
+    serve(e, LoRAModel(e.model, base, dispatch=dispatch), base, adapters, host, port, cfg)

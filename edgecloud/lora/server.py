@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Literal
 
+from fastapi import Request  # module level: FastAPI resolves handler annotations in module globals
 from pydantic import BaseModel, Field
 
 from edgecloud.errors import UserError
@@ -113,10 +114,11 @@ class EngineThread:
                     self._tick(batch)
                 except Exception as e:  # never let one failure stop the server: fail the jobs in flight
                     log.exception("engine step failed")
-                    for j in list(self.running.values()):
+                    for j in [*self.running.values(), *self.waiting]:
                         self._emit(j, ("error", f"engine error: {e}"))
                     batch.remove(*list(self.running))
                     self.running.clear()
+                    self.waiting.clear()
 
     def _tick(self, batch) -> None:
         from edgecloud.lora.orchestrator import _valora_mode
@@ -138,7 +140,7 @@ class EngineThread:
                 self.running.pop(i)
                 self.lora.seq_adapter.pop(i, None)
         self.waiting = [j for j in self.waiting if not j.cancelled]
-        _valora_mode(self.policy, self.lora, self.waiting, list(self.running.values()))
+        _valora_mode(self.policy, self.lora, self.waiting, self.running)
         room = self.max_batch - len(self.running)
         admit, self.waiting = self.waiting[:room], self.waiting[room:]
         for temp in sorted({j.temperature for j in admit}):
@@ -190,7 +192,9 @@ def build(engine, lora, base: str, adapters_dir: Path | None, cfg: ServeConfig |
     """The ASGI app (with a body cap) and its engine thread, started and stopped with the app's lifespan."""
     import contextlib
 
-    from fastapi import FastAPI, HTTPException, Request
+    from fastapi import FastAPI, HTTPException
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
     from fastapi.responses import StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
@@ -212,6 +216,22 @@ def build(engine, lora, base: str, adapters_dir: Path | None, cfg: ServeConfig |
         log.info("edgecloud lora server stopped after %d requests", worker.served)
 
     app = FastAPI(title="edgecloud VaLoRA (OpenAI-compatible)", lifespan=lifespan)
+
+    def error(status: int, msg: str, param: str | None = None) -> JSONResponse:
+        """OpenAI's error body, so clients show the message (``detail`` kept for plain HTTP callers)."""
+        kind = "not_found_error" if status == 404 else "invalid_request_error"
+        return JSONResponse({"error": {"message": msg, "type": kind, "param": param, "code": status},
+                             "detail": msg}, status_code=status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_req, exc: HTTPException):
+        return error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_req, exc: RequestValidationError):
+        e = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in e.get("loc", ())[1:]) or "body"
+        return error(422, f"{where}: {e.get('msg', 'invalid request')}", where)
 
     def on_disk() -> list[str]:
         if adir is None or not adir.is_dir():
