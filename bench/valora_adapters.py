@@ -2,7 +2,7 @@
 few adapters as meet every task's target (next-fit greedy with rollback), and compare a task head with decoding
 on the classification tasks -> docs/results/valora_adapters.{json,md,png}.
 
-    nice -n 10 python bench/valora_adapters.py [--work DIR] [--steps 40] [--text-steps 30] [--fuse-steps 15]
+    nice -n 10 python bench/valora_adapters.py [--work DIR] [--steps 30] [--text-steps 20] [--fuse-steps 10]
 
 Resumable: every finished adapter, evaluation and head is recorded in WORK/state.json (written atomically) and
 training resumes from its last checkpoint, so an interrupted run continues where it stopped.
@@ -24,15 +24,21 @@ from edgecloud.results import Result, check_out_dir
 BASE = "smollm2-135m"
 
 
+def past(deadline: str | None) -> bool:
+    return deadline is not None and time.strftime("%H:%M", time.gmtime()) >= deadline
+
+
 def main() -> None:
     from edgecloud.paths import cache_root
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=cache_root() / "lora" / "adapters")
-    ap.add_argument("--steps", type=int, default=40, help="training steps of a generated-data task's adapter")
-    ap.add_argument("--text-steps", type=int, default=30, help="steps for the real-text tasks (longer prompts)")
-    ap.add_argument("--fuse-steps", type=int, default=15, help="warm-start steps of each fusion attempt")
+    ap.add_argument("--steps", type=int, default=30, help="training steps of a generated-data task's adapter")
+    ap.add_argument("--text-steps", type=int, default=20, help="steps for the real-text tasks (longer prompts)")
+    ap.add_argument("--fuse-steps", type=int, default=10, help="warm-start steps of each fusion attempt")
     ap.add_argument("--margin", type=float, default=0.1, help="target = dedicated adapter accuracy - margin")
+    ap.add_argument("--max-group", type=int, default=3, help="most tasks one fused adapter may serve")
+    ap.add_argument("--deadline", default=None, help="UTC HH:MM after which no new fusion attempt starts")
     ap.add_argument("--n-test", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results")
@@ -104,7 +110,8 @@ def main() -> None:
     dedicated = {t: (t, acc(t, t)) for t in tasks}
     targets = {t: round(max(0.0, dedicated[t][1] - a.margin), 4) for t in tasks}
     groups, attempts = fuse(tasks, targets, dedicated,
-                            lambda ts, init, name: trained(ts, name, a.fuse_steps, init), acc)
+                            lambda ts, init, name: trained(ts, name, a.fuse_steps, init), acc,
+                            max_group=a.max_group, stop=lambda: past(a.deadline))
 
     rows = [{"task": t, "base": st["acc"][f"base/{t}"], "adapter": dedicated[t][1], "target": targets[t],
              "fused_adapter": g.adapter, "fused": g.accuracy[t],
@@ -112,7 +119,7 @@ def main() -> None:
             for g in groups for t in g.tasks]
     data = {"base_model": BASE, "tasks": rows, "adapters_before": len(tasks), "adapters_after": len(groups),
             "groups": [{"tasks": g.tasks, "adapter": g.adapter} for g in groups], "fusion_attempts": attempts,
-            "head_vs_decode": st["head"], "n_test": a.n_test, "margin": a.margin,
+            "head_vs_decode": st["head"], "n_test": a.n_test, "margin": a.margin, "max_group": a.max_group,
             "train": {k: {"steps": v["config"]["steps"], "tasks": v["config"]["tasks"], "train_s": v["train_s"],
                           "final_loss": v["final_loss"], "init": v["init"]} for k, v in st["train"].items()}}
     res = Result("valora_adapters", data, seed=a.seed)

@@ -194,8 +194,7 @@ def build(engine, lora, base: str, adapters_dir: Path | None, cfg: ServeConfig |
 
     from fastapi import FastAPI, HTTPException
     from fastapi.exceptions import RequestValidationError
-    from fastapi.responses import JSONResponse
-    from fastapi.responses import StreamingResponse
+    from fastapi.responses import JSONResponse, StreamingResponse
     from starlette.concurrency import run_in_threadpool
 
     from edgecloud.kvcache.server import BodyLimit

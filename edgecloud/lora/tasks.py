@@ -103,7 +103,8 @@ def speeches() -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
     for who, rel in SPEAKERS.items():
         blocks = (root / rel).read_text(encoding="utf-8").split("\n\n")
-        sp = [" ".join(ln.strip() for ln in b.split("\n")[1:]) for b in blocks if b.split("\n")[0].strip() == f"**{who}**"]
+        sp = [" ".join(ln.strip() for ln in b.split("\n")[1:]) for b in blocks
+              if b.split("\n")[0].strip() == f"**{who}**"]
         out[who.title()] = [x for x in sp if len(x) >= 40]
     return out
 

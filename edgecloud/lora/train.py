@@ -82,15 +82,17 @@ def answer_loss(model, ids, att, lab) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(inner.lm_head(h[keep]).float(), tgt[keep])
 
 
-def train(cfg: TrainConfig, out: Path, base: str = "smollm2-135m", init: Path | None = None, log=print) -> dict:
+def train(cfg: TrainConfig, out: Path, base: str = "smollm2-135m", init: Path | None = None, log=print,
+          lm=None) -> dict:
     """Train one adapter on the union of ``cfg.tasks`` (``init``: warm start from a peft adapter dir). Resumes
-    from the newest ``out/checkpoint-<step>`` (weights, AdamW state, step; the data order is replayed)."""
+    from the newest ``out/checkpoint-<step>`` (weights, AdamW state, step; the data order is replayed).
+    ``lm``: an already loaded :class:`~edgecloud.llm.models.LoadedModel` (tests); default ``load_model(base)``."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from edgecloud.llm.models import load_model
 
     torch.manual_seed(cfg.seed)
-    lm = load_model(base)
+    lm = lm or load_model(base)
     tok = lm.tokenizer
     eos = tok.eos_token_id
     start, ck = _latest_checkpoint(out)
@@ -143,7 +145,7 @@ def train(cfg: TrainConfig, out: Path, base: str = "smollm2-135m", init: Path | 
 
 
 def evaluate(engine, lora, adapter: str | None, task: str, n: int, seed: int = 0, max_new_tokens: int = 12,
-             batch: int = 8) -> float:
+             batch: int = 32) -> float:
     """Exact match on the held-out split, greedy, through the batched engine with per-request adapters."""
     from edgecloud.llm.batch import generate_batch
 
