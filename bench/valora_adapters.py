@@ -2,7 +2,7 @@
 few adapters as meet every task's target (next-fit greedy with rollback), and compare a task head with decoding
 on the classification tasks -> docs/results/valora_adapters.{json,md,png}.
 
-    nice -n 10 python bench/valora_adapters.py [--work DIR] [--steps 30] [--text-steps 20] [--fuse-steps 10]
+    nice -n 10 python bench/valora_adapters.py [--work DIR] [--steps 15] [--text-steps 10] [--fuse-steps 8]
 
 Resumable: every finished adapter, evaluation and head is recorded in WORK/state.json (written atomically) and
 training resumes from its last checkpoint, so an interrupted run continues where it stopped.
@@ -33,12 +33,13 @@ def main() -> None:
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, default=cache_root() / "lora" / "adapters")
-    ap.add_argument("--steps", type=int, default=30, help="training steps of a generated-data task's adapter")
-    ap.add_argument("--text-steps", type=int, default=20, help="steps for the real-text tasks (longer prompts)")
-    ap.add_argument("--fuse-steps", type=int, default=10, help="warm-start steps of each fusion attempt")
+    ap.add_argument("--steps", type=int, default=15, help="training steps of a generated-data task's adapter")
+    ap.add_argument("--text-steps", type=int, default=10, help="steps for the real-text tasks (longer prompts)")
+    ap.add_argument("--fuse-steps", type=int, default=8, help="warm-start steps of each fusion attempt")
     ap.add_argument("--margin", type=float, default=0.1, help="target = dedicated adapter accuracy - margin")
-    ap.add_argument("--max-group", type=int, default=3, help="most tasks one fused adapter may serve")
+    ap.add_argument("--max-group", type=int, default=2, help="most tasks one fused adapter may serve")
     ap.add_argument("--deadline", default=None, help="UTC HH:MM after which no new fusion attempt starts")
+    ap.add_argument("--head-examples", type=int, default=96, help="training examples of each task head")
     ap.add_argument("--n-test", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results")
@@ -78,7 +79,7 @@ def main() -> None:
 
     def trained(tasks, name, steps, init=None):
         if name not in st["train"]:
-            cfg = TrainConfig(tasks=tuple(tasks), steps=steps, lr=3e-3, checkpoint_every=10, seed=a.seed)
+            cfg = TrainConfig(tasks=tuple(tasks), steps=steps, lr=3e-3, checkpoint_every=5, seed=a.seed)
             print(f"train {name} ({steps} steps on {tasks})", flush=True)
             st["train"][name] = train(cfg, a.work / name, BASE, init=a.work / init if init else None,
                                       log=lambda s: print(f"  {name} {s}", flush=True))
@@ -97,7 +98,7 @@ def main() -> None:
     for t in CLASSES:
         if t not in st["head"]:
             ensure_loaded(t)
-            tr = examples(t, "train", 160, a.seed)
+            tr = examples(t, "train", a.head_examples, a.seed)
             head = fit(features(e, lm, t, tr), [x.answer for x in tr], CLASSES[t]())
             head.save(a.work / t / "head.safetensors")
             st["head"][t] = compare(e, lm, t, Head.load(a.work / t / "head.safetensors"),

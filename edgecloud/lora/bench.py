@@ -1,7 +1,8 @@
 """The VaLoRA benchmark: Poisson arrivals over 16 adapters with skew, every policy in the same engine.
 
 Adapters: the trained ones found under ``adapters_dir`` (peft format), topped up to ``n_adapters`` with random-init
-variants (rank 8, q/v) so that every run has 16; the report says how many are trained. The arrival rate is set
+variants of the same rank and targets (same serving cost) so that every run has 16; the report says how many are
+trained. The arrival rate is set
 from a measured single-batch decode so the engine runs at about ``load`` of its batched capacity.
 """
 
@@ -25,9 +26,9 @@ PROMPTS = ["Add the numbers.\n{a} + {b}\nAnswer:",
 @dataclass
 class BenchConfig:
     n_adapters: int = 16
-    requests: int = 48
+    requests: int = 20
     skews: tuple = (0.2, 0.5, 0.8, "zipf")
-    max_new_tokens: int = 8
+    max_new_tokens: int = 6
     load: float = 0.7
     slo_factor: float = 5.0  # SLO = factor × unloaded single-request latency
     seed: int = 0
@@ -120,8 +121,9 @@ def load_adapters(engine, lora, base: str, adapters_dir: Path | None, n: int, se
                 lora.add(load_adapter(d, engine.model, base))
                 names.append(d.name)
     trained = len(names)
+    rank = lora.adapters[names[0]].rank if names else 8  # top-ups shaped like the trained ones: same serving cost
     for i in range(trained, n):
-        lora.add(random_adapter(engine.model, base, f"rand{i}", rank=8, seed=seed + i))
+        lora.add(random_adapter(engine.model, base, f"rand{i}", rank=rank, seed=seed + i))
         names.append(f"rand{i}")
     return names, trained
 
