@@ -143,6 +143,7 @@ def switch_cost(lora, name: str, repeats: int = 3) -> dict:
     """Merge + unmerge of one adapter: VaLoRA's switch (ΔW = A B for every layer of one shape in one bmm, unmerge
     restores saved weights) vs a per-layer loop that adds and later subtracts each layer's ΔW."""
     fast, loop = [], []
+    saved = {n: lora.layers[n].base.weight.clone() for n in lora.adapters[name].weights}
     for _ in range(repeats):
         t = time.perf_counter()
         lora.merge(name)
@@ -154,6 +155,8 @@ def switch_cost(lora, name: str, repeats: int = 3) -> dict:
                 w = lora.layers[lname].base.weight
                 w.add_((A @ B).T, alpha=sign)
         loop.append(time.perf_counter() - t)
+        for n, w in saved.items():  # add-then-subtract leaves rounding behind; the server's unmerge does not
+            lora.layers[n].base.weight.copy_(w)
     lora._restack()
     return {"batched_merge_unmerge_ms": 1e3 * min(fast), "per_layer_merge_unmerge_ms": 1e3 * min(loop),
             "layers": len(lora.adapters[name].weights)}
