@@ -40,6 +40,12 @@ def main() -> None:
     ap.add_argument("--max-group", type=int, default=2, help="most tasks one fused adapter may serve")
     ap.add_argument("--deadline", default=None, help="UTC HH:MM after which no new fusion attempt starts")
     ap.add_argument("--head-examples", type=int, default=96, help="training examples of each task head")
+    ap.add_argument("--fuse-tasks", default=None, help="comma-separated tasks to fuse, in order (default: all); "
+                    "the others keep their own adapters")
+    ap.add_argument("--state", default="state.json", help="this run's state file under --work")
+    ap.add_argument("--read-state", default=None, help="another run's state file under --work, read (not written): "
+                    "a fusion-only run beside the main one")
+    ap.add_argument("--only-fusion", action="store_true", help="fuse --fuse-tasks, save state, write no report")
     ap.add_argument("--n-test", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results")
@@ -47,8 +53,12 @@ def main() -> None:
     check_out_dir(a.out)
     torch.set_num_threads(1)
     a.work.mkdir(parents=True, exist_ok=True)
-    state_p = a.work / "state.json"
-    st = json.loads(state_p.read_text()) if state_p.exists() else {"acc": {}, "train": {}, "head": {}}
+    state_p = a.work / a.state
+    st = {"acc": {}, "train": {}, "head": {}}
+    for f in (a.work / a.read_state if a.read_state else None, state_p):
+        if f is not None and f.exists():
+            for k, v in json.loads(f.read_text()).items():
+                st[k].update(v)
 
     def save():
         atomic.write_text(state_p, json.dumps(st, indent=1))
@@ -87,15 +97,16 @@ def main() -> None:
         return name
 
     tasks = list(TASKS)
-    for t in tasks:
+    fuse_tasks = a.fuse_tasks.split(",") if a.fuse_tasks else tasks
+    for t in (fuse_tasks if a.only_fusion else tasks):
         acc(None, t)
-    for t in tasks:
+    for t in (fuse_tasks if a.only_fusion else tasks):
         trained([t], t, a.text_steps if t in CLASSES else a.steps)
         acc(t, t)
 
     from edgecloud.lora.head import Head, compare, features, fit
 
-    for t in CLASSES:
+    for t in ([] if a.only_fusion else CLASSES):
         if t not in st["head"]:
             ensure_loaded(t)
             tr = examples(t, "train", a.head_examples, a.seed)
@@ -108,12 +119,17 @@ def main() -> None:
 
     from edgecloud.lora.fusion import fuse
 
-    dedicated = {t: (t, acc(t, t)) for t in tasks}
-    targets = {t: round(max(0.0, dedicated[t][1] - a.margin), 4) for t in tasks}
-    groups, attempts = fuse(tasks, targets, dedicated,
+    dedicated = {t: (t, acc(t, t)) for t in (fuse_tasks if a.only_fusion else tasks)}
+    targets = {t: round(max(0.0, dedicated[t][1] - a.margin), 4) for t in dedicated}
+    groups, attempts = fuse(fuse_tasks, targets, dedicated,
                             lambda ts, init, name: trained(ts, name, a.fuse_steps, init), acc,
                             max_group=a.max_group, stop=lambda: past(a.deadline))
 
+    if a.only_fusion:
+        return
+    from edgecloud.lora.fusion import Group
+
+    groups += [Group([t], t, {t: dedicated[t][1]}) for t in tasks if t not in fuse_tasks]
     rows = [{"task": t, "base": st["acc"][f"base/{t}"], "adapter": dedicated[t][1], "target": targets[t],
              "fused_adapter": g.adapter, "fused": g.accuracy[t],
              "steps": st["train"][t]["config"]["steps"], "train_s": st["train"][t]["train_s"]}

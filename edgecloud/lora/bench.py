@@ -157,7 +157,6 @@ def switch_cost(lora, name: str, repeats: int = 3) -> dict:
         loop.append(time.perf_counter() - t)
         for n, w in saved.items():  # add-then-subtract leaves rounding behind; the server's unmerge does not
             lora.layers[n].base.weight.copy_(w)
-    lora._restack()
     return {"batched_merge_unmerge_ms": 1e3 * min(fast), "per_layer_merge_unmerge_ms": 1e3 * min(loop),
             "layers": len(lora.adapters[name].weights)}
 
