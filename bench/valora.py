@@ -22,11 +22,12 @@ def main() -> None:
     ap.add_argument("--adapters", type=Path, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--requests", type=int, default=0, help="requests per (skew, policy); 0: the config's")
+    ap.add_argument("--name", default="valora", help="result name: OUT/NAME.{json,md,png}")
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "docs" / "results")
     a = ap.parse_args()
     check_out_dir(a.out)
     data = bench_data(a.quick, a.adapters, DEFAULT_TABLE, a.seed, requests=a.requests or None)
-    res = Result("valora", data, seed=a.seed)
+    res = Result(a.name, data, seed=a.seed)
     lo, hi = data["paper_latency_ratio_vs_baselines"]
     side = []
     for s in data["skews"]:

@@ -142,19 +142,20 @@ PAPER_LATENCY_RATIO = (0.11, 0.80)
 def switch_cost(lora, name: str, repeats: int = 3) -> dict:
     """Merge + unmerge of one adapter: VaLoRA's switch (ΔW = A B for every layer of one shape in one bmm, unmerge
     restores saved weights) vs a per-layer loop that adds and later subtracts each layer's ΔW."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter  # CPU time: see atmm.profile
     fast, loop = [], []
     saved = {n: lora.layers[n].base.weight.clone() for n in lora.adapters[name].weights}
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = clock()
         lora.merge(name)
         lora.merge(None)
-        fast.append(time.perf_counter() - t)
-        t = time.perf_counter()
+        fast.append(clock() - t)
+        t = clock()
         for sign in (1.0, -1.0):
             for lname, (A, B) in lora.adapters[name].weights.items():
                 w = lora.layers[lname].base.weight
                 w.add_((A @ B).T, alpha=sign)
-        loop.append(time.perf_counter() - t)
+        loop.append(clock() - t)
         for n, w in saved.items():  # add-then-subtract leaves rounding behind; the server's unmerge does not
             lora.layers[n].base.weight.copy_(w)
     return {"batched_merge_unmerge_ms": 1e3 * min(fast), "per_layer_merge_unmerge_ms": 1e3 * min(loop),
