@@ -24,6 +24,11 @@ from edgecloud.results import Result, check_out_dir
 BASE = "smollm2-135m"
 
 
+def wall(info: dict) -> float | None:
+    """Training wall time, or None where a run resumed from a checkpoint written before checkpoints kept it."""
+    return info["train_s"] if not info.get("resumed_at") or info.get("elapsed_in_checkpoints") else None
+
+
 def past(deadline: str | None) -> bool:
     return deadline is not None and time.strftime("%H:%M", time.gmtime()) >= deadline
 
@@ -132,12 +137,12 @@ def main() -> None:
     groups += [Group([t], t, {t: dedicated[t][1]}) for t in tasks if t not in fuse_tasks]
     rows = [{"task": t, "base": st["acc"][f"base/{t}"], "adapter": dedicated[t][1], "target": targets[t],
              "fused_adapter": g.adapter, "fused": g.accuracy[t],
-             "steps": st["train"][t]["config"]["steps"], "train_s": st["train"][t]["train_s"]}
+             "steps": st["train"][t]["config"]["steps"], "train_s": wall(st["train"][t])}
             for g in groups for t in g.tasks]
     data = {"base_model": BASE, "tasks": rows, "adapters_before": len(tasks), "adapters_after": len(groups),
             "groups": [{"tasks": g.tasks, "adapter": g.adapter} for g in groups], "fusion_attempts": attempts,
             "head_vs_decode": st["head"], "n_test": a.n_test, "margin": a.margin, "max_group": a.max_group,
-            "train": {k: {"steps": v["config"]["steps"], "tasks": v["config"]["tasks"], "train_s": v["train_s"],
+            "train": {k: {"steps": v["config"]["steps"], "tasks": v["config"]["tasks"], "train_s": wall(v),
                           "final_loss": v["final_loss"], "init": v["init"]} for k, v in st["train"].items()}}
     res = Result("valora_adapters", data, seed=a.seed)
     res.table(rows, ["task", "base", "adapter", "target", "fused_adapter", "fused", "steps", "train_s"])

@@ -117,7 +117,7 @@ def load_adapters(engine, lora, base: str, adapters_dir: Path | None, n: int, se
     names = []
     if adapters_dir is not None and Path(adapters_dir).is_dir():
         for d in sorted(Path(adapters_dir).iterdir()):
-            if (d / "adapter_config.json").is_file() and len(names) < n:
+            if not d.name.startswith(".") and (d / "adapter_config.json").is_file() and len(names) < n:
                 lora.add(load_adapter(d, engine.model, base))
                 names.append(d.name)
     trained = len(names)

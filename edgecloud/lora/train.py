@@ -46,7 +46,7 @@ def _encode(tok, ex: Example, eos: int) -> tuple[list[int], list[int]]:
     return p + a, [-100] * len(p) + a
 
 
-def _save_peft(peft_model, out: Path, base: str, opt=None, step: int | None = None) -> None:
+def _save_peft(peft_model, out: Path, base: str, opt=None, step: int | None = None, extra=None) -> None:
     """peft's own save (adapter_config.json + adapter_model.safetensors), our base name, atomically (temp dir
     then rename); a checkpoint also keeps the AdamW moments (safetensors) and its step, so training resumes."""
     tmp = out.parent / f".{out.name}.tmp"
@@ -60,7 +60,7 @@ def _save_peft(peft_model, out: Path, base: str, opt=None, step: int | None = No
         st = opt.state_dict()
         save_file({f"{i}.{k}": v.contiguous() for i, s in st["state"].items() for k, v in s.items()},
                   str(tmp / "optimizer.safetensors"))
-        (tmp / "train_state.json").write_text(json.dumps({"step": step}))
+        (tmp / "train_state.json").write_text(json.dumps({"step": step, **(extra or {})}))
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
@@ -113,8 +113,9 @@ def train(cfg: TrainConfig, out: Path, base: str = "smollm2-135m", init: Path | 
         for i, p in enumerate(params):
             opt.state[p] = {k: st[f"{i}.{k}"] for k in ("step", "exp_avg", "exp_avg_sq")}
         log(f"resumed from {ck} (step {start})")
-    t0 = time.perf_counter()
-    losses = []
+    prev = json.loads((ck / "train_state.json").read_text()) if ck is not None else {}
+    t0 = time.perf_counter() - prev.get("elapsed_s", 0.0)  # training time counts across resumes
+    losses = list(prev.get("losses_tail", []))
     for step in range(1, cfg.steps + 1):
         b = rng.sample(data, min(cfg.batch, len(data)))
         if step <= start:
@@ -132,13 +133,15 @@ def train(cfg: TrainConfig, out: Path, base: str = "smollm2-135m", init: Path | 
             log(f"step {step} loss {sum(losses[-10:]) / len(losses[-10:]):.3f}")
         if step % cfg.checkpoint_every == 0 and step < cfg.steps:
             out.mkdir(parents=True, exist_ok=True)
-            _save_peft(model, out / f"checkpoint-{step}", base, opt, step)
+            _save_peft(model, out / f"checkpoint-{step}", base, opt, step,
+                       {"elapsed_s": time.perf_counter() - t0, "losses_tail": losses[-10:]})
             for old in out.glob("checkpoint-*"):
                 if old.name != f"checkpoint-{step}":
                     shutil.rmtree(old, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     _save_peft(model, out, base)
     info = {"config": asdict(cfg), "init": str(init) if init else None, "resumed_at": start,
+            "elapsed_in_checkpoints": "elapsed_s" in prev,
             "train_s": time.perf_counter() - t0, "final_loss": sum(losses[-10:]) / max(1, len(losses[-10:]))}
     (out / "train.json").write_text(json.dumps(info, indent=1))
     return info
