@@ -43,7 +43,8 @@ def main() -> None:
     ap.add_argument("--fuse-steps", type=int, default=8, help="warm-start steps of each fusion attempt")
     ap.add_argument("--margin", type=float, default=0.1, help="target = dedicated adapter accuracy - margin")
     ap.add_argument("--max-group", type=int, default=2, help="most tasks one fused adapter may serve")
-    ap.add_argument("--deadline", default=None, help="UTC HH:MM after which no new fusion attempt starts")
+    ap.add_argument("--deadline", default=None, help="UTC HH:MM after which no new fusion attempt starts "
+                    "(attempts already trained are replayed from the state)")
     ap.add_argument("--head-examples", type=int, default=96, help="training examples of each task head")
     ap.add_argument("--fuse-tasks", default=None, help="comma-separated tasks to fuse, in order (default: all); "
                     "the others keep their own adapters")
@@ -128,7 +129,8 @@ def main() -> None:
     targets = {t: round(max(0.0, dedicated[t][1] - a.margin), 4) for t in dedicated}
     groups, attempts = fuse(fuse_tasks, targets, dedicated,
                             lambda ts, init, name: trained(ts, name, a.fuse_steps, init), acc,
-                            max_group=a.max_group, stop=lambda: past(a.deadline))
+                            max_group=a.max_group,
+                            stop=lambda name: name not in st["train"] and past(a.deadline))
 
     if a.only_fusion:
         return

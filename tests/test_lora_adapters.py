@@ -81,7 +81,7 @@ def test_fusion_rolls_back_below_target():
                     lambda ad, t: acc[(ad, t)], max_group=2, log=lambda s: None)
     assert [g.tasks for g in g2] == [["a", "b"], ["c"]] and len(att2) == 1
     g3, att3 = fuse(["a", "b"], dict.fromkeys("ab", 0.6), {t: (t, 1.0) for t in "ab"}, train_union,
-                    lambda ad, t: 1.0, stop=lambda: True, log=lambda s: None)
+                    lambda ad, t: 1.0, stop=lambda name: name == "a+b", log=lambda s: None)
     assert [g.tasks for g in g3] == [["a"], ["b"]] and att3[0]["not_attempted"] == "time budget"
     with pytest.raises(UserError, match="target"):
         fuse(["a", "z"], {"a": 0.5}, {"a": ("a", 1.0)}, train_union, lambda ad, t: 1.0)

@@ -119,10 +119,10 @@ def serve_cmd(host: str = typer.Option("127.0.0.1", "--host"),
     from edgecloud.paths import cache_root
 
     cfg = ServeConfig(max_batch=max_batch, max_body_mb=max_body_mb)  # bad limits fail before the model loads
-    adapters = adapters or cache_root() / "lora" / "adapters"
-    if not adapters.is_dir():
-        raise UserError(f"--adapters {adapters}: not a directory; train adapters first "
-                        "(`python bench/valora_adapters.py`) or pass a directory of peft adapters")
+    if adapters is not None and not adapters.is_dir():
+        raise UserError(f"--adapters {adapters}: not a directory; pass a directory of peft adapters "
+                        "(`python bench/valora_adapters.py` trains them into <cache>/lora/adapters)")
+    adapters = adapters or cache_root() / "lora" / "adapters"  # absent: the base model alone is served
     dispatch = Dispatch.load(table) if table.exists() else Dispatch()
     e = Engine(load_model(base), threads=threads)
     serve(e, LoRAModel(e.model, base, dispatch=dispatch), base, adapters, host, port, cfg)

@@ -24,19 +24,21 @@ class Group:
 
 def fuse(tasks: list[str], targets: dict[str, float], dedicated: dict[str, tuple[str, float]],
          train_union: Callable[[list[str], str, str], str], evaluate: Callable[[str, str], float],
-         max_group: int = 8, stop: Callable[[], bool] = lambda: False, log=print) -> tuple[list[Group], list[dict]]:
+         max_group: int = 8, stop: Callable[[str], bool] = lambda name: False,
+         log=print) -> tuple[list[Group], list[dict]]:
     """Greedy fusion. ``dedicated[t] = (adapter, accuracy)``; ``train_union(tasks, init_adapter, name)`` returns
     the new adapter's name; ``evaluate(adapter, task)`` its held-out accuracy. Returns the groups and a log of every
     attempt (accepted or rolled back, with every task's accuracy). A group closes at ``max_group`` tasks (each
-    attempt re-evaluates every task of the group, so the cost of a check grows with the group). Once ``stop()``
-    is true no new attempt starts: the remaining tasks keep their dedicated adapters (recorded as not attempted)."""
+    attempt re-evaluates every task of the group, so the cost of a check grows with the group). Once ``stop(name)``
+    is true for an attempt's adapter name, it does not start (recorded as not attempted): the task keeps its own
+    adapter."""
     missing = [t for t in tasks if t not in targets or t not in dedicated]
     if missing:
         raise UserError(f"fusion: task {missing[0]!r} has no target or no dedicated adapter")
     groups: list[Group] = []
     attempts: list[dict] = []
     for t in tasks:
-        if groups and len(groups[-1].tasks) < max_group and stop():
+        if groups and len(groups[-1].tasks) < max_group and stop("+".join(groups[-1].tasks + [t])):
             attempts.append({"tasks": groups[-1].tasks + [t], "accepted": False, "not_attempted": "time budget"})
         elif groups and len(groups[-1].tasks) < max_group:
             g = groups[-1]
