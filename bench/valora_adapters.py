@@ -150,13 +150,14 @@ def main() -> None:
     res.markdown += (f"Held-out exact match ({a.n_test} examples per task); target = own adapter's accuracy - "
                      f"{a.margin}; {len(tasks)} tasks -> {len(groups)} adapters.\n\n")
     res.table(rows, ["task", "base", "adapter", "target", "fused_adapter", "fused", "steps", "train_s"])
-    res.markdown += "\nFusion attempts (next-fit greedy, warm start from the group's adapter, rollback):\n\n"
+    res.markdown += "\nFusion attempts (next-fit greedy, warm start from the group's adapter, rollback):\n"
     res.table([{"attempt": "+".join(x["tasks"]),
                 "result": x.get("not_attempted") and f"not attempted ({x['not_attempted']})"
                 or ("accepted" if x["accepted"] else "rolled back"),
-                "accuracy / target": ", ".join(f"{t} {v:.3f}/{targets[t]:.3f}" for t, v in x.get("accuracy", {}).items())}
+                "accuracy / target": ", ".join(f"{t} {v:.3f}/{targets[t]:.3f}"
+                                               for t, v in x.get("accuracy", {}).items())}
                for x in attempts], ["attempt", "result", "accuracy / target"])
-    res.markdown += "\nTask head (one forward pass) vs decoding the label, batch 1:\n\n"
+    res.markdown += "\nTask head (one forward pass) vs decoding the label, batch 1:\n"
     res.table([{"task": t, **v} for t, v in st["head"].items()],
               ["task", "head_accuracy", "decode_accuracy", "head_latency_ms", "decode_latency_ms", "n"])
     import matplotlib
