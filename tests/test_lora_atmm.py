@@ -13,7 +13,7 @@ from edgecloud.llm.batch import generate_batch
 from edgecloud.llm.engine import Engine
 from edgecloud.llm.models import LoadedModel
 from edgecloud.lora.adapters import load_adapter, random_adapter, save_adapter
-from edgecloud.lora.atmm import IMPLS, Dispatch, Grid, _case, atmm, evaluate, profile, reference, table_from
+from edgecloud.lora.atmm import IMPLS, Dispatch, Grid, _case, atmm, combine, evaluate, profile, reference, table_from
 from edgecloud.lora.layer import LoRAModel
 
 
@@ -32,8 +32,15 @@ def test_profile_table_and_chooser(tmp_path):
     rows = profile(g)
     t = table_from(rows)
     assert len(t["entries"]) == 4
-    ev = evaluate(t, rows)  # on the timings it was built from the chooser is the oracle
+    ev = evaluate(t, rows, remeasured=rows)  # on the timings it was built from the chooser is the oracle
     assert ev["chooser_vs_oracle_max"] == pytest.approx(1.0) and ev["speedup_vs_worst_fixed_geomean"] >= 1.0
+    assert ev["oracle_remeasured_vs_oracle_max"] == pytest.approx(1.0)
+    rows2 = profile(g, seed=1)
+    both = combine(rows, rows2)
+    assert all(b["times"][k] == min(r1["times"][k], r2["times"][k])
+               for b, r1, r2 in zip(both, rows, rows2) for k in b["times"])
+    off = evaluate(t, profile(Grid(tokens=(8,), adapters=(2,), ranks=(4,), d_in=32, d_out=32, repeats=2)))
+    assert off["shapes"] == 1 and off["chooser_vs_oracle_geomean"] >= 1.0  # an off-grid shape: nearest entry
     p = tmp_path / "t.json"
     p.write_text(json.dumps(t))
     assert Dispatch.load(p).choose(2, 1, 4)[0] in IMPLS

@@ -13,7 +13,7 @@ from edgecloud.llm.batch import generate_batch
 from edgecloud.lora.adapters import random_adapter
 from edgecloud.lora.layer import LoRAModel
 from edgecloud.lora.orchestrator import POLICIES, Policy, Request, serve, summarize
-from edgecloud.lora.tasks import TASKS, examples, score
+from edgecloud.lora.tasks import CLASSES, TASKS, _split, examples, score, speeches, topic_labels
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -44,6 +44,11 @@ def test_tasks_have_held_out_splits():
     for t in TASKS:
         tr, te = examples(t, "train", 20), examples(t, "test", 20)
         assert tr != te and all(score(e.answer, e) == 1.0 for e in te)
+        if t in CLASSES:
+            assert {e.answer for e in tr + te} <= set(CLASSES[t]())
+    for items in [*speeches().values(), *topic_labels().values()]:  # real text: held out by source item
+        train, test = _split(items, "train"), _split(items, "test")
+        assert len(train) + len(test) == len(items) and not set(train) & set(test) and test
 
 
 def _cli(*args):
@@ -58,3 +63,5 @@ def test_cli_bad_input(tmp_path):
     bad.write_text("{")
     r = _cli("bench", "--quick", "--table", str(bad))
     assert r.returncode == 2 and "lora profile" in r.stderr
+    r = _cli("serve", "--adapters", str(tmp_path / "none"))
+    assert r.returncode == 2 and "--adapters" in r.stderr and len(r.stderr.strip().splitlines()) == 1

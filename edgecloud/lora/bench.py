@@ -1,7 +1,8 @@
 """The VaLoRA benchmark: Poisson arrivals over 16 adapters with skew, every policy in the same engine.
 
 Adapters: the trained ones found under ``adapters_dir`` (peft format), topped up to ``n_adapters`` with random-init
-variants (rank 8, q/v) so that every run has 16; the report says how many are trained. The arrival rate is set
+variants of the same rank and targets (same serving cost) so that every run has 16; the report says how many are
+trained. The arrival rate is set
 from a measured single-batch decode so the engine runs at about ``load`` of its batched capacity.
 """
 
@@ -25,9 +26,9 @@ PROMPTS = ["Add the numbers.\n{a} + {b}\nAnswer:",
 @dataclass
 class BenchConfig:
     n_adapters: int = 16
-    requests: int = 48
+    requests: int = 20
     skews: tuple = (0.2, 0.5, 0.8, "zipf")
-    max_new_tokens: int = 8
+    max_new_tokens: int = 6
     load: float = 0.7
     slo_factor: float = 5.0  # SLO = factor × unloaded single-request latency
     seed: int = 0
@@ -116,12 +117,13 @@ def load_adapters(engine, lora, base: str, adapters_dir: Path | None, n: int, se
     names = []
     if adapters_dir is not None and Path(adapters_dir).is_dir():
         for d in sorted(Path(adapters_dir).iterdir()):
-            if (d / "adapter_config.json").is_file() and len(names) < n:
+            if not d.name.startswith(".") and (d / "adapter_config.json").is_file() and len(names) < n:
                 lora.add(load_adapter(d, engine.model, base))
                 names.append(d.name)
     trained = len(names)
+    rank = lora.adapters[names[0]].rank if names else 8  # top-ups shaped like the trained ones: same serving cost
     for i in range(trained, n):
-        lora.add(random_adapter(engine.model, base, f"rand{i}", rank=8, seed=seed + i))
+        lora.add(random_adapter(engine.model, base, f"rand{i}", rank=rank, seed=seed + i))
         names.append(f"rand{i}")
     return names, trained
 
@@ -131,8 +133,37 @@ def geomean(xs) -> float:
 
 
 
+# VaLoRA (EuroSys'25) abstract: "reduces the average latency by 20-89%" vs S-LoRA, Punica and dLoRA, i.e. a
+# mean-latency ratio of 0.11-0.80 to a baseline; it reports no throughput ratio to per-adapter sequential serving.
+PAPER_LATENCY_RATIO = (0.11, 0.80)
+
+
+@torch.inference_mode()
+def switch_cost(lora, name: str, repeats: int = 3) -> dict:
+    """Merge + unmerge of one adapter: VaLoRA's switch (ΔW = A B for every layer of one shape in one bmm, unmerge
+    restores saved weights) vs a per-layer loop that adds and later subtracts each layer's ΔW."""
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter  # CPU time: see atmm.profile
+    fast, loop = [], []
+    saved = {n: lora.layers[n].base.weight.clone() for n in lora.adapters[name].weights}
+    for _ in range(repeats):
+        t = clock()
+        lora.merge(name)
+        lora.merge(None)
+        fast.append(clock() - t)
+        t = clock()
+        for sign in (1.0, -1.0):
+            for lname, (A, B) in lora.adapters[name].weights.items():
+                w = lora.layers[lname].base.weight
+                w.add_((A @ B).T, alpha=sign)
+        loop.append(clock() - t)
+        for n, w in saved.items():  # add-then-subtract leaves rounding behind; the server's unmerge does not
+            lora.layers[n].base.weight.copy_(w)
+    return {"batched_merge_unmerge_ms": 1e3 * min(fast), "per_layer_merge_unmerge_ms": 1e3 * min(loop),
+            "layers": len(lora.adapters[name].weights)}
+
+
 def bench_data(quick: bool, adapters: Path | None, table: Path, seed: int = 0, base: str = "smollm2-135m",
-               log=None) -> dict:
+               log=None, requests: int | None = None) -> dict:
     """The whole benchmark: reference check, every policy at every skew, the contract ratios."""
     import json
     import sys
@@ -143,7 +174,13 @@ def bench_data(quick: bool, adapters: Path | None, table: Path, seed: int = 0, b
     from edgecloud.lora.layer import LoRAModel
 
     log = log or (lambda s: print(s, file=sys.stderr))
+    if adapters is None:
+        from edgecloud.paths import cache_root
+
+        adapters = cache_root() / "lora" / "adapters"  # the trained ones, when bench/valora_adapters.py has run
     cfg = BenchConfig(seed=seed, **({"requests": 12, "skews": (0.2, 0.8), "max_new_tokens": 4} if quick else {}))
+    if requests:
+        cfg.requests = requests
     tab = None
     if Path(table).exists():
         Dispatch.load(table)  # a corrupt table is one clear line
@@ -153,9 +190,16 @@ def bench_data(quick: bool, adapters: Path | None, table: Path, seed: int = 0, b
     names, trained = load_adapters(e, lm, base, adapters, cfg.n_adapters, seed)
     with torch.inference_mode():
         match = modes_match_reference(e, lm, names)
+        switch = switch_cost(lm, names[0])
         out = run(cfg, e, lm, names, tab, log=log)
     return {**ratios(out, cfg.skews), "modes_match_reference": match,
             "chooser_vs_oracle": (tab or {}).get("evaluation", {}).get("chooser_vs_oracle_geomean"),
             "adapters": {"total": len(names), "trained": trained, "random_init": len(names) - trained},
             "requests": cfg.requests, "skews": [str(s) for s in cfg.skews], "runs": out["runs"],
-            "rate_req_s": out["rate_req_s"], "max_new_tokens": cfg.max_new_tokens}
+            "rate_req_s": out["rate_req_s"], "capacity_req_s": out["capacity_req_s"],
+            "single_latency_s": out["single_latency_s"], "slo_s": cfg.slo_factor * out["single_latency_s"],
+            "max_new_tokens": cfg.max_new_tokens, "adapter_names": names, "switch_cost": switch,
+            "paper_latency_ratio_vs_baselines": list(PAPER_LATENCY_RATIO),
+            "latency_ratio_vs_each_baseline": {f"{s}/{p}": out["runs"][f"{s}/valora"]["mean_latency_s"]
+                                               / out["runs"][f"{s}/{p}"]["mean_latency_s"]
+                                               for s in cfg.skews for p in POLICIES if p != "valora"}}

@@ -6,11 +6,14 @@ The batched engine (``edgecloud.llm.batch``) publishes which sequence each batch
 
 - ``unmerged``: W untouched, every adapter on the side.
 - ``merged`` / ``mixture``: the hot adapter m folded into W (W + A_m B_m); its rows need no side path; any other
-  row is corrected by ``x(ΔW_i − ΔW_m)``, computed exactly in low rank as ``x [A_i | A_m] [B_i ; −B_m]`` (a row
-  with no adapter gets ``−x A_m B_m``). ``merged`` is the case where every row uses m (side path skipped).
+  row is corrected by ``x(ΔW_i − ΔW_m)``, computed in low rank as its own ``x A_i B_i`` (ATMM over the adapter
+  stack) minus ``x A_m B_m`` (one product over those rows). ``merged`` is the case where every row uses m (both
+  side paths skipped).
 
-Switching folds ΔW = A B for all layers at once (one bmm per weight shape) and unmerging restores the saved
-original weights, so repeated switches never accumulate rounding.
+Switching folds ΔW = A B for all layers at once (one bmm per weight shape) and unmerging copies back the pristine
+weights kept at wrap time, so repeated switches never accumulate rounding, and a switch never rebuilds the adapter
+stacks (they do not depend on the mode). The per-row adapter slots are computed once per forward pass, not per
+layer.
 """
 
 from __future__ import annotations
@@ -41,16 +44,24 @@ class LoRALinear(torch.nn.Module):
         if stack is None:
             return y
         rows = current_rows()
-        idx_rows = o.row_index(rows if rows is not None else [None] * x.shape[0])
-        if idx_rows is None:
+        plan = o.row_index(rows if rows is not None else [None] * x.shape[0])
+        if plan is None:
             return y
-        A, B = stack
+        idx_rows, corr_rows, distinct = plan
         t = x.shape[-2] if x.dim() == 3 else 1
-        idx = idx_rows.repeat_interleave(t)
         xf = x.reshape(-1, x.shape[-1])
-        impl, block = o.dispatch.choose(xf.shape[0], int(torch.unique(idx[idx >= 0]).numel()), A.shape[2])
-        o.calls[impl] = o.calls.get(impl, 0) + 1
-        return y + delta(xf.to(A.dtype), A, B, idx, impl, block).reshape(y.shape).to(y.dtype)
+        yf = y.reshape(-1, y.shape[-1])
+        A, B = stack
+        if idx_rows is not None:
+            idx = idx_rows.repeat_interleave(t)
+            impl, block = o.dispatch.choose(xf.shape[0], distinct, A.shape[2])
+            o.calls[impl] = o.calls.get(impl, 0) + 1
+            yf = yf + delta(xf.to(A.dtype), A, B, idx, impl, block).to(y.dtype)
+        m = o.adapters[o.merged].weights.get(self.name) if corr_rows is not None else None
+        if m is not None:  # mixture: rows of other adapters (or none) take ΔW_m back out
+            r = corr_rows.repeat_interleave(t).nonzero().flatten()
+            yf = yf.index_add(0, r, ((xf[r].to(m[0].dtype) @ m[0]) @ m[1]).to(y.dtype), alpha=-1.0)
+        return yf.reshape(y.shape)
 
 
 class LoRAModel:
@@ -65,7 +76,8 @@ class LoRAModel:
         self.merged: str | None = None
         self.stacks: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.layers: dict[str, LoRALinear] = {}
-        self.original: dict[str, torch.Tensor] = {}
+        self.original: dict[str, torch.Tensor] = {}  # layers the merged adapter changed -> their pristine weight
+        self._plan: tuple | None = None
         self.calls: dict[str, int] = {}
         self.switch_s: list[float] = []
         for name, mod in list(model.named_modules()):
@@ -77,6 +89,8 @@ class LoRAModel:
                     self.layers[full] = w
         if not self.layers:
             raise UserError(f"base {base!r}: no linear layers named {targets} to wrap")
+        # kept once, so unmerging is a copy (exact) and no switch has to clone weights
+        self.pristine = {n: w.base.weight.detach().clone() for n, w in self.layers.items()}
 
     # ---------------------------------------------------------------- adapters
     def add(self, ad: Adapter) -> None:
@@ -89,42 +103,45 @@ class LoRAModel:
         self._restack()
 
     def _restack(self) -> None:
-        """Per layer, A (K+1, d_in, r) and B (K+1, r, d_out); slot K = 'no adapter'. With a merged adapter m each
-        slot holds the exact low-rank correction [A_i | A_m], [B_i ; −B_m]."""
+        """Per layer, A (K+1, d_in, r) and B (K+1, r, d_out) over every adapter (zero-padded to the largest rank:
+        exact); slot K = 'no adapter' (zeros). Independent of the mode, so only adding an adapter rebuilds it."""
         self.stacks = {}
+        self._plan = None
         if not self.adapters:
             return
         names = list(self.adapters)
         rmax = max(a.rank for a in self.adapters.values())
-        m = self.adapters.get(self.merged) if self.merged else None
         for lname, layer in self.layers.items():
             d_in, d_out = layer.base.in_features, layer.base.out_features
-            r_tot = rmax + (m.rank if m else 0)
-            A = torch.zeros(len(names) + 1, d_in, r_tot)
-            B = torch.zeros(len(names) + 1, r_tot, d_out)
+            A = torch.zeros(len(names) + 1, d_in, rmax)
+            B = torch.zeros(len(names) + 1, rmax, d_out)
             for k, n in enumerate(names):
                 w = self.adapters[n].weights.get(lname)
                 if w is not None:
                     A[k, :, :w[0].shape[1]], B[k, :w[1].shape[0]] = w
-            if m is not None and lname in m.weights:
-                am, bm = m.weights[lname]
-                A[:, :, rmax:], B[:, rmax:] = am, -bm
             self.stacks[lname] = (A, B)
 
-    def row_index(self, rows) -> torch.Tensor | None:
-        """Stack slot per batch row; -1 = nothing to add (no adapter in unmerged mode, or the merged one)."""
-        none_slot = len(self.adapters)
-        out = []
-        for r in rows:
-            a = self.default if r is None else self.seq_adapter.get(r)
+    def row_index(self, rows):
+        """(stack slot per row or None, rows needing the −ΔW_m correction or None, distinct adapters), or None when
+        no row needs a side path. Slot -1 = nothing to add (no adapter, or the merged one). Cached for the
+        forward pass: every wrapped layer asks with the same rows."""
+        names = tuple(self.default if r is None else self.seq_adapter.get(r) for r in rows)
+        key = (names, self.merged, len(self.adapters))
+        if self._plan is not None and self._plan[0] == key:
+            return self._plan[1]
+        for a in names:
             if a is not None and a not in self.slot:
                 raise UserError(f"unknown adapter {a!r}; loaded: {sorted(self.adapters)}")
-            if a == self.merged:
-                out.append(-1)
-            else:
-                out.append(self.slot[a] if a is not None else (none_slot if self.merged else -1))
-        idx = torch.tensor(out)
-        return None if bool((idx < 0).all()) else idx
+        idx = torch.tensor([-1 if a is None or a == self.merged else self.slot[a] for a in names])
+        own = None if bool((idx < 0).all()) else idx
+        corr = None
+        if self.merged is not None:
+            c = torch.tensor([a != self.merged for a in names])
+            corr = c if bool(c.any()) else None
+        distinct = len({a for a in names if a is not None and a != self.merged})
+        plan = None if own is None and corr is None else (own, corr, distinct)
+        self._plan = (key, plan)
+        return plan
 
     # ---------------------------------------------------------------- modes
     @torch.inference_mode()
@@ -149,10 +166,10 @@ class LoRAModel:
                 dW = torch.bmm(A, B).transpose(1, 2)
                 for n, d in zip(lnames, dW):
                     w = self.layers[n].base.weight
-                    self.original[n] = w.detach().clone()
+                    self.original[n] = self.pristine[n]
                     w.add_(d.to(w.dtype))
         self.merged = name
-        self._restack()
+        self._plan = None
         dt = time.perf_counter() - t
         self.switch_s.append(dt)
         return dt
