@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", type=int, default=1)
     ap.add_argument("--steps", type=int)
+    ap.add_argument("--max-train", type=int)
+    ap.add_argument("--max-eval", type=int)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--runs", default="/tmp/qar/runs", help="where each corpus's raw run is saved")
@@ -54,13 +56,14 @@ def main(argv=None) -> int:
     kw = {"seeds": tuple(range(a.seed, a.seed + a.seeds))}
     if a.corpus:
         kw["corpora"] = tuple(a.corpus)
-    if a.steps:
-        kw["steps"] = a.steps
+    for k in ("steps", "max_train", "max_eval"):
+        if getattr(a, k):
+            kw[k] = getattr(a, k)
     bc = BenchConfig.quick(**kw) if a.quick else BenchConfig(**kw)
     if a.combine:
         runs = [load_run(Path(p)) for p in a.combine]
-        bc = BenchConfig(**{**{k: v for k, v in json.loads(Path(a.combine[0]).read_text())["bench_config"].items()},
-                            "corpora": tuple(r["corpus"] for r in runs), "seeds": tuple(kw["seeds"])})
+        saved = json.loads(Path(a.combine[0]).read_text())["bench_config"]
+        bc = BenchConfig(**{**saved, "corpora": tuple(r["corpus"] for r in runs), "seeds": tuple(saved["seeds"])})
     else:
         runs = []
         for c in bc.corpora:

@@ -84,9 +84,9 @@ def qar_bench(quick: bool = typer.Option(False, "--quick", help="Plays only, 20 
 @app.command("qar-train")
 def qar_train(corpus: str = typer.Option("plays", "--corpus", help="plays or chat."),
               arm: str = typer.Option("qar", "--arm", help=f"One of {', '.join(QAR_ARMS)}."),
-              steps: int = typer.Option(100, "--steps", min=1, help="Training steps."),
+              steps: int = typer.Option(30, "--steps", min=1, help="Training steps (batch 8)."),
               seed: int = typer.Option(0, "--seed", help="Training seed."),
-              max_train: int = typer.Option(800, "--max-train", min=8, help="Training exchanges kept."),
+              max_train: int = typer.Option(240, "--max-train", min=8, help="Training exchanges kept."),
               threads: int = typer.Option(1, "--threads", min=1, max=64, help="torch threads."),
               out: str = typer.Option(None, "--out", help="Checkpoint file (default: cache_root()/qar/<corpus>-"
                                                           "<arm>-seed<seed>.safetensors); an unfinished one resumes."),

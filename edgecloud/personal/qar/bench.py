@@ -30,12 +30,13 @@ ARM_SPEC = {"base": (False, False, False, False, False), "lora": (True, False, F
 class BenchConfig:
     corpora: tuple[str, ...] = ("plays", "chat")
     seeds: tuple[int, ...] = (0,)
-    steps: int = 40  # one epoch of max_train at batch_size 8
+    steps: int = 30  # one epoch of max_train at batch_size 8
     batch_size: int = 8
     lr: float = 1e-3
     top_layers: int = 3
-    max_train: int = 320
-    max_eval: int = 100
+    max_train: int = 240
+    max_eval: int = 80
+    probe_train: int = 160  # training exchanges the probe fits on
     max_new_tokens: int = 16
     n_boot: int = 2000
     base: str = "smollm2-135m"
@@ -55,7 +56,7 @@ class BenchConfig:
 def arm_configs(arm: str, bc: BenchConfig, n_pairs: int, n_clusters: int, seed: int):
     lora, towers, named, con, clustered = ARM_SPEC[arm]
     mc = ModelConfig(base=bc.base, top_layers=bc.top_layers, lora=lora, towers=towers, n_pairs=n_pairs,
-                     n_clusters=n_clusters)
+                     n_clusters=n_clusters, init_seed=seed)
     tc = TrainConfig(steps=bc.steps, batch_size=bc.batch_size, lr=bc.lr, contrastive_weight=0.5 if con else 0.0,
                      named=named, clustered=clustered, seed=seed)
     return mc, tc
@@ -114,10 +115,11 @@ def run_corpus(corpus: str, bc: BenchConfig, log=print) -> dict:
             log(f"[{corpus}/{arm}] seed {seed} ROUGE-L {sc['rougeL_mean']:.4f} BLEU-1 {sc['bleu1']:.4f} "
                 f"(generation {time.time() - t1:.0f} s)")
             if arm != "base" and mc.towers:
-                g_tr, s_tr = pooled_states(model, ds.train, True, states=states[True])
+                ptr = ds.train[:bc.probe_train]
+                g_tr, s_tr = pooled_states(model, ptr, True, states=states[True][:bc.probe_train])
                 g_te, s_te = pooled_states(model, ds.heldout, True, states=held_states)
-                ytr, yte = [e.pair for e in ds.train], [e.pair for e in ds.heldout]
-                gtr, gte = [e.responder for e in ds.train], [e.responder for e in ds.heldout]
+                ytr, yte = [e.pair for e in ptr], [e.pair for e in ds.heldout]
+                gtr, gte = [e.responder for e in ptr], [e.responder for e in ds.heldout]
                 probes.setdefault(arm, []).append({"specific": probe_accuracy(s_tr, ytr, gtr, s_te, yte, gte, seed),
                                                    "general": probe_accuracy(g_tr, ytr, gtr, g_te, yte, gte, seed)})
             if seed == seeds[0]:

@@ -42,6 +42,7 @@ class ModelConfig:
     n_pairs: int = 1  # (responder, questioner) pairs: rows of the pair embedding
     n_clusters: int = 1  # question clusters: one pair of projection heads each
     proj_dim: int = 64  # contrastive projection width
+    init_seed: int = 0  # LoRA A matrices and projection heads are drawn from this seed
     lora_targets: tuple[str, ...] = LORA_TARGETS
 
     def __post_init__(self):
@@ -145,6 +146,7 @@ class DualTower(nn.Module):
         if cfg.top_layers > n:
             raise UserError(f"top_layers {cfg.top_layers}: the model has only {n} layers")
         self.split = n - cfg.top_layers
+        torch.manual_seed(cfg.init_seed)  # the same config always builds the same initial model
         if cfg.lora:
             from peft import LoraConfig, inject_adapter_in_model
 

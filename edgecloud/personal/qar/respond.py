@@ -29,8 +29,8 @@ def match_name(given: str, valid: list[str], what: str, flag: str) -> str:
     raise UserError(f"{flag} {given!r}: unknown {what}; valid: {', '.join(valid)}")
 
 
-def train_checkpoint(corpus: str, arm: str, steps: int, seed: int, out: Path, max_train: int = 800,
-                     base: str = "smollm2-135m", top_layers: int = 4, log=print) -> dict:
+def train_checkpoint(corpus: str, arm: str, steps: int, seed: int, out: Path, max_train: int = 240,
+                     base: str = "smollm2-135m", top_layers: int = 3, log=print) -> dict:
     """Build the corpus, cluster, train one arm and save (resuming a partial checkpoint at ``out``)."""
     from edgecloud.llm.models import load_model
     from edgecloud.personal.qar.bench import BenchConfig, arm_configs

@@ -30,6 +30,7 @@ class TrainConfig:
     steps: int = 100
     batch_size: int = 8
     lr: float = 1e-3
+    tower_lr_mult: float = 10.0  # the specific tower starts at zero and has a few dozen steps to grow: faster lr
     contrastive_weight: float = 0.5  # against the LM loss; 0 = the no-contrastive ablation
     temperature: float = 0.1
     bank_slots: int = 8  # memory-bank slots per (cluster, pair)
@@ -96,6 +97,20 @@ def forward_batch(model: DualTower, states, prompt_lens, reply_lens, pairs):
     pooled_s = (s * w).sum(1) / w.sum(1) if s is not None else None
     logits = model.logits(g[pred], None if s is None else s[pred])
     return logits, reply, pooled_g, pooled_s
+
+
+@torch.no_grad()
+def warm_bank(model: DualTower, bank: MemoryBank, states, enc, exs: list[Exchange], batch_size: int = 16) -> None:
+    """Fill the memory bank with one pass over the training set before the first step, so every (cluster, pair)
+    cell has a prototype from the start (with one epoch of training, a cold bank would leave most exchanges with
+    nothing to contrast against)."""
+    for s in range(0, len(exs), batch_size):
+        idx = list(range(s, min(len(exs), s + batch_size)))
+        _, _, _, ps = forward_batch(model, [states[i] for i in idx], [len(enc[i][0]) for i in idx],
+                                    [len(enc[i][1]) for i in idx], [exs[i].pair for i in idx])
+        cl, pr = torch.tensor([exs[i].cluster for i in idx]), torch.tensor([exs[i].pair for i in idx])
+        z1, z2 = project(ps, model.proj1, model.proj2, cl)
+        bank.update(z1, z2, cl, pr)
 
 
 def batch_order(n: int, steps: int, bs: int, seed: int) -> np.ndarray:
@@ -170,8 +185,11 @@ def train(model: DualTower, train_set: list[Exchange], tcfg: TrainConfig, states
     cfg = model.cfg
     use_con = cfg.towers and tcfg.contrastive_weight > 0
     bank = MemoryBank(cfg.n_clusters, cfg.n_pairs, cfg.proj_dim, tcfg.bank_slots) if use_con else None
-    params = list(model.trainable().values())
-    opt = torch.optim.AdamW(params, lr=tcfg.lr, weight_decay=0.0)
+    tr = model.trainable()
+    general = [p for n, p in tr.items() if "lora_" in n]
+    tower = [p for n, p in tr.items() if "lora_" not in n]
+    groups = [{"params": general, "mult": 1.0}] + ([{"params": tower, "mult": tcfg.tower_lr_mult}] if tower else [])
+    opt = torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=0.0)
     sched = lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / tcfg.steps)  # noqa: E731 warm-up, linear decay
     start = 0
     meta = {**(meta or {}), "train_config": asdict(tcfg)}
@@ -189,6 +207,8 @@ def train(model: DualTower, train_set: list[Exchange], tcfg: TrainConfig, states
         if bank is not None:
             bank.load({"bank": tensors["bank/bank"], "count": tensors["bank/count"]})
         start = int(old["step"])
+    if bank is not None and start == 0:
+        warm_bank(model, bank, states, enc, train_set)
     order = batch_order(len(train_set), tcfg.steps, tcfg.batch_size, tcfg.seed)
     pairs = [e.pair for e in train_set]
     clusters = [e.cluster for e in train_set]
@@ -198,7 +218,7 @@ def train(model: DualTower, train_set: list[Exchange], tcfg: TrainConfig, states
     for step in range(start, tcfg.steps):
         idx = order[step].tolist()
         for gr in opt.param_groups:
-            gr["lr"] = tcfg.lr * sched(step)
+            gr["lr"] = tcfg.lr * gr["mult"] * sched(step)
         logits, reply, _, pooled_s = forward_batch(
             model, [states[i] for i in idx], [len(enc[i][0]) for i in idx], [len(enc[i][1]) for i in idx],
             [pairs[i] for i in idx])
