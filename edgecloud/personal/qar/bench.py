@@ -32,7 +32,7 @@ class BenchConfig:
     seeds: tuple[int, ...] = (0,)
     steps: int = 30  # one epoch of max_train at batch_size 8
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float = 4e-3
     top_layers: int = 3
     max_train: int = 240
     max_eval: int = 80

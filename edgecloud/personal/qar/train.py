@@ -29,8 +29,9 @@ from edgecloud.personal.qar.model import Batch, DualTower
 class TrainConfig:
     steps: int = 100
     batch_size: int = 8
-    lr: float = 1e-3
-    tower_lr_mult: float = 10.0  # the specific tower starts at zero and has a few dozen steps to grow: faster lr
+    lr: float = 4e-3  # high for LoRA, on purpose: a run is a few dozen steps, not thousands
+    warmup: int = 3
+    tower_lr_mult: float = 5.0  # the specific tower starts at zero and has a few dozen steps to grow: faster lr
     contrastive_weight: float = 0.5  # against the LM loss; 0 = the no-contrastive ablation
     temperature: float = 0.1
     bank_slots: int = 8  # memory-bank slots per (cluster, pair)
@@ -190,7 +191,7 @@ def train(model: DualTower, train_set: list[Exchange], tcfg: TrainConfig, states
     tower = [p for n, p in tr.items() if "lora_" not in n]
     groups = [{"params": general, "mult": 1.0}] + ([{"params": tower, "mult": tcfg.tower_lr_mult}] if tower else [])
     opt = torch.optim.AdamW(groups, lr=tcfg.lr, weight_decay=0.0)
-    sched = lambda s: min(1.0, (s + 1) / 10) * max(0.1, 1 - s / tcfg.steps)  # noqa: E731 warm-up, linear decay
+    sched = lambda s: min(1.0, (s + 1) / tcfg.warmup) * max(0.1, 1 - s / tcfg.steps)  # noqa: E731 warm-up, decay
     start = 0
     meta = {**(meta or {}), "train_config": asdict(tcfg)}
     if ckpt is not None and ckpt.exists():
