@@ -166,3 +166,23 @@ def test_exchanges_select_and_split(corpus):
     assert [e.reply for e in again.heldout] == [e.reply for e in ds.heldout]
     with pytest.raises(UserError, match="--corpus"):
         DataConfig(corpus="films")
+
+
+def test_summary_contract_keys_and_goal_logic():
+    from edgecloud.personal.qar.bench import ARMS, BenchConfig, summarize
+
+    rng = np.random.default_rng(0)
+    base = rng.uniform(0.05, 0.2, 120)
+    gain = {"base": 0.9, "lora": 1.0, "name_prompt": 1.0, "qar_nocon": 1.02, "qar_nocluster": 1.1, "qar": 1.2}
+    run = {"corpus": "plays", "counts": {"responders": 12, "questioners": 50, "heldout_exchanges": 120},
+           "arms": {a: {"rougeL": base * gain[a], "rougeL_mean": float((base * gain[a]).mean())} for a in ARMS},
+           "probes": {"qar": [{"specific": {"accuracy": 0.5, "majority": 0.2}, "general": {"accuracy": 0.3}}]},
+           "train": {}, "examples": {}, "wall_s": 1.0}
+    s = summarize([run], BenchConfig(corpora=("plays",)))
+    for k in ("rougeL_base", "rougeL_lora", "rougeL_name_prompt", "rougeL_qar", "rel_gain_vs_lora",
+              "rel_gain_vs_name_prompt", "questioners", "responders"):
+        assert k in s
+    assert s["rel_gain_vs_lora"] == pytest.approx(0.2) and s["p_vs_lora"] == 0.0
+    assert s["nocon_share_of_gain_lost"] == pytest.approx(0.18 / 0.2)  # QAR w/o contrastive keeps 0.02 of 0.2
+    assert s["goal_met"] is True
+    assert s["corpora"]["plays"]["probe"]["qar"] == {"specific": 0.5, "general": 0.3, "majority": 0.2}

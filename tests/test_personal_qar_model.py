@@ -113,6 +113,7 @@ EXS = [Exchange("Hamlet (hamlet)", q, line, reply, pair=p, cluster=c) for q, lin
     ("Polonius (hamlet)", "Will you walk out of the air, my lord?", "Into my grave.", 1, 0)]]
 
 
+@pytest.mark.slow
 def test_training_resumes_exactly(lm_loader, tmp_path):
     from edgecloud.personal.qar.train import TrainConfig, read_checkpoint, train
 
@@ -148,6 +149,7 @@ def _cli(*args, env_cache):
                           env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_respond_cli_errors_and_answer(lm_loader, tmp_path):
     from edgecloud.paths import cache_root
     from edgecloud.personal.qar.train import TrainConfig, save_checkpoint
