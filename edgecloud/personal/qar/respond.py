@@ -1,8 +1,8 @@
 """Answering with a trained checkpoint (``edgecloud personal respond``) and training one (``qar-train``).
 
 A checkpoint is self-describing (configs, pairs, base fingerprint in its metadata), so answering needs only it and
-the base model. Names are matched case-insensitively, and a responder may be given without its play in brackets
-when that is unambiguous ("hamlet" for "Hamlet (hamlet)").
+the base model. Names are matched case-insensitively, and may be given without the play in brackets or as a
+unique part of the name ("hamlet" for "Hamlet (hamlet)", "polonius" for "Lord Polonius (hamlet)").
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ def match_name(given: str, valid: list[str], what: str, flag: str) -> str:
     short = [v for v in valid if v.lower().split(" (")[0] == g]
     if len(short) == 1:
         return short[0]
+    part = [v for v in valid if g and g in v.lower().split(" (")[0]]  # "polonius" for "Lord Polonius (hamlet)"
+    if len(part) == 1:
+        return part[0]
     raise UserError(f"{flag} {given!r}: unknown {what}; valid: {', '.join(valid)}")
 
 
