@@ -74,7 +74,7 @@ def test_splits(trace, tmp_path):
     np.save(tmp_path / "s.npy", np.array([1, 2, 3]))
     assert load_starts(tmp_path / "s.npy").tolist() == [1, 2, 3]
     assert load_starts(write(tmp_path, "5\n6\n", "s.txt")).tolist() == [5, 6]
-    with pytest.raises(UserError, match="neither 'test' nor 'valid'"):
+    with pytest.raises(UserError, match="neither test, valid, select, outside"):
         load_starts(tmp_path / "missing.npy")
     with pytest.raises(UserError, match="past the end of the trace"):
         load_starts(write(tmp_path, "5\n999999\n", "far.txt"), len(trace))
