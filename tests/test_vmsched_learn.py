@@ -343,16 +343,16 @@ def test_shipped_models_load():
 
 
 def test_spane_names_our_best_learner_and_spane_paper_the_published_architecture():
-    """`--policy spane` is the model picked on validation among our learners (SPANE-NUMA trained on N=2..9); its
-    pick beat the N=5-only SPANE-NUMA on the same selection split. The published architecture is `spane-paper`."""
+    """`--policy spane` is our learner with the best validation score: SPANE-NUMA (180,470 on the 150 validation
+    starts vs the published architecture's 182,017; the multi-N fine-tunes of it validated worse at every N mix,
+    docs/spane.md). The published architecture keeps its own name, `spane-paper`."""
     from edgecloud.vmsched.checkpoint import MODELS_DIR, shipped_dir
 
-    assert shipped_dir("spane") == shipped_dir("SPANE") == MODELS_DIR / "spane-multi"
-    _, cfg, meta = load_model(shipped_dir("spane"))
-    assert cfg.agent == "spane-numa" and cfg.train_pms == tuple(range(2, 10)) and cfg.valid_pms == cfg.train_pms
-    assert meta["select_score"] < 1.0  # below Balance-Fit on the selection split (geometric mean over N)
-    _, paper, _ = load_model(shipped_dir("spane-paper"))
-    assert paper.agent == "spane" and not paper.train_pms
+    assert shipped_dir("spane") == shipped_dir("SPANE") == MODELS_DIR / "spane-numa"
+    _, numa, numa_meta = load_model(shipped_dir("spane"))
+    _, paper, paper_meta = load_model(shipped_dir("spane-paper"))
+    assert numa.agent == "spane-numa" and paper.agent == "spane"
+    assert numa_meta["valid_trimmed_mean"] < paper_meta["valid_trimmed_mean"]
     assert load_policy("spane", 3).name == "spane"
 
 

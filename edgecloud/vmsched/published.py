@@ -32,7 +32,7 @@ BEST_BY_TEST = {"spane": 54814.0, "mlpdqn": 98723.0, "mlpaug": 99929.0}
 # Our policy names and the published agent each is compared with. ``spane`` is our best learner by validation
 # (docs/spane.md), ``spane-paper`` the published architecture trained here; both, and our SPANE-NUMA variants, are
 # set against the published SPANE headline.
-PUBLISHED_AGENT = {"spane": "spane", "spane-paper": "spane", "spane-numa": "spane", "spane-multi": "spane",
+PUBLISHED_AGENT = {"spane": "spane", "spane-paper": "spane", "spane-numa": "spane",
                    "mlpdqn": "mlpdqn", "mlpaug": "mlpaug"}
 
 
