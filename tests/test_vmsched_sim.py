@@ -183,7 +183,8 @@ def _stepwise(policy):
     return lambda d: policy(d)
 
 
-@pytest.mark.parametrize("n_pms,policy", [(1, FirstFit()), (3, BestFit()), (5, BalanceFit()), (9, WorstFit())])
+@pytest.mark.parametrize("n_pms,policy", [(1, FirstFit()), pytest.param(3, BestFit(), marks=pytest.mark.slow),
+                                          (5, BalanceFit()), pytest.param(9, WorstFit(), marks=pytest.mark.slow)])
 def test_compiled_simulator_equals_the_references_on_real_episodes(trace, valid_starts, n_pms, policy):
     """Probe lengths, and per-episode totals of the compiled whole-episode kernel and of FastSim stepped from Python,
     equal the numpy batched simulator's on 40 real episodes, and the scalar simulator's on the first 8."""

@@ -22,6 +22,7 @@ import numpy as np
 from numba import njit
 
 from edgecloud.errors import UserError
+from edgecloud.vmsched.batched import init_episodes, restart_episodes
 from edgecloud.vmsched.cluster import ClusterConfig, vm_demand
 from edgecloud.vmsched.decision import Decision
 from edgecloud.vmsched.simulator import check_episode, check_start
@@ -338,14 +339,7 @@ class FastSim:
             check_episode(trace, int(s), int(n))
         self.ta = trace_arrays(trace, cluster)
         self.double_all = self.ta.dbl
-        self.starts, self.n_vms = starts, n_vms
-        self.row = starts.copy()
-        self.end_row = starts + n_vms
-        self.clock = trace.at[starts].astype(np.float64)
-        self.total = np.zeros(B)
-        self.placed = np.zeros(B, dtype=np.int64)
-        self.active = n_vms > 0
-        self.free = cluster.empty((B,))
+        init_episodes(self, starts, n_vms)
         self.h_end = np.full((B, slots), np.inf)
         self.h_pm = np.zeros((B, slots), np.int64)
         self.h_code = np.zeros((B, slots), np.int64)
@@ -365,18 +359,7 @@ class FastSim:
 
     def reset_episodes(self, idx, starts, n_vms) -> None:
         """Restart episodes ``idx`` from new start rows with an empty cluster (auto-reset collectors)."""
-        idx = np.asarray(idx, dtype=np.int64)
-        starts = np.asarray(starts, dtype=np.int64).reshape(-1)
-        n_vms = np.broadcast_to(np.asarray(n_vms, dtype=np.int64), starts.shape)
-        for s, n in zip(starts, n_vms):
-            check_episode(self.trace, int(s), int(n))
-        self.starts[idx], self.n_vms[idx] = starts, n_vms
-        self.row[idx], self.end_row[idx] = starts, starts + n_vms
-        self.clock[idx] = self.trace.at[starts]
-        self.total[idx] = 0.0
-        self.placed[idx] = 0
-        self.active[idx] = n_vms > 0
-        self.free[idx] = self.cluster.capacity
+        idx = restart_episodes(self, idx, starts, n_vms)
         self.h_n[idx] = 0
         self._refresh_masks(idx)
 
