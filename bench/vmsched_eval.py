@@ -128,7 +128,7 @@ def main() -> None:
                      "order of magnitude of the ratios is to be trusted. The numba kernels are compiled once and "
                      f"cached on disk; loading them took {warm:.1f} s here, outside the timings.\n\n")
     res.table(speed, ["method", "seconds", "speedup"])
-    res.markdown += f"\nPer-episode totals of the two methods identical: {same}.\n"
+    res.markdown += f"\nPer-episode totals of the four methods identical: {same}.\n"
     print(res.markdown)
     if args.no_write or args.episodes != 1000:
         return
