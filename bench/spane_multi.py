@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--margin", type=float, default=0.02,
                     help="re-score on the select split the candidates within this fraction of the best valid score")
     ap.add_argument("--out", type=Path, default=REPO_ROOT / "docs" / "results")
+    ap.add_argument("--no-test", action="store_true",
+                    help="skip the runs' test scores at N=5 (5 evaluations; report validation only)")
     args = ap.parse_args()
     import torch
 
@@ -73,9 +75,9 @@ def main() -> None:
         best_dir = run / "checkpoints" / f"ep{best['episode']:06d}"
         cands[f"{run.name} ep{best['episode']}"] = (best["valid_score"], best_dir)
         net, cfg, _ = load_model(best_dir)
-        test5 = tm(tr, _policy(net, cfg), 5, test)
+        test5 = None if args.no_test else tm(tr, _policy(net, cfg), 5, test)
         print(f"{run.name}: best trained checkpoint ep{best['episode']} valid {best['valid_score']:.4f} "
-              f"(start {init['valid_score'] if init else float('nan'):.4f}) test N=5 {test5:,.0f}", flush=True)
+              f"(start {init['valid_score'] if init else float('nan'):.4f}) test N=5 {test5}", flush=True)
         seeds.append({"run": run.name, "seed": s["seed"], "episodes": s["episodes"], "env_steps": s["env_steps"],
                       "wall_s": s["wall_s"], "start_valid_score": init["valid_score"] if init else None,
                       "best_episode": best["episode"], "best_valid_score": best["valid_score"],
@@ -104,7 +106,7 @@ def main() -> None:
 
     summary = {"pick": pick, "pick_select_score": rescored[pick], "rescored_on_select": rescored,
                "valid_scores": {k: v for k, (v, _) in cands.items()},
-               "median_test_n5_best_trained": float(np.median([s["test_n5"] for s in seeds])),
+               "median_test_n5_best_trained": None if args.no_test else float(np.median([s["test_n5"] for s in seeds])),
                "median_valid_score_best_trained": float(np.median([s["best_valid_score"] for s in seeds])),
                "outside_spane_paper_n5": paper5, "outside_spane_paper_n5_vs_bf": round(paper5 / bf5, 4),
                "outside_spane_below_bf_every_n": all(r["spane"] < r["balance_fit"] for r in out_rows)}
@@ -119,8 +121,8 @@ def main() -> None:
         "used to choose.\n\n"
         f"**Pick: {pick}** (select score {rescored[pick]:.4f}). Median over seeds of each run's best trained "
         f"checkpoint: valid score {summary['median_valid_score_best_trained']:.4f}, test N=5 "
-        f"{summary['median_test_n5_best_trained']:,.0f}.\n\n### Runs\n")
-    res.table([{k: (f"{v:,.0f}" if k == "test_n5" else v) for k, v in s.items() if k != "valid_by_n"}
+        f"{summary['median_test_n5_best_trained'] or 'not run (--no-test)'}.\n\n### Runs\n")
+    res.table([{k: (f"{v:,.0f}" if k == "test_n5" and v is not None else v) for k, v in s.items() if k != "valid_by_n"}
                for s in seeds], [k for k in seeds[0] if k != "valid_by_n"])
     res.markdown += ("\n### `spane` outside the public splits (300 starts in [110000, 113000); reported only)\n")
     res.table([{k: (f"{v:,.0f}" if isinstance(v, float) and k != "spane_vs_bf" else v) for k, v in r.items()}
