@@ -62,7 +62,7 @@ def random_trace(k: int, rng) -> Trace:
 
 def learned(n_pms: int):
     try:
-        return make_policy("spane", n_pms=n_pms)
+        return make_policy("spane-paper", n_pms=n_pms)  # the model its results were measured with
     except UserError:
         return None
 

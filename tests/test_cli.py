@@ -48,7 +48,7 @@ def test_flex_writes_table_and_plot(trace, tmp_path):
 @pytest.mark.parametrize("args,match", [
     (["vmsched", "evaluate", "--policy", "fastest-fit", "--split", "valid"], "unknown policy 'fastest-fit'"),
     (["vmsched", "evaluate", "--pms", "0", "--split", "valid"], "'--pms': Input should be greater than or equal to 1"),
-    (["vmsched", "evaluate", "--split", "/no/such/file.npy"], "neither 'test' nor 'valid'"),
+    (["vmsched", "evaluate", "--split", "/no/such/file.npy"], "neither test, valid, select, outside"),
     (["vmsched", "evaluate", "--trace", "/no/such/trace.csv"], "trace file not found: looked at /no/such/trace.csv"),
 ])
 def test_bad_input_is_one_clear_line(trace, args, match):

@@ -33,4 +33,6 @@ def test_published_numbers_match_reference_files():
 def test_reference_lookup():
     assert published.reference("first-fit", 5) == (89822.52, "published")
     assert published.reference("spane", 5)[0] == 63697.0
+    assert published.reference("spane-paper", 5) == (63697.0, "published SPANE mean of top 3 by validation")
+    assert published.reference("mlpaug", 5)[0] == 133852.0
     assert published.reference("spane", 7) is None and published.reference("checkpoint:x", 5) is None

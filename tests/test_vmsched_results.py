@@ -28,7 +28,8 @@ def test_learned_policies_join_the_one_registry():
     from edgecloud.vmsched import policies
 
     names = policies.policy_names()
-    for n in ("first-fit", "balance-fit", "spane", "spane-numa", "mlpdqn", "mlpaug", "checkpoint:..."):
+    for n in ("first-fit", "balance-fit", "spane", "spane-paper", "spane-numa", "mlpdqn", "mlpaug",
+              "checkpoint:..."):
         assert n in names
     assert policies.make_policy("SPANE-NUMA", n_pms=3).name == "spane-numa"  # case-insensitive, any N
     with pytest.raises(UserError, match="unknown policy 'nope'.*spane.*checkpoint:"):

@@ -175,3 +175,89 @@ def test_slot_pool_grows():
     tot = run_policy(sim, FirstFit())
     assert sim.ends.shape[1] >= 160
     assert tot.tolist() == [run_episode(tr, c, FirstFit(), s, n - 10) for s in (0, 10)]
+
+
+# --- the compiled simulator (fastsim.py) against the scalar reference and the numpy batched one ----------------------
+def _stepwise(policy):
+    """The same policy without its compiled kernel: forces the step-by-step FastSim path."""
+    return lambda d: policy(d)
+
+
+@pytest.mark.parametrize("n_pms,policy", [(1, FirstFit()), pytest.param(3, BestFit(), marks=pytest.mark.slow),
+                                          (5, BalanceFit()), pytest.param(9, WorstFit(), marks=pytest.mark.slow)])
+def test_compiled_simulator_equals_the_references_on_real_episodes(trace, valid_starts, n_pms, policy):
+    """Probe lengths, and per-episode totals of the compiled whole-episode kernel and of FastSim stepped from Python,
+    equal the numpy batched simulator's on 40 real episodes, and the scalar simulator's on the first 8."""
+    from edgecloud.vmsched import fastsim
+
+    c = ClusterConfig(n_pms=n_pms)
+    starts = valid_starts[:40]
+    n = episode_lengths(trace, c, starts)
+    np.testing.assert_array_equal(fastsim.episode_lengths(trace, c, starts), n)
+    ref = run_policy(BatchedSim(trace, c, starts, n), policy)
+    assert fastsim.kernel_of(policy) is not None
+    np.testing.assert_array_equal(fastsim.evaluate_totals(trace, c, policy, starts, n), ref)
+    np.testing.assert_array_equal(fastsim.evaluate_totals(trace, c, _stepwise(policy), starts, n), ref)
+    np.testing.assert_array_equal(ref[:8], [run_episode(trace, c, policy, int(s), int(k))
+                                            for s, k in zip(starts[:8], n[:8])])
+
+
+@settings(max_examples=60, deadline=None)
+@given(vms=st.lists(vm, min_size=2, max_size=60), n_pms=st.integers(1, 3), pol=st.sampled_from(
+    [FirstFit(), BalanceFit(), BestFit(), WorstFit()]))
+def test_compiled_simulator_equals_scalar_on_random_traces(vms, n_pms, pol):
+    from edgecloud.vmsched import fastsim
+
+    cpu, mem, gaps, lt = map(np.array, zip(*vms))
+    tr = make_trace(cpu, mem, np.cumsum(gaps), lt)
+    c = ClusterConfig(n_pms=n_pms, node_cpu=16, node_mem=32, double_threshold=10)
+    starts = np.array([0, len(vms) // 2])
+    n = len(vms) - starts
+    scalar = [run_episode(tr, c, pol, int(s), int(k)) for s, k in zip(starts, n)]
+    np.testing.assert_array_equal(fastsim.evaluate_totals(tr, c, pol, starts, n), scalar)
+    np.testing.assert_array_equal(fastsim.evaluate_totals(tr, c, _stepwise(pol), starts, n), scalar)
+
+
+def test_fastsim_steps_equal_batched_steps(trace, valid_starts):
+    """A seeded random policy through both step APIs: the same decisions (masks, free capacity) and the same waits
+    (hence rewards) at every step, on 24 real episodes at N=4."""
+    from edgecloud.vmsched.fastsim import FastSim
+
+    c = ClusterConfig(n_pms=4)
+    starts = valid_starts[:24]
+    n = episode_lengths(trace, c, starts)
+    a, b = BatchedSim(trace, c, starts, n), FastSim(trace, c, starts, n)
+    pol = RandomFit(5)
+    while not a.done:
+        ia, da = a.decision()
+        ib, db = b.decision()
+        np.testing.assert_array_equal(ia, ib)
+        np.testing.assert_array_equal(da.mask, db.mask)
+        np.testing.assert_array_equal(da.free, db.free)
+        act = pol(da)
+        np.testing.assert_array_equal(a.step(ia, act, da.mask), b.step(ib, act))
+    assert b.done
+    np.testing.assert_array_equal(a.total, b.total)
+
+
+def test_fastsim_errors_and_growth():
+    from edgecloud.vmsched import fastsim
+
+    tr = make_trace([4, 4], [1, 1], [0, 0], [10, 10])
+    c = ClusterConfig(n_pms=1, node_cpu=4, node_mem=10, double_threshold=100)
+    sim = fastsim.FastSim(tr, c, [0], [2])
+    idx, d = sim.decision()
+    sim.step(idx, [0])
+    with pytest.raises(ValueError, match="invalid action"):
+        sim.step(idx, np.array([0]))
+    with pytest.raises(ValueError, match="invalid action"):
+        sim.step(idx, np.array([7]))
+    n = 300  # more running VMs than the initial heap: it grows and results stay exact
+    tr = make_trace(np.ones(n), np.ones(n), np.arange(n), np.full(n, 1000.0))
+    c = ClusterConfig(n_pms=4, node_cpu=40, node_mem=90, double_threshold=10)
+    sim = fastsim.FastSim(tr, c, [0, 10], [n - 10, n - 10], slots=8)
+    tot = fastsim.run_steps(sim, FirstFit())
+    assert sim.h_end.shape[1] >= 160
+    assert tot.tolist() == [run_episode(tr, c, FirstFit(), s, n - 10) for s in (0, 10)]
+    with pytest.raises(UserError, match="outside the trace"):
+        fastsim.episode_lengths(tr, c, [n + 5])

@@ -74,9 +74,23 @@ def test_splits(trace, tmp_path):
     np.save(tmp_path / "s.npy", np.array([1, 2, 3]))
     assert load_starts(tmp_path / "s.npy").tolist() == [1, 2, 3]
     assert load_starts(write(tmp_path, "5\n6\n", "s.txt")).tolist() == [5, 6]
-    with pytest.raises(UserError, match="neither 'test' nor 'valid'"):
+    with pytest.raises(UserError, match="neither test, valid, select, outside"):
         load_starts(tmp_path / "missing.npy")
     with pytest.raises(UserError, match="past the end of the trace"):
         load_starts(write(tmp_path, "5\n999999\n", "far.txt"), len(trace))
     with pytest.raises(UserError, match="non-negative integers"):
         load_starts(write(tmp_path, "1.5\n", "frac.txt"))
+
+
+def test_our_splits_use_rows_no_public_split_starts_at(trace):
+    """select: 600 starts in [50000, 70000) outside SPANE's validation starts; outside: 300 in [110000, 113000),
+    past the test range. Both seeded (the same rows every time) and without repeats."""
+    valid, test = load_starts("valid", len(trace)), load_starts("test", len(trace))
+    sel, out = load_starts("select", len(trace)), load_starts("outside", len(trace))
+    assert sel.shape == (600,) and out.shape == (300,)
+    assert len(np.unique(sel)) == 600 and len(np.unique(out)) == 300
+    assert sel.min() >= 50_000 and sel.max() < 70_000 and out.min() >= 110_000 and out.max() < 113_000
+    assert not set(sel) & set(valid) and not set(sel) & set(test) and not set(out) & set(test)
+    np.testing.assert_array_equal(sel, load_starts("select"))
+    with pytest.raises(UserError, match="split 'outside' needs starts up to row 113000"):
+        load_starts("outside", 5_000)

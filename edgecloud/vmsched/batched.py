@@ -20,6 +20,36 @@ from edgecloud.vmsched.trace import Trace
 DOUBLE = 2  # slot node code for a VM that holds both nodes of its PM
 
 
+def init_episodes(sim, starts: np.ndarray, n_vms: np.ndarray) -> None:
+    """The per-episode state every lockstep simulator keeps: rows, clocks, totals, active flags, free capacity."""
+    B = len(starts)
+    sim.starts, sim.n_vms = starts, n_vms
+    sim.row = starts.copy()
+    sim.end_row = starts + n_vms
+    sim.clock = sim.trace.at[starts].astype(np.float64)
+    sim.total = np.zeros(B)
+    sim.placed = np.zeros(B, dtype=np.int64)
+    sim.active = n_vms > 0
+    sim.free = sim.cluster.empty((B,))
+
+
+def restart_episodes(sim, idx, starts, n_vms) -> np.ndarray:
+    """Reset episodes ``idx`` of ``sim`` to new (checked) start rows with an empty cluster; returns ``idx``."""
+    idx = np.asarray(idx, dtype=np.int64)
+    starts = np.asarray(starts, dtype=np.int64).reshape(-1)
+    n_vms = np.broadcast_to(np.asarray(n_vms, dtype=np.int64), starts.shape)
+    for s, n in zip(starts, n_vms):
+        check_episode(sim.trace, int(s), int(n))
+    sim.starts[idx], sim.n_vms[idx] = starts, n_vms
+    sim.row[idx], sim.end_row[idx] = starts, starts + n_vms
+    sim.clock[idx] = sim.trace.at[starts]
+    sim.total[idx] = 0.0
+    sim.placed[idx] = 0
+    sim.active[idx] = n_vms > 0
+    sim.free[idx] = sim.cluster.capacity
+    return idx
+
+
 class BatchedSim:
     """Lockstep episodes. ``starts`` and ``n_vms`` are (B,) arrays; ``probe=True`` runs the probe instead
     (First-Fit until, right after a placement, the next VM does not fit; ``placed`` is then P)."""
@@ -42,14 +72,7 @@ class BatchedSim:
                 check_start(trace, int(s))
         self.double_all = cluster.is_double(trace.mem)
         self.need_cpu_all, self.need_mem_all = vm_demand(trace.cpu, trace.mem, self.double_all)
-        self.starts, self.n_vms = starts, n_vms
-        self.row = starts.copy()
-        self.end_row = starts + n_vms
-        self.clock = trace.at[starts].astype(np.float64)
-        self.total = np.zeros(B)
-        self.placed = np.zeros(B, dtype=np.int64)
-        self.active = n_vms > 0
-        self.free = cluster.empty((B,))
+        init_episodes(self, starts, n_vms)
         self.ends = np.full((B, slots), np.inf)
         self.s_pm = np.zeros((B, slots), dtype=np.int64)
         self.s_node = np.zeros((B, slots), dtype=np.int8)
@@ -64,19 +87,8 @@ class BatchedSim:
 
     def reset_episodes(self, idx, starts, n_vms) -> None:
         """Restart episodes ``idx`` from new start rows with an empty cluster (for auto-reset collectors)."""
-        idx = np.asarray(idx, dtype=np.int64)
-        starts = np.asarray(starts, dtype=np.int64).reshape(-1)
-        n_vms = np.broadcast_to(np.asarray(n_vms, dtype=np.int64), starts.shape)
-        for s, n in zip(starts, n_vms):
-            check_episode(self.trace, int(s), int(n))
+        idx = restart_episodes(self, idx, starts, n_vms)
         K = self.ends.shape[1]
-        self.starts[idx], self.n_vms[idx] = starts, n_vms
-        self.row[idx], self.end_row[idx] = starts, starts + n_vms
-        self.clock[idx] = self.trace.at[starts]
-        self.total[idx] = 0.0
-        self.placed[idx] = 0
-        self.active[idx] = n_vms > 0
-        self.free[idx] = self.cluster.capacity
         self.ends[idx] = np.inf
         self.next_end[idx] = np.inf
         self.stack[idx] = np.arange(K)[::-1]

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from edgecloud import atomic
 from edgecloud.errors import UserError
-from edgecloud.vmsched.agents.config import AGENTS, DQNConfig
+from edgecloud.vmsched.agents.config import DQNConfig
 from edgecloud.vmsched.agents.policy import QPolicy
 from edgecloud.vmsched.agents.qnet import EnsembleQNet, build_qnet
 from edgecloud.vmsched.policies import register_policy, register_prefix
@@ -24,6 +24,16 @@ from edgecloud.vmsched.policies import register_policy, register_prefix
 FORMAT = "edgecloud.vmsched.dqn/1"
 MODELS_DIR = Path(__file__).resolve().parent / "models"
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+# The input layout a network reads (``Decision.features``): per PM [node0 cpu, node0 mem, node1 cpu, node1 mem]
+# / node capacity, per VM [cpu / node cpu, mem / node mem, is_double]. Saved with every model; a model saved for
+# another layout is refused on load instead of silently reading the wrong numbers.
+FEATURES = "pm4:free/cap;vm3:cpu/cap,mem/cap,double"
+
+# The shipped models (``models/<dir>``), by policy name. ``spane`` is our best learner by validation (it is the
+# name users reach for): SPANE-NUMA, whose validation score beats the published architecture's and that of every
+# multi-N fine-tune we trained from it (docs/spane.md). The published architecture keeps its own name, ``spane-paper``.
+SHIPPED = {"spane-paper": "spane-paper", "spane-numa": "spane-numa", "mlpdqn": "mlpdqn", "mlpaug": "mlpaug"}
+ALIASES = {"spane": "spane-numa"}
 
 
 def save_model(path: Path, net: torch.nn.Module, cfg: DQNConfig, meta: dict | None = None) -> None:
@@ -32,7 +42,8 @@ def save_model(path: Path, net: torch.nn.Module, cfg: DQNConfig, meta: dict | No
     tensors = {k: v.detach().float().contiguous().clone() for k, v in net.state_dict().items()}
     with atomic.atomic_path(path / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "agent": cfg.agent})
-    doc = {"format": FORMAT, "agent": cfg.agent, "n_pms": cfg.n_pms, "config": cfg.to_dict(), "meta": meta or {}}
+    doc = {"format": FORMAT, "features": FEATURES, "agent": cfg.agent, "n_pms": cfg.n_pms,
+           "supported_pms": supported_pms(cfg), "config": cfg.to_dict(), "meta": meta or {}}
     if isinstance(net, EnsembleQNet):
         doc["members"] = len(net.members)
     atomic.write_text(path / CONFIG, json.dumps(doc, indent=2) + "\n")
@@ -62,6 +73,10 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, DQNConfig, dict]:
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise UserError(f"checkpoint {d / CONFIG}: format is {doc.get('format') if isinstance(doc, dict) else None!r},"
                         f" expected {FORMAT!r}; it was not written by this version of edgecloud")
+    features = doc.get("features", FEATURES)  # models saved before the field existed used today's layout
+    if features != FEATURES:
+        raise UserError(f"checkpoint {d / CONFIG}: trained on the feature layout {features!r}, but the simulator "
+                        f"now produces {FEATURES!r}; retrain it with this version (edgecloud vmsched train)")
     cfg = DQNConfig.from_dict(doc["config"])
     try:
         tensors = load_file(str(d / WEIGHTS))
@@ -87,22 +102,42 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, DQNConfig, dict]:
     return net.eval(), cfg, doc.get("meta", {})
 
 
+MAX_PMS = 64  # a symmetric network runs on any N; beyond this its mean-pooled inputs were never seen in training
+
+
+def supported_pms(cfg: DQNConfig) -> list[int]:
+    """[lo, hi]: the cluster sizes a model accepts. A flat MLP: only its N. A symmetric one: 1..MAX_PMS (it is
+    trained and validated on ``train_pms`` / ``valid_pms``; docs/spane.md reports every N from 2 to 9)."""
+    if cfg.agent in ("mlpdqn", "mlpaug"):
+        return [cfg.n_pms, cfg.n_pms]
+    return [1, max(MAX_PMS, cfg.n_pms, *cfg.train_pms, *cfg.valid_pms)]
+
+
+def shipped_dir(name: str) -> Path | None:
+    """The model dir of a shipped policy name (aliases resolved), or None if the name is not a shipped model."""
+    key = ALIASES.get(name.strip().lower(), name.strip().lower())
+    return MODELS_DIR / SHIPPED[key] if key in SHIPPED else None
+
+
 def load_policy(name: str, n_pms: int | None = None) -> QPolicy | None:
-    """``checkpoint:DIR`` or a shipped model name (spane, spane-numa, mlpdqn, mlpaug); None for other names."""
+    """``checkpoint:DIR`` or a shipped model name (``SHIPPED``, ``ALIASES``); None for other names."""
     key = name.strip()
     if key.lower().startswith("checkpoint:"):
         path, label = Path(key.split(":", 1)[1]), key
-    elif key.lower() in AGENTS:
-        path, label = MODELS_DIR / key.lower(), key.lower()
+    elif (path := shipped_dir(key)) is not None:
+        label = key.lower()
         if not (path / WEIGHTS).exists():
             raise UserError(f"no shipped model for '{label}' (looked in {path}); train one with "
-                            f"`edgecloud vmsched train --agent {label}` and pass --policy checkpoint:DIR")
+                            "`edgecloud vmsched train` and pass --policy checkpoint:DIR")
     else:
         return None
     net, cfg, _ = load_model(path)
+    lo, hi = supported_pms(cfg)
     if n_pms is not None and net.fixed_n is not None and n_pms != net.fixed_n:
         raise UserError(f"policy '{label}' is a flat MLP ({cfg.agent}) trained for N={net.fixed_n} PMs; it cannot "
                         f"run on N={n_pms} (use --pms {net.fixed_n}, or spane / spane-numa, which work for any N)")
+    if n_pms is not None and not lo <= n_pms <= hi:
+        raise UserError(f"policy '{label}' supports N={lo}..{hi} PMs, not N={n_pms}; use --pms in that range")
     return QPolicy(net, label)
 
 
@@ -113,6 +148,6 @@ def _factory(name: str, seed: int, n_pms: int | None) -> QPolicy:
 
 
 # The learned policies join the one registry in policies.py (which imports this module only when asked for one).
-for _agent in AGENTS:
-    register_policy(_agent, _factory)
+for _name in [*SHIPPED, *ALIASES]:
+    register_policy(_name, _factory)
 register_prefix("checkpoint:", _factory)

@@ -56,7 +56,9 @@ def _print_summary(rows: list[dict], title: str) -> None:
 def evaluate_cmd(
     policy: list[str] = typer.Option(["first-fit"], "--policy", "-p",
                                      help="first-fit, balance-fit, best-fit, worst-fit, random, a shipped model "
-                                          "(spane, ...) or checkpoint:DIR. Repeat for several."),
+                                          "(spane = our best learner by validation; spane-paper = the published "
+                                          "architecture; spane-numa, mlpdqn, mlpaug) or "
+                                          "checkpoint:DIR. Repeat for several."),
     split: str = typer.Option("test", "--split", help="test, valid, or a .npy / text file of start rows."),
     pms: int = typer.Option(5, "--pms", min=1, max=1000, help="Number of PMs (N >= 1)."),
     trace: Path | None = TraceOpt,

@@ -12,8 +12,8 @@ import numpy as np
 from edgecloud import atomic
 from edgecloud.paths import cache_root
 from edgecloud.results import code_key
-from edgecloud.vmsched.batched import BatchedSim, episode_lengths, run_policy
 from edgecloud.vmsched.cluster import ClusterConfig
+from edgecloud.vmsched.fastsim import episode_lengths, evaluate_totals
 from edgecloud.vmsched.policies import Policy
 from edgecloud.vmsched.trace import Trace
 
@@ -49,13 +49,13 @@ def summarize(totals) -> dict[str, float]:
 
 @lru_cache(maxsize=1)
 def probe_code_version() -> str:
-    """A hash of the modules the probe runs (batched, simulator, cluster, trace, policies, decision)."""
+    """A hash of the modules the probe runs (fastsim, simulator, cluster, trace, policies, decision)."""
     import hashlib
 
-    from edgecloud.vmsched import batched, cluster, decision, policies, simulator, trace
+    from edgecloud.vmsched import cluster, decision, fastsim, policies, simulator, trace
 
     h = hashlib.sha256()
-    for mod in (batched, simulator, cluster, trace, policies, decision):
+    for mod in (fastsim, simulator, cluster, trace, policies, decision):
         h.update(Path(mod.__file__).read_bytes())
     return h.hexdigest()[:16]
 
@@ -103,11 +103,12 @@ class EvalResult:
 
 def evaluate(trace: Trace, cluster: ClusterConfig, policy: Policy, starts, split_name: str = "custom",
              use_cache: bool = True, progress=None) -> EvalResult:
-    """Total wait of every episode of ``policy`` from ``starts`` (lengths by the probe), batched."""
+    """Total wait of every episode of ``policy`` from ``starts`` (lengths by the probe): compiled episodes for the
+    built-in heuristics, else the compiled step-by-step simulator (``fastsim.py``)."""
     cluster.check_trace(trace)
     starts = np.asarray(starts, dtype=np.int64).reshape(-1)
     n_vms = cached_episode_lengths(trace, cluster, starts, use_cache)
-    totals = run_policy(BatchedSim(trace, cluster, starts, n_vms), policy, progress)
+    totals = evaluate_totals(trace, cluster, policy, starts, n_vms, progress)
     return EvalResult(getattr(policy, "name", type(policy).__name__), cluster.n_pms, split_name, totals, n_vms)
 
 

@@ -219,9 +219,32 @@ def _magic(path: Path) -> bytes:
         return f.read(6)
 
 
+# Splits of our own, drawn (seeded) from rows no public split uses as a start. SPANE trains on starts in [0, 50000),
+# validates on 150 starts in [50000, 70000) and tests on 1000 in [70000, 110000).
+# - ``select``: 600 more starts in [50000, 70000), none of them a public validation start: the larger validation
+#   set for choosing among seeds and checkpoints (the 150 are few and heavy-tailed).
+# - ``outside``: 300 starts in [110000, 113000), after the test range: reported only, never used to choose.
+DRAWN = {"select": (50_000, 70_000, 600, 21), "outside": (110_000, 113_000, 300, 2121)}
+
+
+def drawn_starts(name: str, trace_len: int | None = None) -> np.ndarray:
+    """The seeded start rows of one of our own splits (``DRAWN``), sorted."""
+    lo, hi, k, seed = DRAWN[name]
+    if trace_len is not None and hi > trace_len:
+        raise UserError(f"split '{name}' needs starts up to row {hi}; the trace has {trace_len} rows (it is built for "
+                        "the Huawei-East-1 trace)")
+    pool = np.arange(lo, hi)
+    if name == "select":
+        pool = np.setdiff1d(pool, load_starts("valid"))
+    return np.sort(np.random.default_rng(seed).choice(pool, k, replace=False)).astype(np.int64)
+
+
 def load_starts(split: str | Path, trace_len: int | None = None) -> np.ndarray:
-    """Start rows for a split: ``test``, ``valid``, or a path to a ``.npy`` or text file of integers."""
+    """Start rows for a split: ``test``, ``valid`` (SPANE's), ``select`` or ``outside`` (ours, see ``DRAWN``), or a
+    path to a ``.npy`` or text file of integers."""
     named = {"test": "test_random_time_1000.npy", "valid": "valid_random_time_150.npy"}
+    if str(split) in DRAWN:
+        return drawn_starts(str(split), trace_len)
     if str(split) in named:
         path = default_split_dir() / named[str(split)]
         if not path.exists():
@@ -230,8 +253,8 @@ def load_starts(split: str | Path, trace_len: int | None = None) -> np.ndarray:
         path = Path(split)
         if not path.exists():
             raise UserError(
-                f"split '{split}' is neither 'test' nor 'valid' nor an existing file; pass test, valid, "
-                "or a path to a .npy or text file of start rows"
+                f"split '{split}' is neither test, valid, select, outside nor an existing file; pass one of "
+                "those names or a path to a .npy or text file of start rows"
             )
     if path.is_dir():
         raise UserError(f"split {path} is a directory; pass a .npy or text file of start rows")

@@ -23,9 +23,9 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from edgecloud.vmsched.batched import BatchedSim, episode_lengths
 from edgecloud.vmsched.cluster import ClusterConfig
 from edgecloud.vmsched.env import TRAIN_START_RANGE, observation_space
+from edgecloud.vmsched.fastsim import FastSim, episode_lengths
 from edgecloud.vmsched.trace import Trace
 
 Sampler = Callable[[int], tuple[np.ndarray, np.ndarray]]
@@ -50,7 +50,7 @@ class BatchedDVAMPEnv(VectorEnv):
         self.single_action_space = spaces.Discrete(self.cluster.n_actions)
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
-        self.sim: BatchedSim | None = None
+        self.sim: FastSim | None = None
         self._all = np.arange(num_envs)
 
     def _starts(self, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +83,7 @@ class BatchedDVAMPEnv(VectorEnv):
             n_vms = episode_lengths(self.trace, self.cluster, starts) if n_vms is None else np.asarray(n_vms)
         else:
             starts, n_vms = self._starts(self.num_envs)
-        self.sim = BatchedSim(self.trace, self.cluster, starts, n_vms)
+        self.sim = FastSim(self.trace, self.cluster, starts, n_vms)
         mask = self._mask()
         return self._obs(mask), {"action_mask": mask, "start": self.sim.starts.copy(), "n_vm": self.sim.n_vms.copy()}
 

@@ -22,6 +22,11 @@ class DQNConfig:
     agent: str = "spane"
     seed: int = 0
     n_pms: int = 5
+    train_pms: tuple[int, ...] = ()  # multi-N training: the lockstep episodes are split evenly over these cluster
+    # sizes (one replay per N, gradient steps cycle over them); () = n_pms only. Symmetric agents only.
+    valid_pms: tuple[int, ...] = ()  # validate at these N; with more than one the score is the geometric mean over
+    # N of (trimmed mean / Balance-Fit's on the same starts); () = n_pms only (score = the trimmed mean)
+    init_from: str = ""  # a model dir (or run dir) whose weights start the training (same architecture); "" = none
     # --- networks -----------------------------------------------------------------------------------------
     enc_width: int = 8  # SPANE per-PM encoder (nn_width_server), layers = enc_layers hidden ReLU layers
     enc_layers: int = 1
@@ -81,6 +86,12 @@ class DQNConfig:
 
     def __post_init__(self) -> None:
         self.pools = tuple(self.pools)
+        for name in ("train_pms", "valid_pms"):
+            try:
+                setattr(self, name, tuple(int(x) for x in getattr(self, name)))
+            except (TypeError, ValueError):
+                raise UserError(f"{name}={getattr(self, name)!r}: give cluster sizes as integers, e.g. "
+                                f"--set {name}=2,3,4,5") from None
         self.validate()
 
     def validate(self) -> None:
@@ -91,6 +102,17 @@ class DQNConfig:
             raise UserError(f"pools={list(self.pools)}: use a non-empty subset of {', '.join(POOLS)}")
         if self.n_pms < 1:
             raise UserError(f"n_pms={self.n_pms}: must be >= 1")
+        for name in ("train_pms", "valid_pms"):
+            bad = [n for n in getattr(self, name) if n < 1]
+            if bad:
+                raise UserError(f"{name}={list(getattr(self, name))}: every cluster size must be >= 1")
+        if len(self.train_pms) > 1 and self.agent not in ("spane", "spane-numa"):
+            raise UserError(f"train_pms={list(self.train_pms)}: only the symmetric agents (spane, spane-numa) run "
+                            f"on several N; {self.agent} is built for one N")
+        if len(self.train_pms) > 1 and self.demo:
+            raise UserError("demo with several train_pms is not supported; drop demo or train at one N")
+        if len(self.train_pms) > self.n_envs:
+            raise UserError(f"n_envs={self.n_envs} < {len(self.train_pms)} train_pms; every N needs an episode")
         if not 0.0 < self.gamma <= 1.0:
             raise UserError(f"gamma={self.gamma}: must be in (0, 1]")
         if self.reward not in ("log1p", "linear"):
@@ -148,7 +170,8 @@ class DQNConfig:
     # --- (de)serialisation ------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
-        d["pools"] = list(self.pools)
+        for k in ("pools", "train_pms", "valid_pms"):
+            d[k] = list(getattr(self, k))
         return d
 
     @classmethod

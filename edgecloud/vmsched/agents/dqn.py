@@ -26,18 +26,30 @@ from safetensors.torch import load_file, save_file
 from edgecloud import atomic
 from edgecloud.errors import UserError
 from edgecloud.vmsched.agents.config import DQNConfig
-from edgecloud.vmsched.agents.policy import QPolicy
 from edgecloud.vmsched.agents.qnet import build_qnet
 from edgecloud.vmsched.agents.replay import NStepReplay
-from edgecloud.vmsched.agents.select import select_model
-from edgecloud.vmsched.batched import BatchedSim, episode_lengths
+from edgecloud.vmsched.agents.select import SCORE_METRIC, balance_fit_scores, select_model, valid_score
 from edgecloud.vmsched.checkpoint import save_model
 from edgecloud.vmsched.cluster import ClusterConfig
-from edgecloud.vmsched.evaluate import evaluate, trimmed_mean
+from edgecloud.vmsched.fastsim import FastSim, episode_lengths
 from edgecloud.vmsched.trace import Trace
 from edgecloud.vmsched.vector_env import BatchedDVAMPEnv
 
 RESUME = "resume.safetensors"
+@dataclass
+class Group:
+    """The training episodes at one cluster size: their vector env, replay and start queue (multi-N training has
+    one group per N; a single-N run has one group)."""
+
+    n: int
+    cluster: ClusterConfig
+    n_envs: int
+    replay: NStepReplay
+    env: BatchedDVAMPEnv | None = None
+    obs: dict | None = None
+    info: dict | None = None
+    queue: list = field(default_factory=list)
+    ep_len: np.ndarray | None = None  # steps of each env's current episode (alias_states)
 
 
 @dataclass
@@ -74,27 +86,52 @@ class Trainer:
         for p in self.target.parameters():
             p.requires_grad_(False)
         self.ema = copy.deepcopy(self.target) if cfg.ema > 0 else None  # the evaluated/saved weights
+        if cfg.init_from:
+            self._init_from(cfg.init_from)
         self.opt = torch.optim.Adam(self.online.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        self.replay = NStepReplay(cfg.replay_size, cfg.n_envs, cfg.n_pms, cfg.n_step, cfg.gamma)
+        pms = cfg.train_pms or (cfg.n_pms,)
+        self.groups: list[Group] = []
+        for i, n in enumerate(pms):  # the envs and the replay split evenly over the cluster sizes
+            k = cfg.n_envs // len(pms) + (1 if i < cfg.n_envs % len(pms) else 0)
+            cl = ClusterConfig(n_pms=n)
+            cl.check_trace(trace)
+            self.groups.append(Group(n, cl, k, NStepReplay(cfg.replay_size // len(pms), k, n, cfg.n_step, cfg.gamma),
+                                     ep_len=np.zeros(k, np.int64)))
+        self.replay = self.groups[0].replay
+        self.valid_pms = cfg.valid_pms or (cfg.n_pms,)
+        self.bf_valid = balance_fit_scores(trace, self.valid_pms, self.valid_starts) if len(self.valid_pms) > 1 \
+            else {}
         self.rng = np.random.default_rng([cfg.seed, 0])  # exploration and replay sampling
         self.start_rng = np.random.default_rng([cfg.seed, 1])  # training start rows
         self.p = Progress(next_valid=cfg.valid_every)
-        self.env: BatchedDVAMPEnv | None = None  # the training episodes (a Gymnasium vector env)
-        self._obs: dict | None = None
-        self._info: dict | None = None
-        self._queue: list[tuple[int, int]] = []
         self._credit = 0.0
-        self._ep_len = np.zeros(cfg.n_envs, np.int64)  # steps of each env's current episode (alias_states)
         self.selected: dict | None = None  # what select_model picked at the end of training
         self.demo: NStepReplay | None = None  # demonstrations (cfg.demo), re-collected identically on resume
 
+    def _init_from(self, path: str) -> None:
+        """Start from a saved model's weights (same agent and layer shapes; checked by name and shape)."""
+        from edgecloud.vmsched.checkpoint import load_model
+
+        net, cfg, _ = load_model(path)
+        want = self.online.state_dict()
+        got = net.state_dict()
+        if cfg.agent != self.cfg.agent or set(got) != set(want) or any(got[k].shape != v.shape
+                                                                        for k, v in want.items()):
+            raise UserError(f"init_from={path}: a '{cfg.agent}' model whose weights do not fit this "
+                            f"'{self.cfg.agent}' network; use a model of the same agent and widths")
+        self.online.load_state_dict(got)
+        self.target.load_state_dict(got)
+        if self.ema is not None:
+            self.ema.load_state_dict(got)
+
     # --- episodes --------------------------------------------------------------------------------------------
-    def _next_starts(self, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """k fresh (start, N_vm) pairs; lengths come from the probe, batched over blocks of 256 starts."""
-        while len(self._queue) < k:
+    def _next_starts(self, k: int, g: Group | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """k fresh (start, N_vm) pairs for group g; lengths come from the probe, over blocks of 256 starts."""
+        g = g or self.groups[0]
+        while len(g.queue) < k:
             s = self.start_rng.integers(self.cfg.start_lo, self.cfg.start_hi, 256)
-            self._queue += list(zip(s.tolist(), episode_lengths(self.trace, self.cluster, s).tolist()))
-        take, self._queue = self._queue[:k], self._queue[k:]
+            g.queue += list(zip(s.tolist(), episode_lengths(self.trace, g.cluster, s).tolist()))
+        take, g.queue = g.queue[:k], g.queue[k:]
         return np.array([t[0] for t in take], np.int64), np.array([t[1] for t in take], np.int64)
 
     def collect_demos(self) -> NStepReplay:
@@ -111,7 +148,7 @@ class Trainer:
 
         expert = make_policy(c.demo)
         rep = NStepReplay(c.demo_size, c.n_envs, c.n_pms, c.n_step, c.gamma)
-        sim = BatchedSim(self.trace, self.cluster, *starts(c.n_envs))
+        sim = FastSim(self.trace, self.cluster, *starts(c.n_envs))
         while rep.size < rep.T:
             idx, d = sim.decision()
             pm, vm = d.features()
@@ -140,37 +177,38 @@ class Trainer:
         return a
 
     def collect_step(self) -> None:
-        """One lockstep step of every training episode, through the Gymnasium vector env (autoreset in the same
-        step: finished episodes restart at once from the trainer's start stream)."""
-        if self.env is None:
-            self.env = BatchedDVAMPEnv(self.trace, self.cluster, self.cfg.n_envs, reward_fn=self.reward,
-                                       sampler=self._next_starts)
-            self._obs, self._info = self.env.reset()
-        B, N = self.cfg.n_envs, self.cfg.n_pms
-        pm, vm, mask = self._obs["cluster"].reshape(B, N, 4), self._obs["vm"], self._info["action_mask"]
+        """One lockstep step of every training episode, through the Gymnasium vector env of each cluster size
+        (autoreset in the same step: finished episodes restart at once from the trainer's start stream)."""
         self.p.eps = self.epsilon()
-        a = self._act(pm, vm, mask, self.p.eps)
-        self._obs, reward, done, _, self._info = self.env.step(a)
-        self.replay.add(pm, vm, mask, a, reward, done)
-        self.p.env_steps += B
-        self._ep_len += 1
-        if done.any():
-            fin = np.flatnonzero(done)
-            if self.cfg.alias_states:
-                self._alias(fin, self._info["final_obs"]["cluster"][fin].reshape(len(fin), N, 4))
-            self._ep_len[fin] = 0
-            self.p.episodes += len(fin)
+        for g in self.groups:
+            if g.env is None:
+                g.env = BatchedDVAMPEnv(self.trace, g.cluster, g.n_envs, reward_fn=self.reward,
+                                        sampler=lambda k, g=g: self._next_starts(k, g))
+                g.obs, g.info = g.env.reset()
+            B, N = g.n_envs, g.n
+            pm, vm, mask = g.obs["cluster"].reshape(B, N, 4), g.obs["vm"], g.info["action_mask"]
+            a = self._act(pm, vm, mask, self.p.eps)
+            g.obs, reward, done, _, g.info = g.env.step(a)
+            g.replay.add(pm, vm, mask, a, reward, done)
+            self.p.env_steps += B
+            g.ep_len += 1
+            if done.any():
+                fin = np.flatnonzero(done)
+                if self.cfg.alias_states:
+                    self._alias(g, fin, g.info["final_obs"]["cluster"][fin].reshape(len(fin), N, 4))
+                g.ep_len[fin] = 0
+                self.p.episodes += len(fin)
 
     def reward(self, waits: np.ndarray) -> np.ndarray:
         w = waits / self.cfg.reward_scale
         return -np.log1p(w) if self.cfg.reward == "log1p" else -w
 
-    def _alias(self, fin: np.ndarray, final: np.ndarray) -> None:
+    def _alias(self, g: Group, fin: np.ndarray, final: np.ndarray) -> None:
         """The published defect, for comparison only: the replay held a reference to the live cluster array, so
         every stored state of an episode read as the cluster after the episode's last placement (``final``)."""
-        r = self.replay
+        r = g.replay
         for e, f in zip(fin, final):
-            rows = (r.head - 1 - np.arange(min(int(self._ep_len[e]), r.T))) % r.T
+            rows = (r.head - 1 - np.arange(min(int(g.ep_len[e]), r.T))) % r.T
             r.pm[rows, e] = f
 
     # --- learning --------------------------------------------------------------------------------------------
@@ -213,7 +251,8 @@ class Trainer:
             b = self.demo.sample(c.batch_size, self.rng)
             loss = self.td_loss(b) + c.demo_weight * self.margin_loss(b)
         else:
-            loss = self.td_loss(self.replay.sample(c.batch_size, self.rng, permute=c.aug_perms))
+            replay = self.groups[self.p.grad_steps % len(self.groups)].replay  # one N per step, in turn
+            loss = self.td_loss(replay.sample(c.batch_size, self.rng, permute=c.aug_perms))
             w = self.demo_weight()
             if self.demo is not None and w > 0 and c.demo_batch_frac > 0:
                 bd = self.demo.sample(max(1, int(c.batch_size * c.demo_batch_frac)), self.rng, permute=c.aug_perms)
@@ -237,11 +276,17 @@ class Trainer:
         """The weights that are validated and saved: the EMA when ``cfg.ema`` > 0, else the online net."""
         return self.online if self.ema is None else self.ema
 
-    def validate(self) -> float:
-        res = evaluate(self.trace, self.cluster, QPolicy(self.policy_net, self.cfg.agent), self.valid_starts,
-                       split_name="valid")
+    def validate(self) -> tuple[float, dict[int, float]]:
+        """The validation score (lower is better) and the trimmed mean at each validated N."""
+        score, by_n = valid_score(self.trace, self.policy_net, self.cfg.agent, self.valid_pms, self.valid_starts,
+                                  self.bf_valid)
         self.online.train()
-        return trimmed_mean(res.totals)
+        return score, by_n
+
+    def ready(self) -> bool:
+        c = self.cfg
+        return (sum(len(g.replay) for g in self.groups) >= max(c.warmup_steps, c.batch_size)
+                and all(g.replay.can_sample() for g in self.groups))
 
     # --- the loop --------------------------------------------------------------------------------------------
     def train(self, on_progress: Callable[[Progress], None] | None = None) -> Progress:
@@ -254,11 +299,13 @@ class Trainer:
                 self.p.loss = self.update(demo_only=True)
             if pretrain:
                 self._validation_round(time.perf_counter() - t0)  # the pretrained net is checkpoint ep000000
+        if c.init_from and not self.p.history:
+            self._validation_round(time.perf_counter() - t0)  # the starting weights are checkpoint ep000000
         while self.p.episodes < c.episodes:
             if c.max_minutes and time.perf_counter() - t0 > 60 * c.max_minutes:
                 break
             self.collect_step()
-            if len(self.replay) >= max(c.warmup_steps, c.batch_size) and self.replay.can_sample():
+            if self.ready():
                 self._credit += c.updates_per_step
                 while self._credit >= 1.0:
                     self.p.loss = self.update()
@@ -271,7 +318,8 @@ class Trainer:
         self.p.wall_s = time.perf_counter() - t0
         if not self.p.history or self.p.history[-1]["episode"] != self.p.episodes:
             self._validation_round(self.p.wall_s)  # a final validation on the last weights
-        if self.out is not None and c.keep_checkpoints and self.p.episodes >= c.episodes:
+        if self.out is not None and c.keep_checkpoints and self.p.episodes >= c.episodes and len(self.valid_pms) == 1:
+            # (multi-N runs skip the ensembles: they did not pay off at N=5, and cost 8 evaluations each)
             self.selected = select_model(self.out, self.trace, self.valid_starts)
             self.write_summary()
         if on_progress is not None:
@@ -281,12 +329,18 @@ class Trainer:
     def _validation_round(self, wall: float) -> None:
         p = self.p
         p.wall_s = wall
-        v = self.validate()
+        v, by_n = self.validate()
         p.valid = v
+        tm = by_n.get(self.cfg.n_pms, v)
         p.history.append({"episode": p.episodes, "env_steps": p.env_steps, "grad_steps": p.grad_steps,
-                          "wall_s": round(wall, 2), "eps": round(p.eps, 4), "valid_trimmed_mean": round(v, 2)})
-        meta = {"valid_trimmed_mean": round(v, 4), "episode": p.episodes, "env_steps": p.env_steps,
+                          "wall_s": round(wall, 2), "eps": round(p.eps, 4), "valid_trimmed_mean": round(tm, 2)}
+                         | ({"valid_score": round(v, 6), "valid_by_n": {str(n): round(x, 2) for n, x in by_n.items()}}
+                            if len(by_n) > 1 else {}))
+        meta = {"valid_trimmed_mean": round(tm, 4), "episode": p.episodes, "env_steps": p.env_steps,
                 "grad_steps": p.grad_steps, "valid_starts": int(len(self.valid_starts))}
+        if len(by_n) > 1:
+            meta |= {"valid_score": round(v, 6), "valid_metric": SCORE_METRIC,
+                     "valid_by_n": {str(n): round(x, 4) for n, x in by_n.items()}}
         if self.out is not None and self.cfg.keep_checkpoints:
             save_model(self.out / "checkpoints" / f"ep{p.episodes:06d}", self.policy_net, self.cfg, meta)
         if p.best_valid is None or v < p.best_valid:
@@ -323,10 +377,13 @@ class Trainer:
         for i, st in opt["state"].items():
             for k, v in st.items():
                 t[f"opt.{i}.{k}"] = torch.as_tensor(v).clone()
-        t.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.replay.state_arrays().items()})
+        for i, g in enumerate(self.groups):
+            arrays = g.replay.state_arrays("replay" if i == 0 else f"replay{i}")
+            t.update({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in arrays.items()})
         p = self.p
         meta = {"config": self.cfg.to_dict(), "opt_groups": opt["param_groups"], "credit": self._credit,
-                "queue": self._queue, "rng": self.rng.bit_generator.state,
+                "queue": self.groups[0].queue, "queues": [g.queue for g in self.groups[1:]],
+                "rng": self.rng.bit_generator.state,
                 "start_rng": self.start_rng.bit_generator.state,
                 "progress": {k: getattr(p, k) for k in ("episodes", "env_steps", "grad_steps", "wall_s", "eps",
                                                         "valid", "best_valid", "best_episode", "next_valid",
@@ -363,12 +420,16 @@ class Trainer:
                 _, i, name = k.split(".", 2)
                 state.setdefault(int(i), {})[name] = v
         self.opt.load_state_dict({"state": state, "param_groups": meta["opt_groups"]})
-        self.replay.load_arrays({k: v.numpy() for k, v in t.items() if k.startswith("replay.")})
+        for i, g in enumerate(self.groups):
+            prefix = "replay" if i == 0 else f"replay{i}"
+            g.replay.load_arrays({k: v.numpy() for k, v in t.items() if k.startswith(prefix + ".")}, prefix)
         self.rng.bit_generator.state = meta["rng"]
         self.start_rng.bit_generator.state = meta["start_rng"]
-        self._queue = [tuple(x) for x in meta["queue"]]
+        for g, q in zip(self.groups, [meta["queue"]] + meta.get("queues", [])):
+            g.queue = [tuple(x) for x in q]
         self._credit = meta["credit"]
         for k, v in meta["progress"].items():
             setattr(self.p, k, v)
-        self.env = None
+        for g in self.groups:
+            g.env = None
         return True

@@ -76,19 +76,19 @@ class NStepReplay:
                 "mask2": t(mask2)}
 
     # --- resume --------------------------------------------------------------------------------------------
-    def state_arrays(self) -> dict[str, np.ndarray]:
+    def state_arrays(self, prefix: str = "replay") -> dict[str, np.ndarray]:
         keys = ("pm", "vm", "mask", "action", "reward", "done")
-        out = {f"replay.{k}": getattr(self, k) for k in keys}
-        out["replay.mask"] = out["replay.mask"].astype(np.uint8)
-        out["replay.done"] = out["replay.done"].astype(np.uint8)
-        out["replay.pos"] = np.array([self.head, self.size], np.int64)
+        out = {f"{prefix}.{k}": getattr(self, k) for k in keys}
+        out[f"{prefix}.mask"] = out[f"{prefix}.mask"].astype(np.uint8)
+        out[f"{prefix}.done"] = out[f"{prefix}.done"].astype(np.uint8)
+        out[f"{prefix}.pos"] = np.array([self.head, self.size], np.int64)
         return out
 
-    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+    def load_arrays(self, arrays: dict[str, np.ndarray], prefix: str = "replay") -> None:
         for k in ("pm", "vm", "mask", "action", "reward", "done"):
-            a = arrays[f"replay.{k}"]
+            a = arrays[f"{prefix}.{k}"]
             cur = getattr(self, k)
             if a.shape != cur.shape:
-                raise ValueError(f"replay.{k} has shape {a.shape}, expected {cur.shape}")
+                raise ValueError(f"{prefix}.{k} has shape {a.shape}, expected {cur.shape}")
             setattr(self, k, a.astype(cur.dtype))
-        self.head, self.size = (int(x) for x in arrays["replay.pos"])
+        self.head, self.size = (int(x) for x in arrays[f"{prefix}.pos"])

@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from edgecloud.errors import UserError
 from edgecloud.vmsched.agents.policy import QPolicy
@@ -28,16 +29,37 @@ from edgecloud.vmsched.trace import Trace
 
 DEFAULT_KS = (1, 3, 5)
 
+SCORE_METRIC = "geometric mean over N of trimmed mean / Balance-Fit trimmed mean"
+
+
+def balance_fit_scores(trace: Trace, pms, starts) -> dict[int, float]:
+    """Balance-Fit's trimmed mean at each N on ``starts`` (the yardstick of a multi-N score)."""
+    from edgecloud.vmsched.policies import BalanceFit
+
+    return {n: trimmed_mean(evaluate(trace, ClusterConfig(n_pms=n), BalanceFit(), starts).totals) for n in pms}
+
+
+def valid_score(trace: Trace, net: torch.nn.Module, agent: str, pms, starts, bf: dict[int, float]
+                ) -> tuple[float, dict[int, float]]:
+    """Score of a network on ``starts`` at each N of ``pms``: at one N its trimmed mean; at several the geometric
+    mean over N of its trimmed mean / Balance-Fit's (so every N weighs the same, whatever its scale)."""
+    by_n = {n: trimmed_mean(evaluate(trace, ClusterConfig(n_pms=n), QPolicy(net, agent), starts).totals)
+            for n in pms}
+    if len(by_n) == 1:
+        return next(iter(by_n.values())), by_n
+    return float(np.exp(np.mean([np.log(by_n[n] / bf[n]) for n in pms]))), by_n
+
 
 def ranked_checkpoints(run: Path) -> list[tuple[float, int, Path]]:
-    """(validation trimmed mean, episode, dir) of every saved checkpoint of a run, best first."""
+    """(validation score, episode, dir) of every saved checkpoint of a run, best first (the score is the trimmed
+    mean, or the multi-N ratio score of ``valid_score`` when the run validated at several N)."""
     out = []
     for d in sorted((Path(run) / "checkpoints").glob("ep*")):
         try:
             meta = json.loads((d / CONFIG).read_text())["meta"]
         except (OSError, ValueError, KeyError):
             continue  # a checkpoint being written when the run was killed
-        out.append((float(meta["valid_trimmed_mean"]), int(meta["episode"]), d))
+        out.append((float(meta.get("valid_score", meta["valid_trimmed_mean"])), int(meta["episode"]), d))
     return sorted(out, key=lambda t: (t[0], t[1]))
 
 
@@ -56,11 +78,12 @@ def select_model(run: Path, trace: Trace, valid_starts: np.ndarray, ks: tuple[in
     starts = np.asarray(valid_starts, np.int64)
     if cfg.valid_limit:
         starts = starts[: cfg.valid_limit]
-    cluster = ClusterConfig(n_pms=cfg.n_pms)
+    pms = cfg.valid_pms or (cfg.n_pms,)
+    bf = balance_fit_scores(trace, pms, starts) if len(pms) > 1 else {}
     scores: dict[int, float] = {}
     for k in sorted({min(k, len(nets)) for k in ks}):
         net = nets[0] if k == 1 else EnsembleQNet(nets[:k])
-        scores[k] = trimmed_mean(evaluate(trace, cluster, QPolicy(net, cfg.agent), starts, split_name="valid").totals)
+        scores[k] = valid_score(trace, net, cfg.agent, pms, starts, bf)[0]
     k_best = min(scores, key=lambda k: (scores[k], k))
     winner = nets[0] if k_best == 1 else EnsembleQNet(nets[:k_best])
     meta = {"valid_trimmed_mean": round(scores[k_best], 4), "members": k_best,
