@@ -15,12 +15,30 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from edgecloud.paths import REPO_ROOT
 from edgecloud.results import Result, check_out_dir
 
 OUT = REPO_ROOT / "docs" / "results"
+
+
+def result_name(model: str) -> str:
+    """docs/results/csr.* for SmolLM2 (the first model), csr_<model>.* for any other."""
+    return "csr" if model == "smollm2-135m" else "csr_" + model.replace("-", "_").replace(".", "_")
+
+
+def apply_overrides(cfg, sets: list[str]):
+    from edgecloud.errors import UserError
+
+    for kv in sets:
+        k, _, v = kv.partition("=")
+        if k not in cfg.__dataclass_fields__ or not v:
+            raise UserError(f"--set {kv}: use KEY=VALUE with a BenchConfig field")
+        cur = getattr(cfg, k)
+        cfg = replace(cfg, **{k: type(cur)(v) if isinstance(cur, int | float | str) else json.loads(v)})
+    return cfg
 
 
 def table(res: dict) -> str:
@@ -96,6 +114,11 @@ def main() -> None:
     ap.add_argument("--from-json", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--group", type=int, default=0, help="layers per shared dictionary (0: the preset's)")
+    ap.add_argument("--qa", type=int, default=0, help="SQuAD and FanOutQA questions each (0: no QA)")
+    ap.add_argument("--dicts-only", action="store_true", help="train (or find) the dictionaries, then stop")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a BenchConfig field (ints/floats), e.g. --set seq_len=1024")
     a = ap.parse_args()
     check_out_dir(a.out)
     if a.from_json:
@@ -106,10 +129,21 @@ def main() -> None:
         from edgecloud.llm.engine import Engine
         from edgecloud.llm.models import load_model
 
+        from edgecloud.kvcache.csr.bench import prepare
+        from edgecloud.kvcache.csr.qa import QAConfig
+
         cfg = BenchConfig.quick(a.seed) if a.quick else BenchConfig(seed=a.seed)
-        res = run(cfg, Engine(load_model(a.model), threads=a.threads),
-                  log=lambda m: print(m, file=sys.stderr, flush=True))
-    out = Result("csr", res, seed=a.seed, title="CSR vs KIVI on SmolLM2-135M")
+        if a.group:
+            cfg = replace(cfg, group=a.group)
+        cfg = apply_overrides(cfg, a.set)
+        engine = Engine(load_model(a.model), threads=a.threads)
+        log = (lambda m: print(m, file=sys.stderr, flush=True))
+        if a.dicts_only:
+            _, info, _ = prepare(engine, cfg, log)
+            print(json.dumps(info, indent=1))
+            return
+        res = run(cfg, engine, log=log, qa=QAConfig(squad=a.qa, fanoutqa=a.qa) if a.qa else None)
+    out = Result(result_name(res["model_name"]), res, seed=a.seed, title=f"CSR vs KIVI on {res['model_name']}")
     out.markdown = table(res)
     out.figure = plot(res)
     out.write(a.out)
