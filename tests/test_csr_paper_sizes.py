@@ -27,7 +27,6 @@ from edgecloud.kvcache.csr.dictionary import (  # noqa: E402
     _best_cuts,
     coherence,
     layer_groups,
-    learn_dictionaries,
     train_dictionary,
 )
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from edgecloud.errors import UserError
 from edgecloud.kvcache.csr import coding, dictionary
 from edgecloud.kvcache.csr.cache import CacheSpec, cache_bits_per_element, cache_timing, index_bits, make_cache
 from edgecloud.kvcache.csr.coding import CODERS, QUANTS, STORE, reconstruct
-from edgecloud.kvcache.csr.dictionary import CSRDictionaries, DictConfig, chunk, learn_dictionaries
+from edgecloud.kvcache.csr.dictionary import CSRDictionaries, DictConfig, chunk, learn_dictionaries, train_dictionary
 from edgecloud.kvcache.csr.qa import QAConfig, qa_compare
 from edgecloud.llm.corpus import token_windows, topic_split
 from edgecloud.llm.engine import Engine
@@ -29,19 +30,19 @@ class BenchConfig:
     eval_seqs: int = 2
     chunk: int = 64  # tokens per forward: prefill arrives in chunks, each encoded as it arrives
     # dictionaries (shared by both presets, so the quick run reuses the full run's cached dictionaries)
-    calib_seqs: int = 16  # calibration windows (pydoc topics not held out)
+    calib_seqs: int = 8  # calibration windows (pydoc topics not held out)
     calib_len: int = 512
     val_seqs: int = 2  # further windows: held-out set for early stopping and the coder comparison
     atoms: int = 4096
-    # further sizes (N, most steps, batch, k-means iterations), main setting only, full preset: the per-step cost
-    # grows with N, so larger dictionaries get fewer, smaller steps to fit one shared CPU core
-    sizes: tuple[tuple[int, int, int, int], ...] = ((8192, 60, 64, 4), (16384, 30, 64, 2))
-    steps: int = 150  # most NeuralDict steps; early stopping on the held-out error usually ends sooner
+    sizes: tuple[int, ...] = (4096, 8192, 16384)  # size sweep on one layer group (full preset)
+    sweep_steps: int = 20  # NeuralDict steps per size in the sweep
+    steps: int = 40  # most NeuralDict steps; early stopping on the held-out error may end sooner
+    lr: float = 3e-4
     batch: int = 128
     group: int = 3  # target layers per shared dictionary (boundaries by JSD)
     chunk_dim: int = 64  # channels per coded chunk (s_n = head_dim / chunk_dim)
-    kmeans_iters: int = 8
-    kmeans_sample: int = 16384
+    kmeans_iters: int = 6
+    kmeans_sample: int = 8192
     # the main CSR setting: the bit budget, weight precision, packed indices, keys' share of the atoms
     bits: float = 2.0
     coef: str = "fp8"
@@ -109,21 +110,13 @@ def budget(cfg: BenchConfig, n_atoms: int, bits: float | None = None, coef: str 
     return sk, total - sk
 
 
-def size_setting(cfg: BenchConfig, n_atoms: int, steps: int) -> tuple[int, int, int]:
-    """(steps, batch, k-means iterations) for a dictionary of ``n_atoms`` (the main size or one of ``sizes``)."""
-    for n, st, b, it in cfg.sizes:
-        if n == n_atoms and n != cfg.atoms:
-            return (min(st, steps), b, it)
-    return steps, cfg.batch, cfg.kmeans_iters
-
-
 def dict_configs(cfg: BenchConfig, hd: int, n_atoms: int, steps: int) -> tuple[DictConfig, DictConfig]:
     if hd % cfg.chunk_dim:
         raise UserError(f"head dimension {hd} is not a multiple of chunk_dim={cfg.chunk_dim}")
     sk, sv = budget(cfg, n_atoms)
-    steps, batch, iters = size_setting(cfg, n_atoms, steps)
-    common = dict(n_atoms=n_atoms, s_n=hd // cfg.chunk_dim, group=cfg.group, steps=steps, batch=batch,
-                  kmeans_iters=iters, kmeans_sample=cfg.kmeans_sample, coef=cfg.coef, seed=cfg.seed)
+    common = dict(n_atoms=n_atoms, s_n=hd // cfg.chunk_dim, group=cfg.group, steps=steps, batch=cfg.batch,
+                  lr=cfg.lr, kmeans_iters=cfg.kmeans_iters, kmeans_sample=cfg.kmeans_sample, coef=cfg.coef,
+                  seed=cfg.seed)
     return DictConfig(s=sk, **common), DictConfig(s=sv, **common)
 
 
@@ -221,10 +214,39 @@ def evaluate(engine: Engine, windows: torch.Tensor, spec: CacheSpec, dicts, cfg:
     return row, top
 
 
-def prepare(engine: Engine, cfg: BenchConfig, log=print) -> tuple[dict[str, CSRDictionaries], dict, dict]:
+def size_sweep(engine: Engine, train: dict, val: dict, cfg: BenchConfig, log=print) -> list[dict]:
+    """Dictionary sizes on one layer group (the middle ``cfg.group`` layers): k-means then NeuralDict at each N of
+    ``cfg.sizes``, each at its own <= ``cfg.bits`` budget; held-out error and MP encode time per vector. Encode
+    µs/token = µs/vector x layers x KV heads (every layer codes each token's key and value for every KV head)."""
+    hd = head_dim(engine)
+    L = engine.n_layers
+    layers = list(range((L - cfg.group) // 2, (L - cfg.group) // 2 + cfg.group))
+    rows = []
+    for n in cfg.sizes:
+        ck, cv = dict_configs(cfg, hd, n, cfg.sweep_steps)
+        for kind, dc in (("keys", ck), ("values", cv)):
+            x = chunk(train[kind][layers].reshape(-1, hd), dc.s_n)
+            xv = chunk(val[kind][layers].reshape(-1, hd), dc.s_n)
+            t0 = time.perf_counter()
+            D, curve = train_dictionary(x, replace(dc, eval_every=max(1, cfg.sweep_steps // 2)), xv)
+            train_s = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            err = dictionary.rel_error(xv, D, dc.s, dc.coef)
+            us = 1e6 * (time.perf_counter() - t0) / xv.shape[1]
+            rows.append({"atoms": n, "kind": kind, "s": dc.s, "s_n": dc.s_n, "layers": layers,
+                         "bits_per_element": dc.s * dc.s_n * (index_bits(n) + 8 * STORE[dc.coef].itemsize) / hd,
+                         "rel_err_kmeans": curve[0]["heldout"], "rel_err": err, "curve": curve,
+                         "train_vectors": int(x.shape[1]), "us_per_vector": us,
+                         "encode_us_per_token": us * L * engine.config.num_key_value_heads, "train_s": train_s})
+            log(f"size {n} {kind}: k-means {curve[0]['heldout']:.4f} -> {err:.4f}, {us:.0f} us/vector")
+    return rows
+
+
+def prepare(engine: Engine, cfg: BenchConfig, log=print,
+            dict_file: Path | None = None) -> tuple[dict[str, CSRDictionaries], dict, Callable]:
     """Every dictionary the comparison uses (from the cache, else trained): NeuralDict and its k-means start at
     ``cfg.atoms``, NeuralDict at each of ``cfg.sizes``. Calibrates only if something must be trained.
-    Returns (dictionaries by name, training info by name, held-out vectors for the coder comparison)."""
+    Returns (dictionaries by name, training info by name, a function giving (calibration, held-out) vectors)."""
     lm = engine.lm
     calib_text, _ = topic_split()
     state: dict = {}
@@ -243,21 +265,27 @@ def prepare(engine: Engine, cfg: BenchConfig, log=print) -> tuple[dict[str, CSRD
 
     dicts, info = {}, {}
     plan = [("neuraldict", cfg.atoms, cfg.steps), ("kmeans", cfg.atoms, 0)]
-    plan += [(f"neuraldict-{n}", n, cfg.steps) for n, *_ in cfg.sizes if n != cfg.atoms]
     for name, n, steps in plan:
         log(f"dictionary {name}: N={n}")
+        if name == "neuraldict" and dict_file is not None:  # a given file: checked like a cached one
+            dicts[name] = CSRDictionaries.load(dict_file, lm.fingerprint, engine.n_layers, head_dim(engine),
+                                               dictionary_code_version())
+            info[name] = {"file": str(dict_file), "command": dicts[name].meta.get("command")}
+            continue
         dicts[name], info[name] = get_dictionaries(engine, vectors, cfg, n, steps, log)
-    return dicts, info, vectors()[1]
+    return dicts, info, vectors
 
 
-def run(cfg: BenchConfig, engine: Engine, log=print, qa: QAConfig | None = None) -> dict:
+def run(cfg: BenchConfig, engine: Engine, log=print, qa: QAConfig | None = None,
+        dict_file: Path | None = None) -> dict:
     """The whole comparison on ``engine``: bits/element, perplexity, top-1 agreement and codec time for fp16,
     KIVI-2/4 and CSR (NeuralDict vs k-means, MP vs OMP, 1-4 bits, dictionary sizes), and with ``qa`` answer F1."""
     torch.manual_seed(cfg.seed)
     lm = engine.lm
     _, held_text = topic_split()
-    dicts, train_info, kv_val = prepare(engine, cfg, log)
-    coders = coder_comparison(dicts, kv_val, cfg)
+    dicts, train_info, vectors = prepare(engine, cfg, log, dict_file)
+    coders = coder_comparison(dicts, vectors()[1], cfg)
+    sizes = size_sweep(engine, *vectors(), cfg, log) if cfg.sizes else []
     neural, kmeans = dicts["neuraldict"], dicts["kmeans"]
     sk, sv = neural.cfg_keys.s, neural.cfg_values.s
     base = CacheSpec("csr", s_keys=sk, s_values=sv, coef=cfg.coef, packed=cfg.packed)
@@ -278,10 +306,6 @@ def run(cfg: BenchConfig, engine: Engine, log=print, qa: QAConfig | None = None)
         (replace(base, s_keys=k16, s_values=v16, coef="fp16", packed=False, name="csr-int16-fp16"), neural),
         at(1.0, "csr-1bit"), at(3.0, "csr-3bit"), at(4.0, "csr-4bit"),
     ]
-    for name, d in dicts.items():
-        if name.startswith("neuraldict-"):
-            n = d.cfg_keys.n_atoms
-            settings.append((replace(base, s_keys=d.cfg_keys.s, s_values=d.cfg_values.s, name=f"csr-N{n}"), d))
     windows = token_windows(lm.tokenizer, held_text, cfg.seq_len, cfg.eval_seqs)
     rows, ref = [], None
     for spec, d in settings:
@@ -309,7 +333,7 @@ def run(cfg: BenchConfig, engine: Engine, log=print, qa: QAConfig | None = None)
         "atoms": cfg.atoms, "model": lm.fingerprint, "model_name": lm.name, "head_dim": head_dim(engine),
         "layers": engine.n_layers, "kv_heads": engine.config.num_key_value_heads,
         "layer_groups": {k: neural.groups.get(k) for k in ("keys", "values")},
-        "rows": rows, "coders": coders, "dictionary_training": train_info,
+        "rows": rows, "coders": coders, "sizes": sizes, "dictionary_training": train_info,
         "dictionary_bytes": {n: int((d.keys.numel() + d.values.numel()) * 2) for n, d in dicts.items()},
         "config": asdict(cfg), "eval_tokens": int(windows.numel()),
     }
