@@ -36,6 +36,7 @@ class BenchConfig:
     atoms: int = 4096
     sizes: tuple[int, ...] = (4096, 8192, 16384)  # size sweep on one layer group (full preset)
     sweep_steps: int = 20  # NeuralDict steps per size in the sweep
+    coder_vectors: int = 256  # held-out vectors per layer in the coder comparison
     steps: int = 40  # most NeuralDict steps; early stopping on the held-out error may end sooner
     lr: float = 3e-4
     batch: int = 128
@@ -168,7 +169,7 @@ def coder_comparison(dicts: dict[str, CSRDictionaries], kv_test: dict, cfg: Benc
     rows = []
     for dname, dct in dicts.items():
         for kind, dc in (("keys", dct.cfg_keys), ("values", dct.cfg_values)):
-            x_all = kv_test[kind]  # (L, M, d)
+            x_all = kv_test[kind][:, : cfg.coder_vectors]  # (L, M, d)
             L, M, d = x_all.shape
             coders = CODERS if dname in ("kmeans", "neuraldict") else {"mp": CODERS["mp"]}
             for coder, fn in coders.items():
@@ -228,7 +229,10 @@ def size_sweep(engine: Engine, train: dict, val: dict, cfg: BenchConfig, log=pri
             x = chunk(train[kind][layers].reshape(-1, hd), dc.s_n)
             xv = chunk(val[kind][layers].reshape(-1, hd), dc.s_n)
             t0 = time.perf_counter()
-            D, curve = train_dictionary(x, replace(dc, eval_every=max(1, cfg.sweep_steps // 2)), xv)
+            # k-means needs more vectors than atoms: sample at least 2N, fewer iterations at the large sizes
+            dc = replace(dc, eval_every=max(1, cfg.sweep_steps // 2), kmeans_sample=max(cfg.kmeans_sample, 2 * n),
+                         kmeans_iters=max(2, cfg.kmeans_iters * 4096 // (2 * n)))
+            D, curve = train_dictionary(x, dc, xv)
             train_s = time.perf_counter() - t0
             t0 = time.perf_counter()
             err = dictionary.rel_error(xv, D, dc.s, dc.coef)
