@@ -266,3 +266,18 @@ def test_fanoutqa_bad_file_is_one_error(tmp_path):
     p.write_text(json.dumps([{"question": "q"}]))
     with pytest.raises(UserError, match="not a FanOutQA"):
         fanoutqa_items(p)
+
+
+def test_cli_refuses_an_unmeetable_budget_and_a_missing_dictionary_file(tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from edgecloud.kvcache.csr.cli import register
+
+    app = typer.Typer()
+    app.callback()(lambda: None)
+    register(app)
+    res = CliRunner().invoke(app, ["csr-bench", "--quick", "--bits", "0.1"])
+    assert isinstance(res.exception, UserError) and "--bits" in str(res.exception)  # before any model loads
+    res = CliRunner().invoke(app, ["csr-bench", "--quick", "--dictionaries", str(tmp_path / "none.safetensors")])
+    assert isinstance(res.exception, UserError) and "no such file" in str(res.exception)

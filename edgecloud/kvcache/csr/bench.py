@@ -27,7 +27,7 @@ from edgecloud.results import code_key
 @dataclass(frozen=True)
 class BenchConfig:
     seq_len: int = 512  # held-out context per sequence
-    eval_seqs: int = 2
+    eval_seqs: int = 1
     chunk: int = 64  # tokens per forward: prefill arrives in chunks, each encoded as it arrives
     # dictionaries (shared by both presets, so the quick run reuses the full run's cached dictionaries)
     calib_seqs: int = 8  # calibration windows (pydoc topics not held out)
