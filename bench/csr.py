@@ -88,6 +88,17 @@ def table(res: dict) -> str:
     for c in res["coders"]:
         lines.append(f"| {c['dictionary']} | {c['atoms']} | {c['kind']} | {c['coder']} | {c['s']} x {c['s_n']} | "
                      f"{c['rel_err']:.4f} | {c['us_per_vector']:.1f} |")
+    if res.get("sizes"):
+        lines += ["", f"Dictionary sizes on one layer group (layers {res['sizes'][0]['layers']}), each at its own "
+                  f"<= {cfg['bits']}-bit budget (⌈log2 N⌉-bit indices): held-out relative MP error of the k-means "
+                  f"start and after {cfg['sweep_steps']} NeuralDict steps, MP encode time (µs/token = µs/vector x "
+                  "layers x KV heads; busy shared machine):", "",
+                  "| atoms | kind | s | bits/element | training vectors | k-means error | NeuralDict error "
+                  "| µs/vector | encode ms/token |", "|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in res["sizes"]:
+            lines.append(f"| {r['atoms']} | {r['kind']} | {r['s']} x {r['s_n']} | {r['bits_per_element']:.3f} | "
+                         f"{r['train_vectors']} | {r['rel_err_kmeans']:.4f} | {r['rel_err']:.4f} | "
+                         f"{r['us_per_vector']:.0f} | {r['encode_us_per_token'] / 1000:.1f} |")
     lines += ["", "Dictionary training (held-out relative MP error, every evaluation; training stops when it has not "
               "fallen by 0.2% for 3 evaluations, or at the step cap; the best is kept):", ""]
     for name, info in res["dictionary_training"].items():
@@ -162,7 +173,8 @@ def main() -> None:
     check_out_dir(a.out)
     if a.from_json:
         res = json.loads(a.from_json.read_text())
-        res.pop("provenance", None)  # re-rendering keeps the numbers; the new provenance says it was re-rendered
+        render = res.pop("provenance", None)  # a re-render keeps the measuring run's provenance beside its own
+        res["measured_provenance"] = res.get("measured_provenance") or render
     else:
         from edgecloud.kvcache.csr.bench import BenchConfig, prepare, run
         from edgecloud.kvcache.csr.qa import QAConfig
