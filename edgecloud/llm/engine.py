@@ -109,16 +109,24 @@ class Engine:
                             f"shorten it or use fewer chunks")
 
     # ---------------------------------------------------------------- RoPE
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unscaled RoPE cos/sin (n, head_dim) for integer positions (attention_scaling divided out)."""
+    def cos_sin(self, positions: torch.Tensor, layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Unscaled RoPE cos/sin (n, head_dim) for integer positions (attention_scaling divided out). Models with
+        per-layer-type RoPE (Gemma 3: local layers base 1e4, global 1e6) need ``layer``."""
         rot = self.decoder.rotary_emb
         pos = torch.as_tensor(positions, dtype=torch.long).reshape(1, -1)
         dummy = torch.zeros(1, dtype=torch.float32)
-        cos, sin = rot(dummy, pos)
-        s = float(getattr(rot, "attention_scaling", 1.0))
+        types = getattr(self.config, "layer_types", None)
+        if types and hasattr(rot, "layer_types"):
+            if layer is None:
+                raise UserError(f"model {self.lm.name} has per-layer RoPE: say which layer")
+            cos, sin = rot(dummy, pos, types[layer])
+            s = float(getattr(rot, f"{types[layer]}_attention_scaling", 1.0))
+        else:
+            cos, sin = rot(dummy, pos)
+            s = float(getattr(rot, "attention_scaling", 1.0))
         return cos[0] / s, sin[0] / s
 
-    def rotate(self, k: torch.Tensor, delta: int | torch.Tensor) -> torch.Tensor:
+    def rotate(self, k: torch.Tensor, delta: int | torch.Tensor, layer: int | None = None) -> torch.Tensor:
         """Move post-RoPE keys (..., n, head_dim) by ``delta`` positions: R(p+d) = R(d) R(p), exact for RoPE."""
         if self.rope_type not in ("default", "linear", "llama3", "dynamic"):
             raise UserError(f"rope type {self.rope_type!r}: re-rotation not supported")
@@ -126,13 +134,13 @@ class Engine:
         if d.numel() == 1 and int(d) == 0:
             return k
         n = k.shape[-2]
-        cos, sin = self.cos_sin(d.expand(n) if d.numel() == 1 else d)
+        cos, sin = self.cos_sin(d.expand(n) if d.numel() == 1 else d, layer)
         return k * cos + rotate_half(k) * sin
 
-    def pre_rope_keys(self, keys: torch.Tensor, positions) -> torch.Tensor:
+    def pre_rope_keys(self, keys: torch.Tensor, positions, layer: int | None = None) -> torch.Tensor:
         """Un-rotate post-RoPE keys (..., n, head_dim) at ``positions`` back to the projection output (pre-RoPE)."""
         pos = torch.as_tensor(positions, dtype=torch.long).reshape(-1)
-        cos, sin = self.cos_sin(pos)
+        cos, sin = self.cos_sin(pos, layer)
         return keys * cos - rotate_half(keys) * sin
 
     # ---------------------------------------------------------------- passes

@@ -13,6 +13,7 @@ reconstruction (:meth:`Engine.rotate`). ``pre_rope=False`` codes the post-RoPE k
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 
@@ -21,7 +22,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 
 from edgecloud.errors import UserError
 from edgecloud.kvcache.csr import quant
-from edgecloud.kvcache.csr.coding import CODERS, reconstruct
+from edgecloud.kvcache.csr.coding import CODERS, QUANTS, STORE, reconstruct
 
 # ---------------------------------------------------------------- codecs: (B, H, T, d) <-> dict of tensors on dim 2
 
@@ -63,21 +64,49 @@ class KIVICodec:
         return 0
 
 
-class CSRCodec:
-    """s atoms per channel chunk over ``atoms`` (s_n, N, dc): int16 index + fp16 weight per atom.
+def index_bits(n_atoms: int) -> int:
+    """Bits a packed atom index needs: ceil(log2 N)."""
+    return max(1, math.ceil(math.log2(n_atoms)))
 
-    ``online`` > 0 appends that many atoms sampled from the first encoded batch (the prompt's prefill) to this
-    layer's dictionary; they are per-prompt state, so their fp16 bytes count as cache memory.
+
+def pack_bits(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """Non-negative ints (..., n) < 2**bits -> uint8 (..., ceil(n·bits/8)): the bit stream of each row."""
+    n = x.shape[-1]
+    b = ((x.long().unsqueeze(-1) >> torch.arange(bits)) & 1).reshape(*x.shape[:-1], n * bits)
+    pad = -(n * bits) % 8
+    b = torch.nn.functional.pad(b, (0, pad)).reshape(*x.shape[:-1], -1, 8)
+    return (b << torch.arange(8)).sum(-1).to(torch.uint8)
+
+
+def unpack_bits(p: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    b = ((p.long().unsqueeze(-1) >> torch.arange(8)) & 1).reshape(*p.shape[:-1], -1)[..., : n * bits]
+    return (b.reshape(*p.shape[:-1], n, bits) << torch.arange(bits)).sum(-1)
+
+
+class CSRCodec:
+    """s atoms per channel chunk over ``atoms`` (s_n, N, dc): an index and a weight per atom.
+
+    Indices are int16, or with ``packed`` bit-packed at ceil(log2 N) bits (12 bits for N = 4,096); weights are
+    fp16 or fp8 (e4m3), rounded inside the pursuit (``coef``). ``online`` > 0 appends that many atoms sampled from
+    the first encoded batch (the prompt's prefill) to this layer's dictionary; they are per-prompt state, so
+    their fp16 bytes count as cache memory.
     """
 
     block = 1
 
     def __init__(self, atoms: torch.Tensor, s: int, coder: str = "mp", pre_rope: bool = True, online: int = 0,
-                 seed: int = 0):
+                 seed: int = 0, coef: str = "fp16", packed: bool = False):
         if coder not in CODERS:
             raise UserError(f"coder={coder!r}: use one of {sorted(CODERS)}")
+        if coef not in QUANTS:
+            raise UserError(f"coef={coef!r}: use one of {sorted(QUANTS)}")
         self.atoms = atoms.float()
         self.s, self.coder, self.pre_rope, self.online, self.seed = s, CODERS[coder], pre_rope, online, seed
+        self.coef, self.quant = coef, QUANTS[coef]
+        n_total = self.atoms.shape[1] + online
+        if n_total > 32767:
+            raise UserError("dictionary + online atoms exceed the int16 index range; lower --online")
+        self.index_bits = index_bits(n_total) if packed else 16
         self.online_atoms: torch.Tensor | None = None
 
     def _add_online(self, flat: torch.Tensor) -> None:
@@ -86,8 +115,6 @@ class CSRCodec:
         new = torch.nn.functional.normalize(flat[:, pick], dim=-1).half()
         self.online_atoms = new
         self.atoms = torch.cat([self.atoms, new.float()], 1)
-        if self.atoms.shape[1] > 32767:
-            raise UserError("dictionary + online atoms exceed the int16 index range; lower --online")
 
     def encode(self, x):
         B, H, T, d = x.shape
@@ -95,17 +122,24 @@ class CSRCodec:
         flat = x.reshape(-1, s_n, d // s_n).transpose(0, 1)  # (s_n, M, dc)
         if self.online and self.online_atoms is None:
             self._add_online(flat)
-        idx, coef = self.coder(flat, self.atoms, self.s)
-        shape = (B, H, T, s_n, self.s)
-        return {"idx": idx.to(torch.int16).transpose(0, 1).reshape(shape),
-                "coef": coef.half().transpose(0, 1).reshape(shape)}
+        idx, coef = self.coder(flat, self.atoms, self.s, self.quant)
+        shape = (B, H, T, s_n * self.s)
+        idx = idx.transpose(0, 1).reshape(shape)
+        idx = idx.to(torch.int16) if self.index_bits == 16 else pack_bits(idx, self.index_bits)
+        return {"idx": idx, "coef": coef.to(STORE[self.coef]).transpose(0, 1).reshape(shape)}
 
     def decode(self, c):
-        B, H, T, s_n, s = c["idx"].shape
-        idx = c["idx"].long().reshape(-1, s_n, s).transpose(0, 1)
-        coef = c["coef"].float().reshape(-1, s_n, s).transpose(0, 1)
+        B, H, T, n = c["coef"].shape
+        s_n = self.atoms.shape[0]
+        idx = c["idx"].long() if self.index_bits == 16 else unpack_bits(c["idx"], self.index_bits, n)
+        idx = idx.reshape(-1, s_n, self.s).transpose(0, 1)
+        coef = c["coef"].float().reshape(-1, s_n, self.s).transpose(0, 1)
         x = reconstruct(self.atoms, idx, coef)  # (s_n, M, dc)
         return x.transpose(0, 1).reshape(B, H, T, -1)
+
+    def bits_per_element(self) -> float:
+        """Stored bits per coded element (no online atoms): s·(index + weight bits)/dc."""
+        return self.s * (self.index_bits + 8 * STORE[self.coef].itemsize) / self.atoms.shape[-1]
 
     def extra_bytes(self) -> int:
         return 0 if self.online_atoms is None else self.online_atoms.numel() * self.online_atoms.element_size()
@@ -121,8 +155,9 @@ def _nbytes(codes: dict[str, torch.Tensor]) -> int:
 class CodecLayer(DynamicLayer):
     """Dense fp16 residual (``self.keys``/``self.values``, post-RoPE) + encoded history (``codes``)."""
 
-    def __init__(self, key_codec, value_codec, residual: int = 0, engine=None):
+    def __init__(self, key_codec, value_codec, residual: int = 0, engine=None, layer: int | None = None):
         super().__init__()
+        self.layer = layer  # index in the model: per-layer-type RoPE (Gemma 3)
         self.codec = {"keys": key_codec, "values": value_codec}
         self.residual = residual
         self.engine = engine  # an edgecloud.llm Engine: its RoPE (un)rotates pre-RoPE-coded keys
@@ -145,7 +180,7 @@ class CodecLayer(DynamicLayer):
         if rot:
             if self.engine is None:
                 raise UserError("pre-RoPE key coding needs the model's RoPE: pass engine=Engine(model)")
-            x = self.engine.pre_rope_keys(x, pos)
+            x = self.engine.pre_rope_keys(x, pos, self.layer)
         t0 = time.perf_counter()
         c = codec.encode(x)
         t1 = time.perf_counter()
@@ -155,7 +190,7 @@ class CodecLayer(DynamicLayer):
         for name, t in c.items():
             old = self.codes[kind].get(name)
             self.codes[kind][name] = t if old is None else torch.cat([old, t], 2)
-        return self.engine.rotate(rec, pos) if rot else rec
+        return self.engine.rotate(rec, pos, self.layer) if rot else rec
 
     def update(self, key_states, value_states, *args, **kwargs):
         if not self.is_initialized:
@@ -211,6 +246,8 @@ class CacheSpec:
     s_values: int = 4
     coder: str = "mp"
     online: int = 0  # csr: per-prompt atoms sampled from the prefill
+    coef: str = "fp16"  # csr: stored weight precision, fp16 or fp8 (e4m3)
+    packed: bool = False  # csr: indices bit-packed at ceil(log2 N) bits instead of int16
     name: str = ""
 
     @property
@@ -237,12 +274,12 @@ def make_cache(spec: CacheSpec, n_layers: int, dicts=None, engine=None, seed: in
             if dicts is None:
                 raise UserError("method csr needs dictionaries (run calibration first)")
             kc = CSRCodec(dicts.for_layer("keys", li), spec.s_keys, spec.coder, dicts.pre_rope, spec.online,
-                          seed + 2 * li)
+                          seed + 2 * li, spec.coef, spec.packed)
             vc = CSRCodec(dicts.for_layer("values", li), spec.s_values, spec.coder, False, spec.online,
-                          seed + 2 * li + 1)
+                          seed + 2 * li + 1, spec.coef, spec.packed)
         else:
             raise UserError(f"method={spec.method!r}: use fp16, kivi or csr")
-        layers.append(CodecLayer(kc, vc, spec.residual, engine))
+        layers.append(CodecLayer(kc, vc, spec.residual, engine, li))
     return Cache(layers=layers)
 
 

@@ -12,7 +12,8 @@ from edgecloud.errors import UserError
 
 
 def csr_bench(
-    quick: bool = typer.Option(False, "--quick", help="Small run (2x512 tokens, 512 atoms): minutes on one core."),
+    quick: bool = typer.Option(False, "--quick", help="Small run (1x512 held-out tokens, no size sweep); uses the "
+                               "cached dictionaries of the full run (trains them first if missing: long)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     seed: int = typer.Option(0, "--seed", help="Seed for k-means, NeuralDict and online-atom sampling."),
     seq_len: int = typer.Option(0, "--seq-len", min=0, help="Held-out tokens per sequence (0: the preset's)."),
@@ -21,7 +22,14 @@ def csr_bench(
     steps: int = typer.Option(-1, "--steps", min=-1, help="NeuralDict steps (-1: the preset's)."),
     out: Path | None = typer.Option(None, "--out", help="Also write the JSON here (atomically)."),
     threads: int = typer.Option(1, "--threads", min=1, max=1024, help="torch CPU threads."),
-    model: str = typer.Option("smollm2-135m", "--model", help="Registry model name or a Llama-family checkpoint."),
+    model: str = typer.Option("smollm2-135m", "--model", help="Registry model name (smollm2-135m, gemma3-270m) or a "
+                              "Llama-family checkpoint."),
+    bits: float = typer.Option(0.0, "--bits", min=0.0, help="CSR bit budget per element, all stored bits counted "
+                               "(0: the preset's 2.0)."),
+    group: int = typer.Option(0, "--group", min=0, help="Layers per shared dictionary (0: 3, or 6 for gemma3-270m)."),
+    dictionaries: Path | None = typer.Option(None, "--dictionaries", help="Use this dictionary file (safetensors) "
+                                             "for CSR instead of the cache; refused if for another model/shape."),
+    qa: int = typer.Option(0, "--qa", min=0, help="Also score answer F1 on this many SQuAD and FanOutQA questions."),
 ) -> None:
     """Bits per KV element, perplexity, top-1 agreement with fp16, codec time: fp16, KIVI-2/4, CSR variants."""
     from edgecloud.atomic import write_text
@@ -37,14 +45,24 @@ def csr_bench(
     if out is not None:
         check_out_file(out)
     cfg = BenchConfig.quick(seed) if quick else BenchConfig(seed=seed)
+    group = group or (6 if model == "gemma3-270m" else 0)
     for name, val, ok in (("seq_len", seq_len, seq_len > 0), ("eval_seqs", eval_seqs, eval_seqs > 0),
-                          ("atoms", atoms, atoms > 0), ("steps", steps, steps >= 0)):
+                          ("atoms", atoms, atoms > 0), ("steps", steps, steps >= 0), ("bits", bits, bits > 0),
+                          ("group", group, group > 0)):
         if ok:
             cfg = replace(cfg, **{name: val})
     if cfg.seq_len < cfg.chunk or cfg.atoms > 32767:
         raise UserError(f"--seq-len must be >= {cfg.chunk} and --atoms <= 32767")
+    from edgecloud.kvcache.csr.bench import budget
+    from edgecloud.kvcache.csr.qa import QAConfig
+
+    budget(cfg, cfg.atoms)  # a bit budget the coder cannot meet fails here, before any compute
+    if dictionaries is not None and not dictionaries.is_file():
+        raise UserError(f"--dictionaries {dictionaries}: no such file")
     engine = Engine(load_model(model), threads=threads)  # a loader failure is a UserError, never a swapped model
-    res = Result("csr", run(cfg, engine, log=(lambda m: print(m, file=sys.stderr)) if as_json else print), seed=seed)
+    log = (lambda m: print(m, file=sys.stderr)) if as_json else print
+    res = Result("csr", run(cfg, engine, log=log, qa=QAConfig(squad=qa, fanoutqa=qa) if qa else None,
+                            dict_file=dictionaries), seed=seed)
     if out is not None:
         write_text(out, res.to_json(indent=1) + "\n")
     if as_json:
