@@ -25,8 +25,12 @@ def cod_bench(
     seed: int = typer.Option(0, "--seed"),
     out: Path | None = typer.Option(None, "--out", help="also write sam_cod.{json,md,png} into this directory"),
     threads: int = typer.Option(0, "--threads", min=0, help="torch threads (0: EDGECLOUD_THREADS or 1)"),
+    clean_depth: bool = typer.Option(False, "--clean-depth", help="the generator's noise-free depth instead of "
+                                                                  "block-matching stereo on rendered pairs"),
+    no_prompt_rows: bool = typer.Option(True, "--no-prompt-rows/--box-only", help="also measure no-prompt mode"),
 ) -> None:
-    """Zero-shot SAM, RGB / depth adapters, early fusion, SAM-COD with and without distillation (box prompts)."""
+    """Zero-shot SAM, RGB / depth adapters, early fusion, SAM-COD with and without distillation (box prompts;
+    no-prompt rows beside them)."""
     import time
 
     from edgecloud.results import Result, check_out_dir, report
@@ -36,7 +40,9 @@ def cod_bench(
         check_out_dir(out)
     _threads(threads)
     started = time.time()
-    cfg = BenchConfig.quick(seed) if quick else BenchConfig(seed=seed)
+    depth = "clean" if clean_depth else "stereo"
+    cfg = BenchConfig.quick(seed, depth) if quick else BenchConfig(seed=seed, depth=depth)
+    cfg.no_prompt = no_prompt_rows
     res = run(cfg, show_progress=not as_json)
     if out is not None:
         import sys
@@ -48,7 +54,8 @@ def cod_bench(
     if as_json:
         print(report(data, seed=seed))
         return
-    print(Result("sam_cod", data).table(data["rows"], ["method", "s_alpha", "e_phi", "wf_beta", "mae", "train_s"]))
+    print(Result("sam_cod", data).table(data["rows"], ["method", "prompt", "s_alpha", "e_phi", "wf_beta", "mae",
+                                                        "train_s"]))
 
 
 @app.command()
@@ -63,6 +70,8 @@ def train(
     batch: int = typer.Option(2, "--batch", min=1),
     img_size: int = typer.Option(128, "--img-size", help="encoder input side, multiple of 32 (256 = SAM's own)"),
     prompt: str = typer.Option("box", "--prompt", help="box | none"),
+    clean_depth: bool = typer.Option(False, "--clean-depth", help="generated scenes with noise-free depth "
+                                                                  "(default: depth by stereo block matching)"),
     every: int = typer.Option(20, "--every", min=1, help="checkpoint every N steps"),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", min=0),
@@ -80,7 +89,9 @@ def train(
     cfg = CODConfig(variant=variant, distill=not no_distill, img_size=img_size, prompt=prompt, steps=steps,
                     batch=batch, seed=seed)
     _threads(threads)
-    samples = load_cod_folder(data, img_size, images) if data else synthetic_split("train", images, seed, img_size)
+    depth = "clean" if clean_depth else "stereo"
+    samples = (load_cod_folder(data, img_size, images) if data
+               else synthetic_split("train", images, seed, img_size, depth))
     _, log = T.train(cfg, samples, ckpt=out, every=every, show_progress=not as_json)
     summary = {"checkpoint": str(out), "variant": variant, "steps": steps, "images": len(samples),
                "first_loss": log[0]["loss"] if log else None, "last_loss": log[-1]["loss"] if log else None}
