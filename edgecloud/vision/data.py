@@ -96,7 +96,8 @@ def _warp_layer(img: np.ndarray, disp: np.ndarray, iters: int = 4) -> tuple[np.n
 
 
 def render_stereo(bg: np.ndarray, fg: np.ndarray, mask: np.ndarray, bg_near: np.ndarray, fg_near: np.ndarray,
-                  rng, size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  rng, size: int, noise: float = CAMERA_NOISE, gain: float = CAMERA_GAIN
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(left, right, true left disparity) of a two-layer scene: the object layer (``fg`` inside ``mask``, nearness
     ``fg_near``) in front of the background layer (``bg``, ``bg_near``); nearness = 1/Z in 1/m."""
     fb = FB_PX_M * size / 128
@@ -108,8 +109,8 @@ def render_stereo(bg: np.ndarray, fg: np.ndarray, mask: np.ndarray, bg_near: np.
     left = np.where(mask[..., None], fg, bg)
     views = []
     for v in (left, right):
-        gain = 1 + rng.uniform(-CAMERA_GAIN, CAMERA_GAIN)
-        views.append(np.clip(v * gain + CAMERA_NOISE * rng.standard_normal(v.shape), 0, 1).astype(np.float32))
+        g = 1 + rng.uniform(-gain, gain)
+        views.append(np.clip(v * g + noise * rng.standard_normal(v.shape), 0, 1).astype(np.float32))
     return views[0], views[1], np.where(mask, d_fg, d_bg).astype(np.float32)
 
 
