@@ -308,7 +308,8 @@ def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path):
     t = lambda name: str(tmp_path / name)  # noqa: E731
     cases = [(["--depth", t("d_big.png")], "sizes differ"), (["--depth", t("nan.npy")], "NaN"),
              (["--depth", t("zero.npy")], "constant"), (["--depth", t("junk.png")], "not an image"),
-             (["--depth", t("ok.npy"), "--checkpoint", t("ck.safetensors")], "not a safetensors checkpoint")]
+             (["--depth", t("ok.npy"), "--checkpoint", t("ck.safetensors")], "not a safetensors checkpoint"),
+             (["--depth", t("ok.npy"), "--sam-checkpoint", t("junk.png")], "not a readable checkpoint")]
     for extra, msg in cases:
         r = _cli("cod", "--rgb", str(tmp_path / "a.png"), "--out", str(out), *extra)
         assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -73,6 +73,8 @@ def train(
     clean_depth: bool = typer.Option(False, "--clean-depth", help="generated scenes with noise-free depth "
                                                                   "(default: depth by stereo block matching)"),
     every: int = typer.Option(20, "--every", min=1, help="checkpoint every N steps"),
+    sam_checkpoint: Path | None = typer.Option(None, "--sam-checkpoint", help="an official SAM ViT-B/L/H checkpoint "
+                                               "(e.g. sam_vit_b_01ec64.pth; none ships offline) instead of LiteMedSAM"),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", min=0),
     as_json: bool = typer.Option(False, "--json"),
@@ -87,7 +89,7 @@ def train(
     if variant == "zeroshot":
         raise UserError("--variant zeroshot has nothing to train; choose rgb, depth, early or samcod")
     cfg = CODConfig(variant=variant, distill=not no_distill, img_size=img_size, prompt=prompt, steps=steps,
-                    batch=batch, seed=seed)
+                    batch=batch, seed=seed, sam_checkpoint=str(sam_checkpoint or ""))
     _threads(threads)
     depth = "clean" if clean_depth else "stereo"
     samples = (load_cod_folder(data, img_size, images) if data
@@ -106,6 +108,8 @@ def cod(
     stereo: tuple[Path, Path] | None = typer.Option(None, "--stereo", help="LEFT RIGHT rectified pair (depth by "
                                                                             "block matching; --rgb is usually LEFT)"),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="from `vision train` (default: zero-shot SAM)"),
+    sam_checkpoint: Path | None = typer.Option(None, "--sam-checkpoint", help="an official SAM ViT-B/L/H checkpoint "
+                                               "(e.g. sam_vit_b_01ec64.pth; none ships offline) instead of LiteMedSAM"),
     box: str | None = typer.Option(None, "--box", help="x0,y0,x1,y1 in --rgb pixels (default: the whole image)"),
     max_disp: int = typer.Option(64, "--max-disp", min=1, help="stereo search range in pixels"),
     threshold: float = typer.Option(0.5, "--threshold", min=0.0, max=1.0),
@@ -121,6 +125,8 @@ def cod(
     from edgecloud.vision.data import Sample, check_same_size, read_depth, read_rgb
 
     check_out_file(out)
+    if checkpoint is not None and sam_checkpoint is not None:
+        raise UserError("--sam-checkpoint: a trained --checkpoint already names its SAM; give one of the two")
     if (depth is None) == (stereo is None):
         raise UserError("give exactly one of --depth DEPTH or --stereo LEFT RIGHT")
     image = read_rgb(rgb, "--rgb")
@@ -147,7 +153,8 @@ def cod(
     from edgecloud.vision.samcod import SAMCOD, CODConfig
     from edgecloud.vision.train import load_model, predict
 
-    model = load_model(checkpoint) if checkpoint else SAMCOD(CODConfig(variant="zeroshot"))
+    model = (load_model(checkpoint) if checkpoint
+             else SAMCOD(CODConfig(variant="zeroshot", sam_checkpoint=str(sam_checkpoint or ""))))
     S = model.cfg.img_size
     scale = np.array([S / W, S / H, S / W, S / H], dtype=np.float32)
     sample = Sample(resize(image, (S, S), order=1, anti_aliasing=True).astype(np.float32),

@@ -259,12 +259,14 @@ class SAMAttention(nn.Module):
 
 
 class MLPBlock(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """SAM's two-layer MLP (``lin1``/``lin2``): ReLU in the mask decoder, GELU in the ViT encoder."""
+
+    def __init__(self, dim: int, hidden: int, act=F.relu):
         super().__init__()
-        self.lin1, self.lin2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.lin1, self.lin2, self.act = nn.Linear(dim, hidden), nn.Linear(hidden, dim), act
 
     def forward(self, x):
-        return self.lin2(F.relu(self.lin1(x)))
+        return self.lin2(self.act(self.lin1(x)))
 
 
 class TwoWayBlock(nn.Module):

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgecloud.errors import UserError
+from edgecloud.vision.sam import LayerNorm2d, MLPBlock
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -60,15 +61,6 @@ class RelPosAttention(nn.Module):
         return self.proj(out.view(B, self.heads, H, W, self.hd).permute(0, 2, 3, 1, 4).reshape(B, H, W, C))
 
 
-class MLPBlock(nn.Module):
-    def __init__(self, dim: int, hidden: int):
-        super().__init__()
-        self.lin1, self.lin2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x):
-        return self.lin2(F.gelu(self.lin1(x)))
-
-
 class ViTBlock(nn.Module):
     """Pre-norm block; ``window`` 0 = global attention. Adapters see the block input, beside the attention."""
 
@@ -77,7 +69,7 @@ class ViTBlock(nn.Module):
         self.window = window
         self.norm1, self.norm2 = nn.LayerNorm(dim, eps=1e-6), nn.LayerNorm(dim, eps=1e-6)
         self.attn = RelPosAttention(dim, heads, 2 * (window or grid) - 1)
-        self.mlp = MLPBlock(dim, 4 * dim)
+        self.mlp = MLPBlock(dim, 4 * dim, F.gelu)
         self.adapters = nn.ModuleDict()
 
     def _attend(self, x):
@@ -111,8 +103,6 @@ class ImageEncoderViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, dim))
         self.blocks = nn.ModuleList(ViTBlock(dim, heads, 0 if i in global_blocks else window, grid)
                                     for i in range(depth))
-        from edgecloud.vision.sam import LayerNorm2d
-
         self.neck = nn.Sequential(nn.Conv2d(dim, out, 1, bias=False), LayerNorm2d(out),
                                   nn.Conv2d(out, out, 3, padding=1, bias=False), LayerNorm2d(out))
         self.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1), persistent=False)
