@@ -1,6 +1,8 @@
 """The SAM-COD benchmark: six methods on generated RGB-D camouflage scenes, plus the real RGB-D photo and stereo pair.
 
-All methods get the same jittered box prompt (box mode); all trained methods get the same steps, batch and seed.
+The headline rows use box mode (all methods get the same jittered box prompt); a second set of rows runs without a
+prompt (``prompt="none"``). All trained methods get the same steps, batch and seed. Depth is estimated by block
+matching from a rendered stereo pair (``data.stereo_depth``) unless ``depth="clean"``.
 """
 
 from __future__ import annotations
@@ -12,13 +14,18 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from edgecloud.vision.data import Sample, synthetic_split
+from edgecloud.errors import UserError
+from edgecloud.vision.data import DEPTH_MODES, Sample, synthetic_split
 from edgecloud.vision.samcod import CODConfig
 from edgecloud.vision.train import cod_metrics, predict, train
 
-METHODS = [("zeroshot", True, "zero-shot SAM + box"), ("rgb", True, "RGB-only adapter"),
-           ("depth", True, "depth-only adapter"), ("early", True, "early fusion (4-channel)"),
-           ("samcod", False, "SAM-COD without distillation"), ("samcod", True, "SAM-COD")]
+# (variant, distill, prompt, label): the six box-mode rows of the issue, then the no-prompt rows
+METHODS = [("zeroshot", True, "box", "zero-shot SAM + box"), ("rgb", True, "box", "RGB-only adapter"),
+           ("depth", True, "box", "depth-only adapter"), ("early", True, "box", "early fusion (4-channel)"),
+           ("samcod", False, "box", "SAM-COD without distillation"), ("samcod", True, "box", "SAM-COD")]
+NO_PROMPT_METHODS = [("zeroshot", True, "none", "zero-shot SAM, no prompt"),
+                     ("rgb", True, "none", "RGB-only adapter, no prompt"),
+                     ("samcod", True, "none", "SAM-COD, no prompt")]
 
 
 @dataclass
@@ -29,14 +36,24 @@ class BenchConfig:
     batch: int = 2
     img_size: int = 128
     seed: int = 0
+    depth: str = "stereo"      # "stereo" (estimated from a rendered pair) or "clean" (the generator's nearness)
+    no_prompt: bool = True     # also run NO_PROMPT_METHODS
+
+    def __post_init__(self):
+        if self.depth not in DEPTH_MODES:
+            raise UserError(f"depth {self.depth!r}: choose one of {', '.join(DEPTH_MODES)}")
 
     @classmethod
-    def quick(cls, seed: int = 0) -> BenchConfig:
-        return cls(n_train=8, n_test=8, steps=6, batch=1, img_size=96, seed=seed)
+    def quick(cls, seed: int = 0, depth: str = "stereo") -> BenchConfig:
+        return cls(n_train=8, n_test=8, steps=6, batch=1, img_size=96, seed=seed, depth=depth)
+
+    def methods(self):
+        return METHODS + (NO_PROMPT_METHODS if self.no_prompt else [])
 
 
-def method_key(variant: str, distill: bool) -> str:
-    return variant if distill or variant != "samcod" else "samcod_nodistill"
+def method_key(variant: str, distill: bool, prompt: str = "box") -> str:
+    key = variant if distill or variant != "samcod" else "samcod_nodistill"
+    return key if prompt == "box" else f"{key}_noprompt"
 
 
 def real_rgbd_sample(size: int) -> Sample:
@@ -77,31 +94,39 @@ def stereo_check() -> dict:
     return {**disparity_error(pred, gt), "seconds": round(time.time() - t, 2), "size": list(pred.shape)}
 
 
+def stereo_stats(samples: list[Sample]) -> dict:
+    """The stereo depth's error on generated scenes (vs their true disparity), to compare with Middlebury's."""
+    keys = ("epe_px", "bad2_pct", "boundary_epe_px")
+    return {**{k: float(np.mean([s.info[k] for s in samples])) for k in keys}, "scenes": len(samples)}
+
+
 def run(cfg: BenchConfig, progress=None, show_progress: bool = False) -> dict:
     torch.manual_seed(cfg.seed)
     from edgecloud.vision.sam import load_sam
 
     sam = load_sam(cfg.img_size)
-    train_set = synthetic_split("train", cfg.n_train, cfg.seed, cfg.img_size)
-    test_set = synthetic_split("test", cfg.n_test, cfg.seed, cfg.img_size)
+    train_set = synthetic_split("train", cfg.n_train, cfg.seed, cfg.img_size, cfg.depth)
+    test_set = synthetic_split("test", cfg.n_test, cfg.seed, cfg.img_size, cfg.depth)
     real = real_rgbd_sample(cfg.img_size)
     rows, preds, logs = [], {}, {}
-    for i, (variant, distill, label) in enumerate(METHODS):
-        mc = CODConfig(variant=variant, distill=distill, img_size=cfg.img_size, steps=cfg.steps, batch=cfg.batch,
-                       seed=cfg.seed)
-        t = time.time()
+    methods = cfg.methods()
+    for i, (variant, distill, prompt, label) in enumerate(methods):
+        mc = CODConfig(variant=variant, distill=distill, prompt=prompt, img_size=cfg.img_size, steps=cfg.steps,
+                       batch=cfg.batch, seed=cfg.seed)
+        t, cpu = time.time(), time.process_time()
         model, log = train(mc, train_set, sam=copy.deepcopy(sam), show_progress=show_progress)
-        train_s = time.time() - t
-        key = method_key(variant, distill)
+        train_s, train_cpu_s = time.time() - t, time.process_time() - cpu  # CPU s ~ a quiet core's wall time
+        key = method_key(variant, distill, prompt)
         p = predict(model, test_set)
         preds[key] = p
         m = cod_metrics(p, [s.mask for s in test_set])
         real_m = cod_metrics(predict(model, [real]), [real.mask])
-        rows.append({"method": label, "key": key, **m, "train_s": round(train_s, 1),
+        rows.append({"method": label, "key": key, "prompt": prompt, **m, "train_s": round(train_s, 1),
+                     "train_cpu_s": round(train_cpu_s, 1),
                      "quokka_s_alpha": real_m["s_alpha"], "quokka_mae": real_m["mae"]})
         logs[key] = [log[0]["loss"], log[-1]["loss"]] if log else None
         if progress:
-            progress(i + 1, len(METHODS))
+            progress(i + 1, len(methods))
     by = {r["key"]: r for r in rows}
     out = {
         "s_alpha_rgb_adapter": by["rgb"]["s_alpha"], "s_alpha_samcod": by["samcod"]["s_alpha"],
@@ -109,8 +134,15 @@ def run(cfg: BenchConfig, progress=None, show_progress: bool = False) -> dict:
         "s_alpha_gain_vs_rgb": by["samcod"]["s_alpha"] - by["rgb"]["s_alpha"],
         "distillation_share_s_alpha": by["samcod"]["s_alpha"] - by["samcod_nodistill"]["s_alpha"],
         "images": cfg.n_test, "train_images": cfg.n_train, "prompt": "box (object box jittered by up to 10%)",
-        "rows": rows, "loss_first_last": logs, "stereo_middlebury": stereo_check(), "config": asdict(cfg),
+        "depth": cfg.depth, "rows": rows, "loss_first_last": logs, "stereo_middlebury": stereo_check(),
+        "config": asdict(cfg),
     }
+    if "samcod_noprompt" in by:
+        out.update(s_alpha_samcod_noprompt=by["samcod_noprompt"]["s_alpha"],
+                   s_alpha_rgb_adapter_noprompt=by["rgb_noprompt"]["s_alpha"],
+                   mae_samcod_noprompt=by["samcod_noprompt"]["mae"], mae_rgb_adapter_noprompt=by["rgb_noprompt"]["mae"])
+    if cfg.depth == "stereo":
+        out["stereo_generated"] = stereo_stats(train_set + test_set)
     out["_preds"] = preds
     out["_test"] = test_set
     return out

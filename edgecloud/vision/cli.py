@@ -25,8 +25,12 @@ def cod_bench(
     seed: int = typer.Option(0, "--seed"),
     out: Path | None = typer.Option(None, "--out", help="also write sam_cod.{json,md,png} into this directory"),
     threads: int = typer.Option(0, "--threads", min=0, help="torch threads (0: EDGECLOUD_THREADS or 1)"),
+    clean_depth: bool = typer.Option(False, "--clean-depth", help="the generator's noise-free depth instead of "
+                                                                  "block-matching stereo on rendered pairs"),
+    no_prompt_rows: bool = typer.Option(True, "--no-prompt-rows/--box-only", help="also measure no-prompt mode"),
 ) -> None:
-    """Zero-shot SAM, RGB / depth adapters, early fusion, SAM-COD with and without distillation (box prompts)."""
+    """Zero-shot SAM, RGB / depth adapters, early fusion, SAM-COD with and without distillation (box prompts;
+    no-prompt rows beside them)."""
     import time
 
     from edgecloud.results import Result, check_out_dir, report
@@ -36,7 +40,9 @@ def cod_bench(
         check_out_dir(out)
     _threads(threads)
     started = time.time()
-    cfg = BenchConfig.quick(seed) if quick else BenchConfig(seed=seed)
+    depth = "clean" if clean_depth else "stereo"
+    cfg = BenchConfig.quick(seed, depth) if quick else BenchConfig(seed=seed, depth=depth)
+    cfg.no_prompt = no_prompt_rows
     res = run(cfg, show_progress=not as_json)
     if out is not None:
         import sys
@@ -48,7 +54,8 @@ def cod_bench(
     if as_json:
         print(report(data, seed=seed))
         return
-    print(Result("sam_cod", data).table(data["rows"], ["method", "s_alpha", "e_phi", "wf_beta", "mae", "train_s"]))
+    print(Result("sam_cod", data).table(data["rows"], ["method", "prompt", "s_alpha", "e_phi", "wf_beta", "mae",
+                                                        "train_s"]))
 
 
 @app.command()
@@ -63,7 +70,11 @@ def train(
     batch: int = typer.Option(2, "--batch", min=1),
     img_size: int = typer.Option(128, "--img-size", help="encoder input side, multiple of 32 (256 = SAM's own)"),
     prompt: str = typer.Option("box", "--prompt", help="box | none"),
+    clean_depth: bool = typer.Option(False, "--clean-depth", help="generated scenes with noise-free depth "
+                                                                  "(default: depth by stereo block matching)"),
     every: int = typer.Option(20, "--every", min=1, help="checkpoint every N steps"),
+    sam_checkpoint: Path | None = typer.Option(None, "--sam-checkpoint", help="an official SAM ViT-B/L/H checkpoint "
+                                               "(e.g. sam_vit_b_01ec64.pth; none ships offline) instead of LiteMedSAM"),
     seed: int = typer.Option(0, "--seed"),
     threads: int = typer.Option(0, "--threads", min=0),
     as_json: bool = typer.Option(False, "--json"),
@@ -78,9 +89,11 @@ def train(
     if variant == "zeroshot":
         raise UserError("--variant zeroshot has nothing to train; choose rgb, depth, early or samcod")
     cfg = CODConfig(variant=variant, distill=not no_distill, img_size=img_size, prompt=prompt, steps=steps,
-                    batch=batch, seed=seed)
+                    batch=batch, seed=seed, sam_checkpoint=str(sam_checkpoint or ""))
     _threads(threads)
-    samples = load_cod_folder(data, img_size, images) if data else synthetic_split("train", images, seed, img_size)
+    depth = "clean" if clean_depth else "stereo"
+    samples = (load_cod_folder(data, img_size, images) if data
+               else synthetic_split("train", images, seed, img_size, depth))
     _, log = T.train(cfg, samples, ckpt=out, every=every, show_progress=not as_json)
     summary = {"checkpoint": str(out), "variant": variant, "steps": steps, "images": len(samples),
                "first_loss": log[0]["loss"] if log else None, "last_loss": log[-1]["loss"] if log else None}
@@ -95,6 +108,8 @@ def cod(
     stereo: tuple[Path, Path] | None = typer.Option(None, "--stereo", help="LEFT RIGHT rectified pair (depth by "
                                                                             "block matching; --rgb is usually LEFT)"),
     checkpoint: Path | None = typer.Option(None, "--checkpoint", help="from `vision train` (default: zero-shot SAM)"),
+    sam_checkpoint: Path | None = typer.Option(None, "--sam-checkpoint", help="an official SAM ViT-B/L/H checkpoint "
+                                               "(e.g. sam_vit_b_01ec64.pth; none ships offline) instead of LiteMedSAM"),
     box: str | None = typer.Option(None, "--box", help="x0,y0,x1,y1 in --rgb pixels (default: the whole image)"),
     max_disp: int = typer.Option(64, "--max-disp", min=1, help="stereo search range in pixels"),
     threshold: float = typer.Option(0.5, "--threshold", min=0.0, max=1.0),
@@ -110,6 +125,8 @@ def cod(
     from edgecloud.vision.data import Sample, check_same_size, read_depth, read_rgb
 
     check_out_file(out)
+    if checkpoint is not None and sam_checkpoint is not None:
+        raise UserError("--sam-checkpoint: a trained --checkpoint already names its SAM; give one of the two")
     if (depth is None) == (stereo is None):
         raise UserError("give exactly one of --depth DEPTH or --stereo LEFT RIGHT")
     image = read_rgb(rgb, "--rgb")
@@ -136,7 +153,8 @@ def cod(
     from edgecloud.vision.samcod import SAMCOD, CODConfig
     from edgecloud.vision.train import load_model, predict
 
-    model = load_model(checkpoint) if checkpoint else SAMCOD(CODConfig(variant="zeroshot"))
+    model = (load_model(checkpoint) if checkpoint
+             else SAMCOD(CODConfig(variant="zeroshot", sam_checkpoint=str(sam_checkpoint or ""))))
     S = model.cfg.img_size
     scale = np.array([S / W, S / H, S / W, S / H], dtype=np.float32)
     sample = Sample(resize(image, (S, S), order=1, anti_aliasing=True).astype(np.float32),

@@ -4,12 +4,20 @@ Generated scene: background and object are two crops of the *same* real photogra
 grass, gravel, brick, rough-wall-like rock; BSD-3 licence), so colour and texture match; the object is a smooth
 random blob nearer to the camera than a tilted background plane (the depth cue SAM-COD targets). Box prompts are
 the object's box jittered by up to 10% of its size. Every scene is a pure function of (split, index, seed).
+
+Depth, by default, is what a real photo gets: *stereo*. The scene is two layers (background plane, nearer object)
+with a known inverse depth ("nearness" n = 1/Z, Z in metres); a right view is rendered from them with the
+pinhole relation disparity = f·B/Z (f·B = 24 px·m at 128 px, scaled with the image side), each layer warped
+by its own disparity so the object occludes the background and uncovers real background texture beside it, both
+views get camera noise, and depth is estimated from the pair by our block matching (``stereo.py``; integer
+disparities, left-right check, row fill) — so the depth input has the estimator's holes, edge fattening and
+quantisation. ``depth="clean"`` keeps the noise-free nearness map (the generator's ground truth).
 """
 
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +35,7 @@ class Sample:
     mask: np.ndarray    # (H, W) bool
     box: np.ndarray     # (4,) float32 x0, y0, x1, y1 in pixels
     name: str = ""
+    info: dict = field(default_factory=dict)  # e.g. the stereo estimate's error against the true disparity
 
 
 def _texture(name: str) -> np.ndarray:
@@ -60,7 +69,74 @@ def jitter_box(mask: np.ndarray, rng, frac: float = 0.1) -> np.ndarray:
     return np.clip(np.array([x0, y0, x1, y1]) + j, 0, [W - 1, H - 1, W - 1, H - 1]).astype(np.float32)
 
 
-def make_scene(split: str, index: int, seed: int = 0, size: int = 128) -> Sample:
+DEPTH_MODES = ("stereo", "clean")
+FB_PX_M = 24.0       # focal length x baseline at 128 px (px·m): disparity = FB / Z = FB · nearness
+CAMERA_NOISE = 0.01  # per-view pixel noise (std, intensity in [0, 1])
+CAMERA_GAIN = 0.02   # per-view gain mismatch (uniform ±)
+
+
+def _warp_layer(img: np.ndarray, disp: np.ndarray, iters: int = 4) -> tuple[np.ndarray, np.ndarray]:
+    """Backward-warp a left-view layer into the right view: right(xr) = left(xl) with xl - disp(xl) = xr (solved
+    by fixed-point iteration; disp is smooth). Returns (warped image, source x). Beyond the border: edge pixels."""
+    H, W = disp.shape
+    xr = np.arange(W, dtype=np.float64)[None].repeat(H, 0)
+    rows = np.arange(H)[:, None]
+    xl = xr + disp
+
+    def sample(a, x):
+        x = np.clip(x, 0, W - 1)
+        x0 = np.floor(x).astype(int)
+        x1 = np.minimum(x0 + 1, W - 1)
+        t = (x - x0)[..., None] if a.ndim == 3 else x - x0
+        return a[rows, x0] * (1 - t) + a[rows, x1] * t
+
+    for _ in range(iters):
+        xl = xr + sample(disp, xl)
+    return sample(img, xl), xl
+
+
+def render_stereo(bg: np.ndarray, fg: np.ndarray, mask: np.ndarray, bg_near: np.ndarray, fg_near: np.ndarray,
+                  rng, size: int, noise: float = CAMERA_NOISE, gain: float = CAMERA_GAIN
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(left, right, true left disparity) of a two-layer scene: the object layer (``fg`` inside ``mask``, nearness
+    ``fg_near``) in front of the background layer (``bg``, ``bg_near``); nearness = 1/Z in 1/m."""
+    fb = FB_PX_M * size / 128
+    d_bg, d_fg = fb * bg_near, fb * fg_near
+    right_bg, _ = _warp_layer(bg, d_bg)
+    right_fg, _ = _warp_layer(fg, d_fg)
+    right_mask, _ = _warp_layer(mask.astype(np.float64), d_fg)
+    right = np.where(right_mask[..., None] > 0.5, right_fg, right_bg)  # the nearer layer occludes
+    left = np.where(mask[..., None], fg, bg)
+    views = []
+    for v in (left, right):
+        g = 1 + rng.uniform(-gain, gain)
+        views.append(np.clip(v * g + noise * rng.standard_normal(v.shape), 0, 1).astype(np.float32))
+    return views[0], views[1], np.where(mask, d_fg, d_bg).astype(np.float32)
+
+
+def stereo_depth(bg, fg, mask, bg_near, fg_near, rng, size: int) -> tuple[np.ndarray, dict]:
+    """Depth as a stereo camera + our block matching would give it: (normalised nearness, error vs the truth)."""
+    from edgecloud.vision.stereo import block_matching, disparity_error
+
+    left, right, true_disp = render_stereo(bg, fg, mask, bg_near, fg_near, rng, size)
+    max_disp = int(np.ceil(true_disp.max())) + 4
+    disp = block_matching(left, right, max_disp=max_disp, window=9)
+    err = disparity_error(disp, true_disp)
+    err["boundary_epe_px"] = _boundary_epe(disp, true_disp, mask)
+    return check_depth(disp, "stereo depth"), err
+
+
+def _boundary_epe(pred: np.ndarray, gt: np.ndarray, mask: np.ndarray, width: int = 3) -> float:
+    """Disparity error within ``width`` px of the object's outline (where edge fattening lives)."""
+    from scipy.ndimage import binary_dilation, binary_erosion
+
+    band = binary_dilation(mask, iterations=width) & ~binary_erosion(mask, iterations=width)
+    return float(np.abs(pred[band] - gt[band]).mean())
+
+
+def make_scene(split: str, index: int, seed: int = 0, size: int = 128, depth: str = "stereo") -> Sample:
+    if depth not in DEPTH_MODES:
+        raise UserError(f"depth {depth!r}: choose one of {', '.join(DEPTH_MODES)}")
     rng = np.random.default_rng([zlib.crc32(split.encode()), index, seed])
     tex = _texture(TEXTURES[int(rng.integers(len(TEXTURES)))])
     bg, fg = _crop(tex, rng, size), _crop(tex, rng, size)
@@ -79,13 +155,22 @@ def make_scene(split: str, index: int, seed: int = 0, size: int = 128) -> Sample
     rgb = np.where(mask[..., None], fg, bg).astype(np.float32)
     plane = 0.2 + 0.25 * (rng.uniform(-1, 1) * yy + rng.uniform(-1, 1) * xx + 1) / 2
     bump = np.clip(1 - dist / (r * 1.6), 0, 1)
-    depth = plane + mask * (rng.uniform(0.15, 0.35) + 0.1 * bump) + 0.02 * _smooth_noise(rng, size, 16)
-    depth = np.clip(depth + 0.01 * rng.standard_normal(depth.shape), 0, 1).astype(np.float32)
-    return Sample(rgb, depth, mask, jitter_box(mask, rng), f"{split}-{index:04d}")
+    offset, smooth = rng.uniform(0.15, 0.35), 0.02 * _smooth_noise(rng, size, 16)
+    clean = plane + mask * (offset + 0.1 * bump) + smooth
+    clean = np.clip(clean + 0.01 * rng.standard_normal(clean.shape), 0, 1).astype(np.float32)
+    box = jitter_box(mask, rng)
+    name = f"{split}-{index:04d}"
+    if depth == "clean":
+        return Sample(rgb, clean, mask, box, name)
+    # the camera's own random stream, so RGB, mask and box are those of the clean scene
+    cam = np.random.default_rng([zlib.crc32(split.encode()), index, seed, 1])
+    bg_near = plane + smooth  # nearness 1/Z (1/m): the background plane 2.2-5 m, the object 1.1-1.8 m away
+    est, err = stereo_depth(bg, fg, mask, bg_near, bg_near + offset + 0.1 * bump, cam, size)
+    return Sample(rgb, est, mask, box, name, err)
 
 
-def synthetic_split(split: str, n: int, seed: int = 0, size: int = 128) -> list[Sample]:
-    return [make_scene(split, i, seed, size) for i in range(n)]
+def synthetic_split(split: str, n: int, seed: int = 0, size: int = 128, depth: str = "stereo") -> list[Sample]:
+    return [make_scene(split, i, seed, size, depth) for i in range(n)]
 
 
 # ---------------------------------------------------------------- readers with one-line errors

@@ -173,9 +173,20 @@ class TinyViT(nn.Module):
     def attention_blocks(self) -> list[TinyViTBlock]:
         return [b for layer in self.layers[1:] for b in layer.blocks]
 
-    def stem(self, x):
-        """Patch embed + the MBConv stage: no attention, no adapters; cacheable per image (frozen)."""
-        x = self.patch_embed.seq(x)
+    def early_fusion_conv(self) -> nn.Conv2d:
+        """A zero-initialised filter from a 1-channel map to the first conv's output (early fusion's 4th channel)."""
+        c = self.patch_embed.seq[0].c
+        conv = nn.Conv2d(1, c.out_channels, c.kernel_size, c.stride, c.padding, bias=False)
+        nn.init.zeros_(conv.weight)
+        return conv
+
+    def stem(self, x, extra=None):
+        """Patch embed (+ ``extra`` after its first conv) + the MBConv stage: no attention, no adapters."""
+        seq = self.patch_embed.seq
+        x = seq[0](x)
+        if extra is not None:
+            x = x + extra
+        x = seq[2](seq[1](x))
         for b in self.layers[0].blocks:
             x = b(x)
         return self.layers[0].downsample(x, x.shape[2:])
@@ -248,12 +259,14 @@ class SAMAttention(nn.Module):
 
 
 class MLPBlock(nn.Module):
-    def __init__(self, dim: int, hidden: int):
+    """SAM's two-layer MLP (``lin1``/``lin2``): ReLU in the mask decoder, GELU in the ViT encoder."""
+
+    def __init__(self, dim: int, hidden: int, act=F.relu):
         super().__init__()
-        self.lin1, self.lin2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+        self.lin1, self.lin2, self.act = nn.Linear(dim, hidden), nn.Linear(hidden, dim), act
 
     def forward(self, x):
-        return self.lin2(F.relu(self.lin1(x)))
+        return self.lin2(self.act(self.lin1(x)))
 
 
 class TwoWayBlock(nn.Module):
@@ -321,10 +334,12 @@ class MaskDecoder(nn.Module):
 
 
 class SAM(nn.Module):
-    def __init__(self, img_size: int = 256):
+    """``encoder``: LiteMedSAM's TinyViT (default) or the official ViT (``vit.ImageEncoderViT``)."""
+
+    def __init__(self, img_size: int = 256, encoder: nn.Module | None = None):
         super().__init__()
         self.img_size = img_size
-        self.image_encoder = TinyViT()
+        self.image_encoder = encoder if encoder is not None else TinyViT()
         self.prompt_encoder = PromptEncoder(img_size)
         self.mask_decoder = MaskDecoder()
 
@@ -376,43 +391,52 @@ def lite_medsam_state() -> dict[str, torch.Tensor]:
     return load_file(str(out))
 
 
-# Official SAM (ViT-B/L/H) checkpoints share the prompt-encoder and mask-decoder key names with LiteMedSAM; their
-# image encoder is a plain ViT ("image_encoder.blocks.N.attn.qkv", "image_encoder.pos_embed") that this module does
-# not implement. ``official_sam_keymap`` maps what transfers; the encoder keys are reported as not loaded.
+# Official SAM (ViT-B/L/H, e.g. sam_vit_b_01ec64.pth) checkpoints share the prompt-encoder and mask-decoder key
+# names with LiteMedSAM; their image encoder is the ViT of ``vit.py``, sized from the checkpoint's own shapes.
 OFFICIAL_ENCODER_MARKERS = ("image_encoder.pos_embed", "image_encoder.blocks.0.attn.qkv.weight")
 
 
-def official_sam_keymap(sd: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str]]:
-    """Official SAM state dict -> (keys this SAM loads, keys left out). Names are identical for the decoder and
-    prompt encoder; the official ``mask_decoder`` hypernetwork/IoU MLPs and ``pe_layer`` match key for key."""
-    kept = {k: v for k, v in sd.items() if k.startswith(("prompt_encoder.", "mask_decoder."))}
-    return kept, sorted(set(sd) - set(kept))
+def _read_state(p: Path) -> dict[str, torch.Tensor]:
+    if not p.is_file():
+        raise UserError(f"--sam-checkpoint {p}: no such file")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(p))
+        sd = torch.load(p, map_location="cpu", weights_only=True)
+        sd = sd.get("model", sd) if isinstance(sd, dict) else sd
+    except Exception as e:  # noqa: BLE001 - any unreadable file is bad input
+        raise UserError(f"--sam-checkpoint {p}: not a readable checkpoint ({type(e).__name__})") from e
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise UserError(f"--sam-checkpoint {p}: not a state dict of tensors")
+    return sd
 
 
 def load_sam(img_size: int = 256, checkpoint: str | Path | None = None) -> SAM:
-    """LiteMedSAM by default; a user's official SAM checkpoint (.pth or .safetensors) loads its decoder only."""
-    model = SAM(img_size)
+    """LiteMedSAM by default; or a user's checkpoint (.pth read with weights_only=True, or .safetensors): an
+    official SAM ViT-B/L/H one (encoder sized from its shapes) or a LiteMedSAM one. Every key and shape must
+    match; anything else is one clear error."""
     if checkpoint is None:
-        sd = lite_medsam_state()
+        model, sd = SAM(img_size), lite_medsam_state()
     else:
-        p = Path(checkpoint)
-        if not p.is_file():
-            raise UserError(f"--sam-checkpoint {p}: no such file")
-        try:
-            if p.suffix == ".safetensors":
-                from safetensors.torch import load_file
-                sd = load_file(str(p))
-            else:
-                sd = torch.load(p, map_location="cpu", weights_only=True)
-                sd = sd.get("model", sd)
-        except Exception as e:  # noqa: BLE001 - any unreadable file is bad input
-            raise UserError(f"--sam-checkpoint {p}: not a readable checkpoint ({type(e).__name__})") from e
+        sd = _read_state(Path(checkpoint))
+        encoder = None
         if all(m in sd for m in OFFICIAL_ENCODER_MARKERS):
-            sd, _ = official_sam_keymap(sd)
-            sd.update({k: v for k, v in lite_medsam_state().items() if k.startswith("image_encoder.")})
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    missing = [k for k in missing if "adapters" not in k]
-    if missing or unexpected:
-        raise UserError(f"SAM checkpoint does not match this architecture ({len(missing)} missing keys, e.g. "
-                        f"{(missing or unexpected)[0]}); give a LiteMedSAM or official SAM checkpoint")
+            from edgecloud.vision.vit import ImageEncoderViT, vit_config_from_state
+
+            encoder = ImageEncoderViT(**vit_config_from_state(sd))
+        model = SAM(img_size, encoder)
+    sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
+    own = model.state_dict()
+    missing = sorted(k for k in set(own) - set(sd) if "adapters" not in k and not k.endswith("num_batches_tracked"))
+    unexpected = sorted(set(sd) - set(own))
+    wrong = sorted(k for k in set(sd) & set(own) if sd[k].shape != own[k].shape)
+    if missing or unexpected or wrong:
+        k = (missing or unexpected or wrong)[0]
+        what = (f"shape {tuple(sd[k].shape)} where {tuple(own[k].shape)} is expected" if k in wrong
+                else "missing" if k in missing else "unexpected")
+        raise UserError(f"SAM checkpoint does not match this architecture ({len(missing)} missing, {len(unexpected)} "
+                        f"unexpected, {len(wrong)} mis-shaped keys; e.g. {k}: {what}); give a LiteMedSAM or official "
+                        "SAM ViT-B/L/H checkpoint")
+    model.load_state_dict(sd, strict=False)
     return model.eval()

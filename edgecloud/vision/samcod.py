@@ -44,6 +44,7 @@ class CODConfig:
     w_model_distill: float = 0.5
     w_modal_distill: float = 0.5
     seed: int = 0
+    sam_checkpoint: str = ""       # "" = LiteMedSAM (ships offline); or an official SAM ViT-B/L/H .pth/.safetensors
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
@@ -71,7 +72,7 @@ class SAMCOD(nn.Module):
     def __init__(self, cfg: CODConfig, sam: SAM | None = None):
         super().__init__()
         self.cfg = cfg
-        self.sam = sam if sam is not None else load_sam(cfg.img_size)
+        self.sam = sam if sam is not None else load_sam(cfg.img_size, cfg.sam_checkpoint or None)
         self.sam.img_size = self.sam.prompt_encoder.img_size = cfg.img_size
         for p in self.sam.parameters():
             p.requires_grad_(False)
@@ -83,8 +84,7 @@ class SAMCOD(nn.Module):
                 block.adapters[s] = Adapter(dim, cfg.adapter_hidden, cfg.adapter_scale)
         self.decoders = nn.ModuleDict({s: copy.deepcopy(self.sam.mask_decoder).requires_grad_(True) for s in streams})
         if cfg.variant == "early":
-            self.depth_in = nn.Conv2d(1, self.sam.image_encoder.patch_embed.seq[0].c.out_channels, 1, bias=False)
-            nn.init.zeros_(self.depth_in.weight)
+            self.depth_in = self.sam.image_encoder.early_fusion_conv()  # zero-initialised
         if cfg.variant == "samcod":
             self.prompt_token = nn.Linear(256, 256)
             self.prompt_dense = nn.Conv2d(256, 256, 1)
@@ -108,13 +108,8 @@ class SAMCOD(nn.Module):
 
     def _embed(self, x, stream: str | None, depth=None):
         enc = self.sam.image_encoder
-        if self.cfg.variant == "early":
-            seq = enc.patch_embed.seq
-            h = seq[2](seq[1](seq[0](x) + self.depth_in(depth)))
-            for b in enc.layers[0].blocks:
-                h = b(h)
-            tokens, hw = enc.layers[0].downsample(h, h.shape[2:])
-            return enc.trunk(tokens, hw, stream)
+        if self.cfg.variant == "early":  # the depth filter trains, so the stem runs with a graph
+            return enc.trunk(*enc.stem(x, self.depth_in(depth)), stream)
         with torch.no_grad():
             tokens, hw = enc.stem(x)  # frozen and adapter-free: no graph needed
         return enc.trunk(tokens, hw, stream)
