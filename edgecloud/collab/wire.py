@@ -139,6 +139,13 @@ class Connection:
         self.trace.add("send", type_, len(data))
         return len(data)
 
+    async def send_error(self, message: str) -> None:
+        """Tell the peer why we give up on it (a protocol error); a peer already gone is not an error here."""
+        try:
+            await self.send("error", message=message)
+        except PeerGone:
+            pass
+
     async def recv(self, timeout: float | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
         t = self.timeout if timeout is None else timeout
         try:

@@ -92,10 +92,7 @@ class CloudServer:
                 else:
                     await conn.send("error", message=f"unexpected message type {msg['type']!r}")
         except ProtocolError as e:
-            try:
-                await conn.send("error", message=str(e))
-            except PeerGone:
-                pass
+            await conn.send_error(str(e))
         except PeerGone:
             pass
         finally:

@@ -122,10 +122,7 @@ class AnonServer:
                     await conn.send("rejected", message=str(e))
         except ProtocolError as e:
             self.log("protocol error")
-            try:
-                await conn.send("error", message=str(e))
-            except PeerGone:
-                pass
+            await conn.send_error(str(e))
         except PeerGone:
             pass
         finally:
