@@ -68,6 +68,47 @@ def test_rollback_then_decode_matches(engine, prompts):
     assert b.seqs["a"].tokens == [5, 42]
 
 
+def test_fused_path_used_and_transformers_fallback_agrees(engine, prompts):
+    """The fused path runs for SmolLM2, and the transformers path (what a wrapped model gets) gives the same
+    tokens and logits; a wrapper around q_proj switches the fused path off until it is taken away."""
+    assert engine.fused() is not None
+    ids = {i: engine.encode_prompt(p) for i, p in enumerate(prompts)}
+    runs = []
+    for fused in (True, False):
+        engine.use_fused = fused
+        b = Batch(engine)
+        first = b.add(ids, max_new_tokens=4)
+        runs.append((first, [b.step() for _ in range(3)], [b.seqs[i].tokens for i in ids]))
+    engine.use_fused = True
+    (f1, s1, t1), (f2, s2, t2) = runs
+    assert t1 == t2
+    for i in ids:
+        assert torch.allclose(f1[i], f2[i], atol=1e-4)
+        assert all(torch.allclose(a[i], c[i], atol=1e-4) for a, c in zip(s1, s2))
+    attn = engine.decoder.layers[0].self_attn
+    q = attn.q_proj
+    attn.q_proj = torch.nn.Sequential(q)  # any wrapper (a LoRA layer, say)
+    try:
+        assert engine.fused() is None
+    finally:
+        attn.q_proj = q
+    assert engine.fused() is not None
+
+
+def test_cache_grows_past_its_reserve(engine, prompts):
+    """More decode steps than the preallocated reserve: the cache regrows and still matches the single path."""
+    ids = engine.encode_prompt(prompts[2])
+    b = Batch(engine)
+    b.add({0: ids, 1: engine.encode_prompt(prompts[0])}, max_new_tokens=1)
+    cap = b.k.shape[3]
+    feed = list(range(100, 100 + cap))
+    for t in feed:
+        out = b.step({0: t, 1: t})
+    assert b.k.shape[3] > cap
+    _, ref = engine.prefill(ids)
+    assert torch.allclose(out[0], engine.logits_for(feed, ref)[-1], atol=1e-4)
+
+
 def test_last_logits_equal_single(engine, prompts):
     from transformers import DynamicCache
 

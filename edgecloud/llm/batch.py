@@ -130,8 +130,9 @@ class Batch:
         self.seqs: dict[Hashable, Sequence_] = {}
         self.row_ids: list[Hashable] = []
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # (batch, slots)
-        self.kv: list[tuple[torch.Tensor, torch.Tensor]] = []  # per layer (batch, kv_heads, slots, head_dim)
-        self._dc = None  # the DynamicCache holding ``kv`` between steps (rebuilt only after add/remove/trim)
+        # the KV cache, preallocated: (layers, batch, kv_heads, capacity, head_dim); slots 0..mask.shape[1] in use
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.row_ids)
@@ -140,20 +141,23 @@ class Batch:
     def active(self) -> list[Sequence_]:
         return [self.seqs[i] for i in self.row_ids]
 
+    @property
+    def kv(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per layer (batch, kv_heads, slots, head_dim) views of the cache."""
+        w = self.mask.shape[1]
+        return [(self.k[i, :, :, :w], self.v[i, :, :, :w]) for i in range(len(self.k))] if self.k is not None else []
+
     # ------------------------------------------------------------------ cache plumbing
-    def _cache(self):
-        if self._dc is not None:
-            return self._dc
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
-        for i, (k, v) in enumerate(self.kv):
-            cache.update(k, v, i)
-        return cache
-
-    def _take(self, cache) -> None:
-        self.kv = [(layer.keys, layer.values) for layer in cache.layers]
-        self._dc = cache
+    def _reserve(self, slots: int) -> None:
+        """Make room for ``slots`` slots (grown by half again when full, so appends stay amortised O(1))."""
+        if self.k is None or slots <= self.k.shape[3]:
+            return
+        cap = slots + max(16, slots // 2)
+        w = self.mask.shape[1]
+        k = self.k.new_zeros(*self.k.shape[:3], cap, self.k.shape[4])
+        v = torch.zeros_like(k)
+        k[:, :, :, :w], v[:, :, :, :w] = self.k[:, :, :, :w], self.v[:, :, :, :w]
+        self.k, self.v = k, v
 
     def _trim(self) -> None:
         """Drop leading slot columns that no sequence uses (after removals and rollbacks)."""
@@ -163,8 +167,29 @@ class Batch:
         first = int(used[0]) if len(used) else self.mask.shape[1]
         if first:
             self.mask = self.mask[:, first:]
-            self.kv = [(k[:, :, first:], v[:, :, first:]) for k, v in self.kv]
-            self._dc = None
+            self.k, self.v = self.k[:, :, :, first:], self.v[:, :, :, first:]
+
+    def _run_hf(self, tok, mask, pos, start: int, k: torch.Tensor, v: torch.Tensor):
+        """The transformers path (any model, any wrapper): a ``DynamicCache`` over slots ``:start`` of ``k``/``v``;
+        the pass's new keys/values are written into slots ``start..``. Returns last-position logits."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache()
+        if start:
+            for i in range(len(k)):
+                cache.update(k[i, :, :, :start], v[i, :, :, :start], i)
+        out = self.engine.model(input_ids=tok, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+                                logits_to_keep=1)
+        for i, layer in enumerate(cache.layers):
+            k[i, :, :, start:start + tok.shape[1]] = layer.keys[:, :, start:]
+            v[i, :, :, start:start + tok.shape[1]] = layer.values[:, :, start:]
+        return out.logits[:, -1].float()
+
+    def _new_kv(self, b: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+        cfg, d = self.engine.config, self.engine.decoder
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        k = torch.zeros(self.engine.n_layers, b, cfg.num_key_value_heads, cap, hd, dtype=d.embed_tokens.weight.dtype)
+        return k, torch.zeros_like(k)
 
     # ------------------------------------------------------------------ membership
     @torch.inference_mode()
@@ -182,16 +207,19 @@ class Batch:
         t0 = time.perf_counter()
         lens = [len(prompts[i]) for i in ids]
         tok, mask, pos = _pad_prompts([prompts[i] for i in ids])
-        from transformers import DynamicCache
-
-        cache = DynamicCache()
+        n = tok.shape[1]
+        k, v = self._new_kv(len(ids), n + max(16, max_new_tokens + 1))
+        fused = self.engine.fused()
         with _rows(ids):
-            out = self.engine.model(input_ids=tok, attention_mask=mask, position_ids=pos, cache=cache,
-                                    use_cache=True, logits_to_keep=1)
-        logits = out.logits[:, -1].float()
+            if fused is not None:
+                valid = mask.bool()
+                causal = torch.ones(n, n, dtype=torch.bool).tril()
+                allowed = (valid[:, None, :] & causal) | torch.eye(n, dtype=torch.bool)  # pad rows see themselves
+                logits = fused.logits(fused.forward(tok, pos, k, v, 0, allowed.unsqueeze(1)))
+            else:
+                logits = self._run_hf(tok, mask, pos, 0, k, v)
         ttft = time.perf_counter() - t0
-        new_kv = [(layer.keys, layer.values) for layer in cache.layers]
-        self._splice(ids, mask, new_kv)
+        self._splice(ids, mask, k, v)
         res = {}
         for r, i in enumerate(ids):
             s = seed[i] if isinstance(seed, dict) else seed
@@ -200,15 +228,19 @@ class Batch:
             res[i] = logits[r]
         return res
 
-    def _splice(self, ids: list[Hashable], mask: torch.Tensor, kv: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        self._dc = None
+    def _splice(self, ids: list[Hashable], mask: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Join newcomers (their mask (b, n) and KV buffers) to the batch, left-padding the narrower side."""
         if not self.row_ids:
-            self.row_ids, self.mask, self.kv = list(ids), mask, kv
+            self.row_ids, self.mask, self.k, self.v = list(ids), mask, k, v
             return
-        width = max(self.mask.shape[1], mask.shape[1])
+        w0, w1 = self.mask.shape[1], mask.shape[1]
+        width = max(w0, w1)
+        b0 = len(self.row_ids)
+        kk, vv = self._new_kv(b0 + len(ids), width + max(16, k.shape[3] - w1, self.k.shape[3] - w0))
+        kk[:, :b0, :, width - w0:width], vv[:, :b0, :, width - w0:width] = self.k[:, :, :, :w0], self.v[:, :, :, :w0]
+        kk[:, b0:, :, width - w1:width], vv[:, b0:, :, width - w1:width] = k[:, :, :, :w1], v[:, :, :, :w1]
+        self.k, self.v = kk, vv
         self.mask = _left_pad([self.mask, mask], width, 1)
-        self.kv = [(_left_pad([k0, k1], width, 2), _left_pad([v0, v1], width, 2))
-                   for (k0, v0), (k1, v1) in zip(self.kv, kv)]
         self.row_ids += ids
 
     @torch.inference_mode()
@@ -216,14 +248,15 @@ class Batch:
         """Take sequences out of the batch (finished or cancelled); the others keep their cache untouched."""
         gone = [self.seqs.pop(i) for i in ids if i in self.seqs]
         keep = [r for r, i in enumerate(self.row_ids) if i in self.seqs]
+        if len(keep) == len(self.row_ids):
+            return gone
         idx = torch.tensor(keep, dtype=torch.long)
         self.row_ids = [self.row_ids[r] for r in keep]
         self.mask = self.mask.index_select(0, idx)
-        self.kv = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in self.kv]
-        self._dc = None
+        if self.k is not None:
+            self.k, self.v = self.k.index_select(1, idx), self.v.index_select(1, idx)
         self._trim()
         return gone
-
     @torch.inference_mode()
     def rollback(self, seq_id: Hashable, keep: int) -> None:
         """Cut ``seq_id`` back to its first ``keep`` tokens (prompt included): later slots are masked out.
@@ -269,13 +302,17 @@ class Batch:
             s = self.seqs[i]
             if s.length + 1 > self.engine.context:
                 raise UserError(f"request {i!r}: reached the model's context of {self.engine.context} tokens")
+        w = self.mask.shape[1]
+        self._reserve(w + 1)
         self.mask = torch.cat([self.mask, torch.ones(b, 1, dtype=torch.long)], 1)
-        cache = self._cache()
+        tok = torch.tensor(toks).reshape(b, 1)
+        fused = self.engine.fused()
         with _rows(self.row_ids):
-            out = self.engine.model(input_ids=torch.tensor(toks).reshape(b, 1), attention_mask=self.mask,
-                                    position_ids=pos, cache=cache, use_cache=True)
-        self._take(cache)
-        logits = out.logits[:, -1].float()
+            if fused is not None:
+                allowed = self.mask.bool()[:, None, None, :]
+                logits = fused.logits(fused.forward(tok, pos, self.k, self.v, w, allowed))
+            else:
+                logits = self._run_hf(tok, self.mask, pos, w, self.k, self.v)
         res = {}
         for r, i in enumerate(self.row_ids):
             s = self.seqs[i]

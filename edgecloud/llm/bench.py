@@ -114,7 +114,7 @@ def bf16_engine(engine):
 
 def run(engine, cfg: EngineBenchConfig, progress=lambda done, total: None) -> dict:
     torch.manual_seed(cfg.seed)
-    total = 3 + len(cfg.batches) + (1 + len(cfg.batches)) * cfg.bf16_speed
+    total = 4 + len(cfg.batches) + (1 + len(cfg.batches)) * cfg.bf16_speed
     done = 0
 
     def tick():
@@ -132,6 +132,16 @@ def run(engine, cfg: EngineBenchConfig, progress=lambda done, total: None) -> di
         out[f"decode_tok_s_batch{b}"] = decode_speed(engine, b, cfg.decode_steps, cfg.decode_prompt_tokens)
         tick()
     b1 = out[f"decode_tok_s_batch{cfg.batches[0]}"]
+    out["decode_path"] = "fused" if engine.fused() is not None else "transformers"
+    if out["decode_path"] == "fused":  # the same batches through the transformers layers, for comparison
+        engine.use_fused = False
+        try:
+            for b in sorted({cfg.batches[0], cfg.batches[-1]}):
+                out[f"decode_tok_s_batch{b}_transformers"] = decode_speed(engine, b, cfg.decode_steps,
+                                                                          cfg.decode_prompt_tokens)
+        finally:
+            engine.use_fused = True
+    tick()
     for b in cfg.batches:
         out[f"batch{b}_speedup"] = out[f"decode_tok_s_batch{b}"] / b1
     texts = [_held_out_text(engine, cfg.ppl_tokens, skip=10 + 20 * i) for i in range(cfg.ppl_passages)]

@@ -81,10 +81,13 @@ def engine_result(res: dict, seed: int):
     batches = [int(k.removeprefix("decode_tok_s_batch")) for k in res
                if k.startswith("decode_tok_s_batch") and not k.endswith("_bf16")]
     rows = [{"batch": b, "fp32 tok/s": res[f"decode_tok_s_batch{b}"], "speed-up vs batch 1 sequential":
-             res[f"batch{b}_speedup"], "bf16 tok/s": res.get(f"decode_tok_s_batch{b}_bf16")} for b in batches]
+             res[f"batch{b}_speedup"], "bf16 tok/s": res.get(f"decode_tok_s_batch{b}_bf16"),
+             "transformers-layers fp32 tok/s": res.get(f"decode_tok_s_batch{b}_transformers")} for b in batches]
     rows.append({"batch": "goal", "speed-up vs batch 1 sequential": "batch 16 >= 6x"})
     r.markdown = (f"Model {res['model']}, {res['threads']} torch thread(s). Decode throughput is aggregate over "
-                  f"the batch; batch 1 is the sequential baseline.\n\n")
+                  f"the batch; batch 1 is the sequential baseline. Decode path: {res.get('decode_path', '?')} "
+                  f"(edgecloud.llm.fused; the last column runs the same batches through transformers' layers)."
+                  f"\n\n")
     r.table(rows)
     bf16 = f", {res['prefill_tok_s_bf16']:.0f} tok/s bf16" if "prefill_tok_s_bf16" in res else ""
     r.markdown += (f"\nPrefill of a {res['prefill_tokens']}-token prompt: {res['prefill_tok_s']:.0f} tok/s fp32"

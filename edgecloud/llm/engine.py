@@ -70,6 +70,20 @@ class Engine:
         self.context = getattr(self.config, "max_position_embeddings", 2048)
         rope = getattr(self.config, "rope_parameters", None) or {}
         self.rope_type = (rope.get("rope_type") if isinstance(rope, dict) else None) or "default"
+        self.use_fused = os.environ.get("EDGECLOUD_FUSED", "1") != "0"  # the batch's fused path where it applies
+        self._fused = None
+
+    def fused(self):
+        """The fused decode path (:mod:`edgecloud.llm.fused`) for this model, or None where it does not apply
+        (not a plain Llama decoder, a wrapper or hook on a layer, ``use_fused`` off). Rebuilt if weights changed."""
+        from edgecloud.llm.fused import FusedLlama
+
+        if not self.use_fused:
+            return None
+        if self._fused is not None and self._fused.fresh():
+            return self._fused
+        self._fused = FusedLlama(self) if FusedLlama.supports(self) else None
+        return self._fused
 
     # ---------------------------------------------------------------- text
     def encode(self, text: str) -> list[int]:
