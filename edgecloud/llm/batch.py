@@ -1,11 +1,14 @@
 """Batched prefill and decode over sequences of different lengths, with continuous batching.
 
-Layout: one transformers ``DynamicCache`` for the whole batch, **left-padded** to a common number of slots, plus a
-(batch, slots) 0/1 mask of which slots hold a real token. Each sequence keeps its own position counter, so RoPE
-sees the same positions as when the sequence runs alone, and attention never looks at a masked slot: a batched
-row computes exactly what the sequence computes alone (tested to 1e-4 in fp32). Left padding was chosen over a
-ragged layout because transformers' attention (SDPA) takes a dense (batch, heads, slots, dim) cache; the price is
-padding slots, kept small by trimming columns that no sequence uses.
+Layout: one preallocated KV buffer for the whole batch, (layers, batch, kv_heads, capacity, head_dim),
+**left-padded** to a common number of slots, plus a (batch, slots) 0/1 mask of which slots hold a real token; a
+decode step writes its keys/values into the next free slot in place (the buffer regrows by half when full). Each
+sequence keeps its own position counter, so RoPE sees the same positions as when the sequence runs alone, and
+attention never looks at a masked slot: a batched row computes exactly what the sequence computes alone (tested
+to 1e-4 in fp32). Two layer loops run on the buffer: the fused one (:mod:`edgecloud.llm.fused`) for a plain Llama
+decoder, and transformers' own model (a ``DynamicCache`` over the used slots) for anything else, e.g. a model whose
+``q_proj`` carries a LoRA wrapper. Left padding rather than a ragged layout keeps attention one dense SDPA call;
+the price is padding slots, kept small by trimming columns that no sequence uses.
 
 Continuous batching: :meth:`Batch.add` prefills newcomers on their own and splices their KV into the running
 cache between decode steps; :meth:`Batch.remove` drops finished sequences. Nothing already in flight is

@@ -79,7 +79,7 @@ def engine_result(res: dict, seed: int):
 
     r = Result("llm_engine", res, seed=seed, title="Batched engine: prefill and decode throughput")
     batches = [int(k.removeprefix("decode_tok_s_batch")) for k in res
-               if k.startswith("decode_tok_s_batch") and not k.endswith("_bf16")]
+               if k.startswith("decode_tok_s_batch") and k.removeprefix("decode_tok_s_batch").isdigit()]
     rows = [{"batch": b, "fp32 tok/s": res[f"decode_tok_s_batch{b}"], "speed-up vs batch 1 sequential":
              res[f"batch{b}_speedup"], "bf16 tok/s": res.get(f"decode_tok_s_batch{b}_bf16"),
              "transformers-layers fp32 tok/s": res.get(f"decode_tok_s_batch{b}_transformers")} for b in batches]
