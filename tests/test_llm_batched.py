@@ -95,6 +95,17 @@ def test_fused_path_used_and_transformers_fallback_agrees(engine, prompts):
     assert engine.fused() is not None
 
 
+def test_wide_batch_decode_matches(engine, prompts):
+    """Eight rows decode through the prepacked (>= 8 rows) GEMMs and still match the single path to 1e-4."""
+    ids = engine.encode_prompt(prompts[2])
+    b = Batch(engine)
+    b.add({i: ids[i % 3:] for i in range(8)})
+    out = b.step(dict.fromkeys(range(8), 42))
+    for i in (0, 1, 2):
+        _, ref = engine.prefill(ids[i:])
+        assert torch.allclose(out[i], engine.logits_for([42], ref)[-1], atol=1e-4)
+
+
 def test_cache_grows_past_its_reserve(engine, prompts):
     """More decode steps than the preallocated reserve: the cache regrows and still matches the single path."""
     ids = engine.encode_prompt(prompts[2])

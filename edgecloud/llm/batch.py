@@ -218,7 +218,7 @@ class Batch:
                 valid = mask.bool()
                 causal = torch.ones(n, n, dtype=torch.bool).tril()
                 allowed = (valid[:, None, :] & causal) | torch.eye(n, dtype=torch.bool)  # pad rows see themselves
-                logits = fused.logits(fused.forward(tok, pos, k, v, 0, allowed.unsqueeze(1)))
+                logits = fused.logits(fused.forward(tok, pos, k, v, 0, allowed.unsqueeze(1)), n)
             else:
                 logits = self._run_hf(tok, mask, pos, 0, k, v)
         ttft = time.perf_counter() - t0

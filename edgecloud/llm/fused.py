@@ -56,43 +56,11 @@ class FusedLlama:
         self.inter = cfg.intermediate_size
         self.ln1 = [ly.input_layernorm.weight for ly in d.layers]
         self.ln2 = [ly.post_attention_layernorm.weight for ly in d.layers]
-        self._ops: dict[bool, dict] = {}
+        self._ops: dict[str, dict] = {}
         self._stamp = self._now()
 
     def _now(self) -> list[tuple[int, int]]:
         return [(id(w), w._version) for w in [*_sources(self.decoder), self.engine.lm_head.weight]]
-
-    def ops(self, small: bool) -> dict[str, list]:
-        """The projections as callables, built on first use for one regime of rows per GEMM (``small``: < 8).
-
-        Measured on this 1-thread AVX2 CPU (30 layers): at 1 row ``x @ W`` with W stored (in, out) reads the
-        weights ~1.8x faster than ``F.linear`` (except down_proj); at 16 rows oneDNN's prepacked GEMM is ~1.3x
-        faster than either (lm_head ~2x). Both are exact fp32 GEMMs (only the summation order differs)."""
-        if small in self._ops:
-            return self._ops[small]
-        d = self.decoder
-        packed = (not small and self.engine.lm_head.weight.dtype == torch.float32
-                  and torch.backends.mkldnn.is_available())
-
-        def make(w, transpose=True):
-            w = w.detach()
-            if packed:
-                p = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 16)
-                return lambda x: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
-            if small and transpose:
-                wt = w.t().contiguous()
-                return lambda x: x @ wt
-            return lambda x: F.linear(x, w)
-
-        with torch.no_grad():
-            ops = {"qkv": [make(torch.cat([ly.self_attn.q_proj.weight, ly.self_attn.k_proj.weight,
-                                           ly.self_attn.v_proj.weight])) for ly in d.layers],
-                   "o": [make(ly.self_attn.o_proj.weight) for ly in d.layers],
-                   "gu": [make(torch.cat([ly.mlp.gate_proj.weight, ly.mlp.up_proj.weight])) for ly in d.layers],
-                   "down": [make(ly.mlp.down_proj.weight, transpose=False) for ly in d.layers],
-                   "lm": make(self.engine.lm_head.weight)}
-        self._ops[small] = ops
-        return ops
 
     @staticmethod
     def supports(engine) -> bool:
@@ -110,9 +78,52 @@ class FusedLlama:
         hf = h.float()  # transformers' LlamaRMSNorm, op for op
         return w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.eps)).to(h.dtype)
 
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """lm_head over final-normed hidden states (rows, hidden) -> float logits."""
-        return self.ops(h.shape[0] < 8)["lm"](h).float()
+    @staticmethod
+    def kind(rows: int, q: int) -> str:
+        """Which GEMM layout a pass of ``rows`` sequences x ``q`` new tokens uses (see :meth:`ops`)."""
+        return "plain" if q > 1 else ("row" if rows < 8 else "packed")
+
+    def ops(self, kind: str) -> dict:
+        """The projections as callables for one regime, built on first use.
+
+        ``plain``: transformers' own ``F.linear`` calls on the original weights (prefill: compute-bound, and
+        numerically what the single-sequence path computes). ``row`` (decode, < 8 rows): Q|K|V and gate|up fused,
+        stored (in, out) for ``x @ W``, which this 1-thread AVX2 CPU runs ~1.8x faster than ``F.linear`` at one row
+        (weight-read bound). ``packed`` (decode, >= 8 rows): oneDNN's prepacked fp32 GEMM, ~1.3x faster than either
+        at 16 rows (lm_head ~2x). All are fp32 GEMMs; only the summation order differs (tested to 1e-4)."""
+        if kind in self._ops:
+            return self._ops[kind]
+        want, d = kind, self.decoder
+        if kind == "packed" and (self.engine.lm_head.weight.dtype != torch.float32
+                                 or not torch.backends.mkldnn.is_available()):
+            kind = "row"
+
+        def make(*ws, transpose=True):
+            if kind == "plain":
+                return (lambda x: F.linear(x, ws[0])) if len(ws) == 1 else \
+                    (lambda x: torch.cat([F.linear(x, w) for w in ws], -1))
+            w = (torch.cat(ws) if len(ws) > 1 else ws[0]).detach()
+            if kind == "packed":
+                p = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 16)
+                return lambda x: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+            if transpose:
+                wt = w.t().contiguous()
+                return lambda x: x @ wt
+            return lambda x: F.linear(x, w)
+
+        with torch.no_grad():
+            ops = {"qkv": [make(ly.self_attn.q_proj.weight, ly.self_attn.k_proj.weight, ly.self_attn.v_proj.weight)
+                           for ly in d.layers],
+                   "o": [make(ly.self_attn.o_proj.weight) for ly in d.layers],
+                   "gu": [make(ly.mlp.gate_proj.weight, ly.mlp.up_proj.weight) for ly in d.layers],
+                   "down": [make(ly.mlp.down_proj.weight, transpose=False) for ly in d.layers],
+                   "lm": make(self.engine.lm_head.weight)}
+        self._ops[want] = ops
+        return ops
+
+    def logits(self, h: torch.Tensor, q: int = 1) -> torch.Tensor:
+        """lm_head over final-normed hidden states (rows, hidden) of a pass with ``q`` new tokens -> float logits."""
+        return self.ops(self.kind(h.shape[0], q))["lm"](h).float()
 
     @torch.inference_mode()
     def forward(self, ids: torch.Tensor, positions: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
@@ -129,7 +140,7 @@ class FusedLlama:
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         nq, nk = self.hq * self.hd, self.hk * self.hd
         bias = torch.zeros(allowed.shape, dtype=h.dtype).masked_fill_(~allowed, float("-inf"))  # once, not per layer
-        ops = self.ops(b * q < 8)
+        ops = self.ops(self.kind(b, q))
         for i in range(len(self.ln1)):
             x = self._norm(h, self.ln1[i])
             qkv = ops["qkv"][i](x)
