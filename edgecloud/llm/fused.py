@@ -30,7 +30,15 @@ def _sources(decoder) -> list[torch.Tensor]:
     return [getattr(getattr(layer, a), b).weight for layer in decoder.layers for a, b in _PROJ]
 
 
-def _plain(decoder) -> bool:
+def _hooked(m) -> bool:
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _plain(engine) -> bool:
+    """No wrapper or hook anywhere this path would bypass (a hook on the model counts its calls, say)."""
+    decoder = engine.decoder
+    if _hooked(engine.model) or _hooked(decoder) or _hooked(engine.lm_head):
+        return False
     for layer in decoder.layers:
         for a, b in _PROJ:
             mod = getattr(getattr(layer, a), b)
@@ -67,12 +75,12 @@ class FusedLlama:
         cfg = engine.config
         return (getattr(cfg, "model_type", "") == "llama" and getattr(cfg, "hidden_act", "silu") == "silu"
                 and not getattr(cfg, "attention_bias", False) and not getattr(cfg, "mlp_bias", False)
-                and engine.rope_type in ("default", "llama3", "linear") and _plain(engine.decoder)
+                and engine.rope_type in ("default", "llama3", "linear") and _plain(engine)
                 and type(engine.lm_head) is torch.nn.Linear and engine.lm_head.bias is None)
 
     def fresh(self) -> bool:
         """The model still has the weights these were fused from (no wrapper, no in-place edit since)."""
-        return _plain(self.decoder) and self._now() == self._stamp
+        return _plain(self.engine) and self._now() == self._stamp
 
     def _norm(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         hf = h.float()  # transformers' LlamaRMSNorm, op for op
