@@ -218,11 +218,14 @@ def ttft_floor(a) -> float | None:
 def latency(e, dev, cfg: BenchConfig, rc: RagConfig, questions: list[str], refs: list[list[int]],
             cloud_core: set[int] | None = None) -> dict:
     cloud, port = start_cloud(cfg, cloud_core)
-    rows, identical = [], []
+    rows, identical, device_only = [], [], {}
     sched = Scheduler()  # one device, one scheduler, learning live as the link changes under it
     try:
         asyncio.run(_ask_all(Device(e, dev, ("127.0.0.1", port), rc, Scheduler()), questions[:1], "dragon-cloud"))
         for rtt in cfg.rtts_ms:  # (above: warm-up, untimed: the cloud's first retrieval loads MiniLM's kernels)
+            # device-only RAG in the same cell, just before the modes: TTFT is compared with what the device does
+            # alone at the same moment (on a shared machine, minutes apart can differ by 20%)
+            device_only[rtt] = local_latency(e, [dev], questions, rc)
             link, lport = start_link(port, rtt, cfg.jitter if rtt else 0.0, cfg.seed)
             try:
                 for mode in MODES:
@@ -251,7 +254,7 @@ def latency(e, dev, cfg: BenchConfig, rc: RagConfig, questions: list[str], refs:
         cloud.kill()
         cloud.wait()
     return {"rows": rows, "greedy_identical": float(np.mean(identical)) if identical else 0.0,
-            "greedy_answers": len(identical)}
+            "greedy_answers": len(identical), "device_only_by_rtt": device_only}
 
 
 async def _ask_all(d: Device, questions, mode):
@@ -328,7 +331,8 @@ def run(cfg: BenchConfig, part: str = "all") -> Result:
                      for name, st in (("device_only", [dev]), ("cloud_only", [cl]), ("centralized", [dev, cl]))}
             data = {"greedy_identical_to_centralized": lat["greedy_identical"],
                     "greedy_answers_compared": lat["greedy_answers"], **data,
-                    **latency_summary(lat["rows"], local, cfg.rtts_ms), "latency": lat["rows"]}
+                    **latency_summary(lat["rows"], local, lat["device_only_by_rtt"], cfg.rtts_ms),
+                    "latency": lat["rows"]}
             tables.append(([{"baseline (one process, no link)": k, **v} for k, v in local.items()], None))
             tables.append((lat["rows"], ["rtt_ms", "mode", "per_token_s", "ttft_s", "ttft_floor_s", "dev_prefill_s",
                                          "cloud_ready_s",
@@ -347,15 +351,16 @@ def run(cfg: BenchConfig, part: str = "all") -> Result:
                  + ("" if part == "all" else f" ({part})"), started=t0)
     for rows, cols in tables:
         res.table(rows, cols)
-    res.figure = _plot(data.get("latency"), cfg.rtts_ms, ppl, data.get("ttft_device_only_rag_s"))
+    res.figure = _plot(data.get("latency"), cfg.rtts_ms, ppl, data.get("ttft_device_only_by_rtt_s"))
     return res
 
 
-def latency_summary(rows: list[dict], local: dict, rtts) -> dict:
-    """The latency goals' ratios from the per-(RTT, mode) rows and the one-process baselines."""
+def latency_summary(rows: list[dict], local: dict, device_only: dict, rtts) -> dict:
+    """The latency goals' ratios from the per-(RTT, mode) rows and the one-process baselines; TTFT against
+    device-only RAG measured in the same RTT cell (``device_only``), paired in time."""
     by = {(r["rtt_ms"], r["mode"]): r for r in rows}
     top = max(rtts)
-    ttft_dev = local["device_only"]["ttft_s"]
+    ttft_dev = float(np.mean([device_only[r]["ttft_s"] for r in rtts]))
     best_fixed = {rtt: min(by[(rtt, "dragon-device")]["per_token_s"], by[(rtt, "dragon-cloud")]["per_token_s"])
                   for rtt in rtts}
     sched = {rtt: by[(rtt, "dragon")]["per_token_s"] / best_fixed[rtt] for rtt in rtts}
@@ -369,7 +374,11 @@ def latency_summary(rows: list[dict], local: dict, rtts) -> dict:
         "scheduler_vs_best_fixed_by_rtt": sched,
         "ttft_device_only_rag_s": ttft_dev,
         "ttft_dragon_vs_device_only": float(np.mean([by[(r, "dragon")]["ttft_s"] for r in rtts])) / ttft_dev,
-        "ttft_dragon_vs_device_only_by_rtt": {r: by[(r, "dragon")]["ttft_s"] / ttft_dev for r in rtts},
+        "ttft_dragon_vs_device_only_by_rtt": {r: by[(r, "dragon")]["ttft_s"] / device_only[r]["ttft_s"]
+                                              for r in rtts},
+        "ttft_device_only_by_rtt_s": {r: device_only[r]["ttft_s"] for r in rtts},
+        "ttft_dragon_device_vs_device_only_by_rtt": {r: by[(r, "dragon-device")]["ttft_s"] / device_only[r]["ttft_s"]
+                                                     for r in rtts},
         "ttft_dragon_over_floor_s_by_rtt": {r: by[(r, "dragon")]["ttft_s"] - (by[(r, "dragon")]["ttft_floor_s"] or 0)
                                             for r in rtts},
         "local_rag": local,  # in-process baselines (no link)
@@ -378,7 +387,7 @@ def latency_summary(rows: list[dict], local: dict, rtts) -> dict:
     }
 
 
-def _plot(rows, rtts, ppl, ttft_dev: float | None = None):
+def _plot(rows, rtts, ppl, ttft_dev: dict | None = None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -394,7 +403,7 @@ def _plot(rows, rtts, ppl, ttft_dev: float | None = None):
             a.plot(rtts, [c["per_token_s"] * 1000 for c in cell], "o-", label=mode)
             t.plot(rtts, [c["ttft_s"] for c in cell], "o-", label=mode)
         if ttft_dev:
-            t.axhline(ttft_dev, color="k", ls="--", lw=1, label="device-only RAG (no link)")
+            t.plot(rtts, [ttft_dev[r] for r in rtts], "k--", lw=1, label="device-only RAG (same cell, no link)")
         for ax, what in ((a, "per-token latency at the device (ms)"), (t, "TTFT at the device (s)")):
             ax.set_xlabel("emulated RTT (ms, ±20% jitter)")
             ax.set_ylabel(what)
