@@ -379,6 +379,9 @@ def latency_summary(rows: list[dict], local: dict, device_only: dict, rtts) -> d
         "ttft_device_only_by_rtt_s": {r: device_only[r]["ttft_s"] for r in rtts},
         "ttft_dragon_device_vs_device_only_by_rtt": {r: by[(r, "dragon-device")]["ttft_s"] / device_only[r]["ttft_s"]
                                                      for r in rtts},
+        # paired within each answer: the device's own retrieval + prefill is device-only RAG's TTFT less one argmax
+        "ttft_dragon_vs_own_prefill_by_rtt": {r: by[(r, "dragon")]["ttft_s"] / by[(r, "dragon")]["dev_prefill_s"]
+                                              for r in rtts},
         "ttft_dragon_over_floor_s_by_rtt": {r: by[(r, "dragon")]["ttft_s"] - (by[(r, "dragon")]["ttft_floor_s"] or 0)
                                             for r in rtts},
         "local_rag": local,  # in-process baselines (no link)
