@@ -16,12 +16,13 @@ import os
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
 
 from edgecloud.collab.link import LinkConfig
+from edgecloud.errors import UserError
 from edgecloud.rag.corpus import make_split
 from edgecloud.rag.mix import Side, combine, draft, scored_mixture, target_logprobs, verify
 from edgecloud.rag.node import Device, RagConfig, Scheduler, contexts_for
@@ -38,16 +39,21 @@ class BenchConfig:
     articles: int = 16  # 40+ is better but the MiniLM store build alone took > 7 min on the shared 2 cores
     windows: int = 8  # held-out evaluation windows
     window_words: int = 40  # query words, then as many target words
-    questions: int = 2  # per (RTT, mode) cell
-    max_new: int = 12
+    questions: int = 3  # per (RTT, mode) cell, and the exactness replays
+    max_new: int = 12  # 3 x 12 tokens per cell: the latency part fits a ~6 min timed run on a quiet machine
     rtts_ms: tuple[int, ...] = (0, 50, 100, 200, 300)
     jitter: float = 0.2
     chi2_samples: int = 5000
+    float64_check: bool = True  # replay the exactness comparison with the model in float64 (isolates rounding)
+    pin_cores: bool = True  # device process on one core, cloud process on another (when the machine has two)
     seed: int = 0
 
     @classmethod
     def quick(cls) -> BenchConfig:
         return cls(articles=16, windows=4, questions=1, max_new=8, rtts_ms=(0, 300), chi2_samples=5000)
+
+
+PARTS = ("quality", "latency", "all")
 
 
 def load_all(articles: int, seed: int):
@@ -80,27 +86,62 @@ def quality(e, sp, dev, cl, cfg: BenchConfig, k: int, tau: float) -> dict:
     return {n: float(torch.exp(-torch.cat(v).mean())) for n, v in lps.items()}
 
 
-def reference(e, dev, cl, question: str, rc: RagConfig) -> dict:
-    """Centralized REPLUG over the union (greedy), plus the cross-side vs union log-prob gap along it and the
-    cached distributions at the first three positions for the χ² test."""
+def reference(e, dev, cl, question: str, rc: RagConfig, replay: bool = True) -> dict:
+    """Centralized REPLUG over the union (greedy, one batch of all 2k documents); with ``replay``, the exactness
+    gaps along it (:func:`replay_gap`) and the cached distributions at the first three positions for the χ² test."""
     cd, sd, _ = contexts_for(e, dev, question, rc.k)
     cc, sc, _ = contexts_for(e, cl, question, rc.k)
-    u, ds, cs = Side(e, cd + cc, sd + sc, rc.tau), Side(e, cd, sd, rc.tau), Side(e, cc, sc, rc.tau)
-    for s in (u, ds, cs):
-        s.start([])
+    u = Side(e, cd + cc, sd + sc, rc.tau)
+    u.start([])
     toks = local_generate(u, rc.max_new, True, rc.seed)
-    u.rollback(0)  # replay along the answer on all three to compare the mixtures position by position
-    diff, cached = 0.0, []
+    if not replay:
+        return {"tokens": toks}
+    return {"tokens": toks, "contexts": (cd, sd, cc, sc), **replay_gap(e, (cd, sd, cc, sc), toks, rc, u)}
+
+
+def replay_gap(e, ctx, toks: list[int], rc: RagConfig, union: Side | None = None,
+               dtype: torch.dtype = torch.float32) -> dict:
+    """Replay ``toks`` on the union (one batch of 2k documents) and on each side (one batch of its k) and measure,
+    at every position, the max |log p| gap over the vocabulary between
+
+    - ``end_to_end``: the cross-side mixture and centralized REPLUG over the union, each from its own batched model
+      calls, as ``dtype`` (float32: the values the protocol ships and verifies). The per-document rows differ
+      here by the batch they were computed in (padding, matmul shapes change the float rounding), not by the
+      method;
+    - ``same_rows``: the cross-side mixture and centralized REPLUG formed from the identical per-document rows the
+      two sides computed, in float64: the aggregation alone (exact up to float64 logsumexp)."""
+    cd, sd, cc, sc = ctx
+    u = union or Side(e, cd + cc, sd + sc, rc.tau)
+    if union is None:
+        u.start([])
+    u.rollback(0)
+    ds, cs = Side(e, cd, sd, rc.tau), Side(e, cc, sc, rc.tau)
+    for s in (ds, cs):
+        s.start([])
+    e2e, rows, cached = 0.0, 0.0, []
     for i, t in enumerate(toks):
-        p = u.dist()[1]
-        mixed = combine([ds.dist(), cs.dist()])
-        diff = max(diff, float((mixed - p).abs().max()))
+        p = u.dist(dtype)[1]
+        e2e = max(e2e, float((combine([ds.dist(dtype), cs.dist(dtype)], dtype) - p).abs().max()))
+        lw, lp = torch.cat([ds.logw, cs.logw]), torch.cat([ds.logp, cs.logp])
+        central = torch.logsumexp(lw[:, None] + lp, 0) - torch.logsumexp(lw, 0)
+        agg = combine([ds.dist(torch.float64), cs.dist(torch.float64)], torch.float64)
+        rows = max(rows, float((agg - central).abs().max()))
         if i < 3:
-            cached.append((p.clone(), cs.dist()[1].clone()))
+            cached.append((p.float().clone(), cs.dist()[1].clone()))
         if i < len(toks) - 1:
             for s in (u, ds, cs):
                 s.advance(t)
-    return {"tokens": toks, "max_logprob_diff": diff, "cached": cached}
+    return {"max_logprob_diff": e2e, "same_rows_diff": rows, "cached": cached}
+
+
+def float64_engine(e):
+    """The same checkpoint with every weight in float64: what is left of the end-to-end gap is rounding."""
+    import copy
+    from dataclasses import replace
+
+    from edgecloud.llm.engine import Engine
+
+    return Engine(replace(e.lm, model=copy.deepcopy(e.model).double()), threads=1)
 
 
 def chi2_test(cached, samples: int, seed: int) -> dict:
@@ -128,10 +169,18 @@ def chi2_test(cached, samples: int, seed: int) -> dict:
     return {"p_values": ps, "samples": samples, "p_min_bonferroni": min(1.0, min(ps) * len(ps))}
 
 
-def start_cloud(cfg: BenchConfig) -> tuple[subprocess.Popen, int]:
+def _cores(cfg: BenchConfig) -> tuple[set[int], set[int]] | None:
+    """(device core, cloud core) when pinning and two cores are available, else None."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    return ({cores[0]}, {cores[1]}) if cfg.pin_cores and len(cores) >= 2 else None
+
+
+def start_cloud(cfg: BenchConfig, core: set[int] | None = None) -> tuple[subprocess.Popen, int]:
     env = dict(os.environ, EDGECLOUD_THREADS="1")
+    pin = (lambda: os.sched_setaffinity(0, core)) if core else None
     proc = subprocess.Popen([sys.executable, "-m", "edgecloud", "rag", "cloud", "--port", "0", "--articles",
-                             str(cfg.articles), "--seed", str(cfg.seed)], stdout=subprocess.PIPE, env=env, text=True)
+                             str(cfg.articles), "--seed", str(cfg.seed)], stdout=subprocess.PIPE, env=env, text=True,
+                            preexec_fn=pin)
     line = proc.stdout.readline()
     if "listening" not in line:
         proc.kill()
@@ -148,13 +197,35 @@ def start_link(port: int, rtt: float, jitter: float, seed: int) -> tuple[subproc
     return proc, int(line.split()[2].lstrip(":"))
 
 
-def latency(e, dev, cfg: BenchConfig, rc: RagConfig, questions: list[str], refs: list[list[int]]) -> dict:
-    cloud, port = start_cloud(cfg)
-    rows, identical = [], []
+def _mean_of(xs) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def ttft_floor(a) -> float | None:
+    """The earliest the first token can be known on the device given when each side had its documents prefilled
+    (``cloud_ready_s`` is on the cloud's clock: question transit included) and the measured RTT: aggregating on the
+    device it waits for the cloud's first draft, ``max(dev, cloud + rtt/2)``; in the cloud, the device's first draft
+    goes there and the verdict comes back, ``max(dev + rtt/2, cloud) + rtt/2``. TTFT minus this is protocol
+    overhead; this minus device-only RAG's TTFT is the other side's prefill and the link."""
+    dev, cloud = a.timeline.get("device_prefilled_s"), a.timeline.get("cloud_ready_s")
+    if dev is None or cloud is None:
+        return None
+    h = a.rtt_s / 2
+    return max(dev, cloud + h) if a.agg == "device" else max(dev + h, cloud) + h
+
+
+def latency(e, dev, cfg: BenchConfig, rc: RagConfig, questions: list[str], refs: list[list[int]],
+            cloud_core: set[int] | None = None) -> dict:
+    cloud, port = start_cloud(cfg, cloud_core)
+    rows, identical, device_only = [], [], {}
     sched = Scheduler()  # one device, one scheduler, learning live as the link changes under it
     try:
         asyncio.run(_ask_all(Device(e, dev, ("127.0.0.1", port), rc, Scheduler()), questions[:1], "dragon-cloud"))
         for rtt in cfg.rtts_ms:  # (above: warm-up, untimed: the cloud's first retrieval loads MiniLM's kernels)
+            # device-only RAG in the same cell, just before the modes: TTFT is compared with what the device does
+            # alone at the same moment (on a shared machine, minutes apart can differ by 20%)
+            device_only[rtt] = local_latency(e, [dev], questions, rc)
             link, lport = start_link(port, rtt, cfg.jitter if rtt else 0.0, cfg.seed)
             try:
                 for mode in MODES:
@@ -162,12 +233,19 @@ def latency(e, dev, cfg: BenchConfig, rc: RagConfig, questions: list[str], refs:
                     res = asyncio.run(_ask_all(d, questions, mode))
                     for a, ref in zip(res, refs):
                         identical.append(a.tokens == ref)
+                    tl = [a.timeline for a in res]
                     rows.append({"rtt_ms": rtt, "mode": mode,
                                  "per_token_s": float(np.mean([a.per_token_s for a in res])),
                                  "ttft_s": float(np.mean([a.ttft_s for a in res])),
+                                 "dev_prefill_s": _mean_of(t.get("device_prefilled_s") for t in tl),
+                                 "cloud_ready_s": _mean_of(t.get("cloud_ready_s") for t in tl),
+                                 "ttft_floor_s": _mean_of(ttft_floor(a) for a in res),
+                                 "step_dev_s": float(np.mean([a.step_s["device"] for a in res])),
+                                 "step_cloud_s": float(np.mean([a.step_s["cloud"] for a in res])),
                                  "acceptance": float(np.mean([a.acceptance for a in res])),
                                  "window": ",".join(str(a.window) for a in res),
                                  "agg": ",".join(a.agg for a in res),
+                                 "tokens": int(sum(len(a.tokens) for a in res)),
                                  "bytes": int(sum(a.traffic["sent_bytes"] + a.traffic["recv_bytes"] for a in res))})
             finally:
                 link.kill()
@@ -175,12 +253,15 @@ def latency(e, dev, cfg: BenchConfig, rc: RagConfig, questions: list[str], refs:
     finally:
         cloud.kill()
         cloud.wait()
-    return {"rows": rows, "greedy_identical": float(np.mean(identical)) if identical else 0.0}
+    return {"rows": rows, "greedy_identical": float(np.mean(identical)) if identical else 0.0,
+            "greedy_answers": len(identical), "device_only_by_rtt": device_only}
 
 
 async def _ask_all(d: Device, questions, mode):
+    """One device session (connected before the first question, as a running device would be) asking in turn."""
     out = []
     try:
+        await d.connect()
         for q in questions:
             out.append(await d.ask(q, mode))
     finally:
@@ -206,74 +287,133 @@ def local_latency(e, stores: list, questions: list[str], rc: RagConfig) -> dict:
     return {"ttft_s": float(np.mean(ttft)), "per_token_s": float(np.mean(tpot))}
 
 
-def run(cfg: BenchConfig) -> Result:
+def exactness(e, dev, cl, cfg: BenchConfig, rc: RagConfig, questions: list[str]) -> tuple[dict, list[dict]]:
+    """Greedy references, the three mixture gaps, and the χ² test (see the module docstring)."""
+    refs = [reference(e, dev, cl, q, rc) for q in questions]
+    chi = chi2_test([c for r in refs for c in r["cached"]][:3], cfg.chi2_samples, cfg.seed)
+    out = {"max_logprob_diff": max(r["max_logprob_diff"] for r in refs),
+           "max_logprob_diff_same_rows": max(r["same_rows_diff"] for r in refs)}
+    if cfg.float64_check:
+        e64 = float64_engine(e)
+        gaps = [replay_gap(e64, r["contexts"], r["tokens"], rc, dtype=torch.float64) for r in refs]
+        out["max_logprob_diff_float64"] = max(g["max_logprob_diff"] for g in gaps)
+    out |= {"chi2_p_value": chi["p_min_bonferroni"], "chi2": chi}
+    return out, refs
+
+
+def run(cfg: BenchConfig, part: str = "all") -> Result:
+    """``part``: quality (perplexities, exactness, χ²: run it under ``low``), latency (two processes over the
+    emulated link: run it under ``timed``), or all (one run, what ``edgecloud rag bench`` does)."""
+    if part not in PARTS:
+        raise UserError(f"part={part!r}: use one of {', '.join(PARTS)}")
     t0 = time.time()
     load0 = list(os.getloadavg())  # the machine is shared: say how busy it was
     torch.manual_seed(cfg.seed)
-    e, sp, dev, cl = load_all(cfg.articles, cfg.seed)
-    rc = RagConfig(max_new=cfg.max_new, seed=cfg.seed)
-    ppl = quality(e, sp, dev, cl, cfg, rc.k, rc.tau)
-    questions = [f"What do you know about {t}?" for t, _, _ in sp.held_out[: cfg.questions]]
-    refs = [reference(e, dev, cl, q, rc) for q in questions]
-    chi = chi2_test([c for r in refs for c in r["cached"]][:3], cfg.chi2_samples, cfg.seed)
-    lat = latency(e, dev, cfg, rc, questions, [r["tokens"] for r in refs])
-    local = {name: local_latency(e, st, questions, rc)
-             for name, st in (("device_only", [dev]), ("cloud_only", [cl]), ("centralized", [dev, cl]))}
-    ttft_dev = local["device_only"]["ttft_s"]
-    by = {(r["rtt_ms"], r["mode"]): r for r in lat["rows"]}
-    top = max(cfg.rtts_ms)
+    cores = _cores(cfg) if part != "quality" else None
+    old_aff = os.sched_getaffinity(0) if cores else None
+    if cores:
+        os.sched_setaffinity(0, cores[0])  # this process is the device (and the one-process baselines)
+    try:
+        e, sp, dev, cl = load_all(cfg.articles, cfg.seed)
+        rc = RagConfig(max_new=cfg.max_new, seed=cfg.seed)
+        questions = [f"What do you know about {t}?" for t, _, _ in sp.held_out[: cfg.questions]]
+        data, tables, ppl, refs = {}, [], None, None
+        if part in ("quality", "all"):
+            ppl = quality(e, sp, dev, cl, cfg, rc.k, rc.tau)
+            ex, refs = exactness(e, dev, cl, cfg, rc, questions)
+            data |= ex | {f"ppl_{k}": v for k, v in ppl.items()}
+            tables.append(([{"condition": k, "perplexity": v} for k, v in ppl.items()], None))
+        if part in ("latency", "all"):
+            toks = [r["tokens"] for r in refs] if refs else \
+                [reference(e, dev, cl, q, rc, replay=False)["tokens"] for q in questions]
+            lat = latency(e, dev, cfg, rc, questions, toks, cores[1] if cores else None)
+            local = {name: local_latency(e, st, questions, rc)
+                     for name, st in (("device_only", [dev]), ("cloud_only", [cl]), ("centralized", [dev, cl]))}
+            data = {"greedy_identical_to_centralized": lat["greedy_identical"],
+                    "greedy_answers_compared": lat["greedy_answers"], **data,
+                    **latency_summary(lat["rows"], local, lat["device_only_by_rtt"], cfg.rtts_ms),
+                    "latency": lat["rows"]}
+            tables.append(([{"baseline (one process, no link)": k, **v} for k, v in local.items()], None))
+            tables.append((lat["rows"], ["rtt_ms", "mode", "per_token_s", "ttft_s", "ttft_floor_s", "dev_prefill_s",
+                                         "cloud_ready_s",
+                                         "step_dev_s", "step_cloud_s", "acceptance", "agg", "window", "bytes"]))
+    finally:
+        if old_aff:
+            os.sched_setaffinity(0, old_aff)
+    data |= {"part": part, "pinned_cores": [sorted(c) for c in cores] if cores else None,
+             "load_average": {"start": load0, "end": list(os.getloadavg())},
+             "config": asdict(cfg), "rag_config": asdict(rc),
+             "corpus": {"device_passages": len(dev.passages), "cloud_passages": len(cl.passages),
+                        "held_out": len(sp.held_out)}}
+    quick = cfg == replace(BenchConfig.quick(), seed=cfg.seed)
+    name = "dragon" + ("" if part == "all" else f"-{part}") + ("-quick" if quick else "")
+    res = Result(name, data, seed=cfg.seed, title="DRAGON: distributed RAG with speculative aggregation"
+                 + ("" if part == "all" else f" ({part})"), started=t0)
+    for rows, cols in tables:
+        res.table(rows, cols)
+    res.figure = _plot(data.get("latency"), cfg.rtts_ms, ppl, data.get("ttft_device_only_by_rtt_s"))
+    return res
+
+
+def latency_summary(rows: list[dict], local: dict, device_only: dict, rtts) -> dict:
+    """The latency goals' ratios from the per-(RTT, mode) rows and the one-process baselines; TTFT against
+    device-only RAG measured in the same RTT cell (``device_only``), paired in time."""
+    by = {(r["rtt_ms"], r["mode"]): r for r in rows}
+    top = max(rtts)
+    ttft_dev = float(np.mean([device_only[r]["ttft_s"] for r in rtts]))
     best_fixed = {rtt: min(by[(rtt, "dragon-device")]["per_token_s"], by[(rtt, "dragon-cloud")]["per_token_s"])
-                  for rtt in cfg.rtts_ms}
-    sched_ratio = max(by[(rtt, "dragon")]["per_token_s"] / best_fixed[rtt] for rtt in cfg.rtts_ms)
-    best_top = best_fixed[top]
-    data = {
-        "greedy_identical_to_centralized": lat["greedy_identical"],
-        "max_logprob_diff": max(r["max_logprob_diff"] for r in refs),
-        "chi2_p_value": chi["p_min_bonferroni"],
-        "chi2": chi,
-        **{f"ppl_{k}": v for k, v in ppl.items()},
+                  for rtt in rtts}
+    sched = {rtt: by[(rtt, "dragon")]["per_token_s"] / best_fixed[rtt] for rtt in rtts}
+    return {
         f"latency_ratio_vs_token_sync_{top}ms": by[(top, "dragon")]["per_token_s"] / by[(top, "token-sync")][
             "per_token_s"],
         f"latency_ratio_vs_sequence_{top}ms": by[(top, "dragon")]["per_token_s"] / by[(top, "sequence")][
             "per_token_s"],
-        "best_fixed_vs_token_sync": best_top / by[(top, "token-sync")]["per_token_s"],
-        "scheduler_vs_best_fixed": sched_ratio,
+        "best_fixed_vs_token_sync": best_fixed[top] / by[(top, "token-sync")]["per_token_s"],
+        "scheduler_vs_best_fixed": max(sched.values()),
+        "scheduler_vs_best_fixed_by_rtt": sched,
         "ttft_device_only_rag_s": ttft_dev,
-        "ttft_dragon_vs_device_only": float(np.mean([by[(r, "dragon")]["ttft_s"] for r in cfg.rtts_ms])) / ttft_dev,
-        "ttft_dragon_vs_device_only_by_rtt": {r: by[(r, "dragon")]["ttft_s"] / ttft_dev for r in cfg.rtts_ms},
+        "ttft_dragon_vs_device_only": float(np.mean([by[(r, "dragon")]["ttft_s"] for r in rtts])) / ttft_dev,
+        "ttft_dragon_vs_device_only_by_rtt": {r: by[(r, "dragon")]["ttft_s"] / device_only[r]["ttft_s"]
+                                              for r in rtts},
+        "ttft_device_only_by_rtt_s": {r: device_only[r]["ttft_s"] for r in rtts},
+        "ttft_dragon_device_vs_device_only_by_rtt": {r: by[(r, "dragon-device")]["ttft_s"] / device_only[r]["ttft_s"]
+                                                     for r in rtts},
+        # paired within each answer: the device's own retrieval + prefill is device-only RAG's TTFT less one argmax
+        "ttft_dragon_vs_own_prefill_by_rtt": {r: by[(r, "dragon")]["ttft_s"] / by[(r, "dragon")]["dev_prefill_s"]
+                                              for r in rtts},
+        "ttft_dragon_over_floor_s_by_rtt": {r: by[(r, "dragon")]["ttft_s"] - (by[(r, "dragon")]["ttft_floor_s"] or 0)
+                                            for r in rtts},
         "local_rag": local,  # in-process baselines (no link)
         "per_token_dragon_vs_centralized_by_rtt": {r: by[(r, "dragon")]["per_token_s"] / local["centralized"][
-            "per_token_s"] for r in cfg.rtts_ms},
-        "load_average": {"start": load0, "end": list(os.getloadavg())},
-        "latency": lat["rows"],
-        "config": asdict(cfg), "rag_config": asdict(rc),
-        "corpus": {"device_passages": len(dev.passages), "cloud_passages": len(cl.passages),
-                   "held_out": len(sp.held_out)},
+            "per_token_s"] for r in rtts},
     }
-    name = "dragon-quick" if cfg == BenchConfig.quick() else "dragon"
-    res = Result(name, data, seed=cfg.seed, title="DRAGON: distributed RAG with speculative aggregation",
-                 started=t0)
-    res.table([{"condition": k, "perplexity": v} for k, v in ppl.items()])
-    res.table([{"baseline (one process, no link)": k, **v} for k, v in local.items()])
-    res.table(lat["rows"], ["rtt_ms", "mode", "per_token_s", "ttft_s", "acceptance", "agg", "window", "bytes"])
-    res.figure = _plot(lat["rows"], cfg.rtts_ms, ppl)
-    return res
 
 
-def _plot(rows, rtts, ppl):
+def _plot(rows, rtts, ppl, ttft_dev: dict | None = None):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for mode in MODES:
-        a.plot(rtts, [next(r["per_token_s"] for r in rows if r["rtt_ms"] == t and r["mode"] == mode) * 1000
-                      for t in rtts], "o-", label=mode)
-    a.set_xlabel("emulated RTT (ms, ±20% jitter)")
-    a.set_ylabel("per-token latency at the device (ms)")
-    a.legend(fontsize=7)
-    b.bar(list(ppl), list(ppl.values()), color=["#999", "#68a", "#a86", "#4a7"])
-    b.set_ylabel("perplexity on held-out windows")
+    n = 2 * bool(rows) + bool(ppl)
+    fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
+    axes = list(axes[0])
+    if rows:
+        a, t = axes.pop(0), axes.pop(0)
+        for mode in MODES:
+            cell = [next(r for r in rows if r["rtt_ms"] == x and r["mode"] == mode) for x in rtts]
+            a.plot(rtts, [c["per_token_s"] * 1000 for c in cell], "o-", label=mode)
+            t.plot(rtts, [c["ttft_s"] for c in cell], "o-", label=mode)
+        if ttft_dev:
+            t.plot(rtts, [ttft_dev[r] for r in rtts], "k--", lw=1, label="device-only RAG (same cell, no link)")
+        for ax, what in ((a, "per-token latency at the device (ms)"), (t, "TTFT at the device (s)")):
+            ax.set_xlabel("emulated RTT (ms, ±20% jitter)")
+            ax.set_ylabel(what)
+            ax.legend(fontsize=7)
+    if ppl:
+        b = axes.pop(0)
+        b.bar(list(ppl), list(ppl.values()), color=["#999", "#68a", "#a86", "#4a7"])
+        b.set_ylabel("perplexity on held-out windows")
     fig.tight_layout()
     return fig

@@ -20,11 +20,12 @@ from edgecloud.errors import UserError
 from edgecloud.llm.batch import Batch, last_logits
 
 
-def combine(parts: list[tuple[float, torch.Tensor]]) -> torch.Tensor:
-    """Log of the cross-side mixture from each side's (log W_s, log q_s)."""
+def combine(parts: list[tuple[float, torch.Tensor]], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Log of the cross-side mixture from each side's (log W_s, log q_s), computed in float64, returned as
+    ``dtype`` (float32: what the protocol verifies with; float64: for exactness measurements)."""
     lw = torch.tensor([float(w) for w, _ in parts], dtype=torch.float64)
     stacked = torch.stack([q.double() for _, q in parts])
-    return (torch.logsumexp(lw[:, None] + stacked, 0) - torch.logsumexp(lw, 0)).float()
+    return (torch.logsumexp(lw[:, None] + stacked, 0) - torch.logsumexp(lw, 0)).to(dtype)
 
 
 def draft(logq: torch.Tensor, greedy: bool, gen: torch.Generator) -> int:
@@ -85,10 +86,10 @@ class Side:
         self.logw = self.prior.clone()
         self.n, self.hist = 0, []
 
-    def dist(self) -> tuple[float, torch.Tensor]:
-        """(log W_s, log q_s) for the next token."""
+    def dist(self, dtype: torch.dtype = torch.float32) -> tuple[float, torch.Tensor]:
+        """(log W_s, log q_s) for the next token; float32 is what travels, float64 keeps every bit computed."""
         lw = torch.logsumexp(self.logw, 0)
-        return float(lw), (torch.logsumexp(self.logw[:, None] + self.logp, 0) - lw).float()
+        return float(lw), (torch.logsumexp(self.logw[:, None] + self.logp, 0) - lw).to(dtype)
 
     def advance(self, token: int) -> None:
         """Feed ``token`` to every document's sequence (one batched decode step) and update the scores."""

@@ -179,8 +179,13 @@ class Scheduler:
         z = self.z()
         return "device" if z["device"] <= z["cloud"] else "cloud"
 
-    def update(self, agg: str, rtt: float, t_dev: float, t_cloud: float, acceptance: float) -> None:
+    def observe_rtt(self, rtt: float) -> None:
         self._ewma("rtt", rtt)
+
+    def update(self, agg: str, rtt: float, t_dev: float, t_cloud: float, acceptance: float) -> None:
+        """One answer's measurements (``rtt`` 0: none in this update; the device measures it by ping)."""
+        if rtt:
+            self._ewma("rtt", rtt)
         if t_dev:
             self._ewma("t_dev", t_dev)
         if t_cloud:
@@ -205,6 +210,7 @@ class Answer:
     fallback: str | None
     traffic: dict
     step_s: dict  # mean per-token decode compute of each side's batch ({"device", "cloud"}), for profiling
+    timeline: dict  # seconds after the question: device prefilled, cloud ready (its wall clock), first/last token
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -220,11 +226,21 @@ class Device:
         self.conn: Connection | None = None
         self.trace = Trace("device")
         self.on_commit = None  # passed to each answer's Outcome (tests use it to kill the cloud mid-answer)
+        self.rtt = 0.0  # last measured round trip: at connect and after each answer, never before a question
 
     async def connect(self) -> None:
+        """Open the session: hello both ways, then one ping so the first question already knows the RTT."""
         self.conn = await Connection.open(*self.cloud, self.trace, timeout=self.cfg.timeout_s)
         await self.conn.send("hello", side="device", model=self.engine.lm.name)
         await self.conn.expect("hello")
+        await self._ping()
+
+    async def _ping(self) -> None:
+        tp = time.time()
+        await self.conn.send("ping")
+        await self.conn.expect("pong")
+        self.rtt = time.time() - tp
+        self.sched.observe_rtt(self.rtt)
 
     async def close(self) -> None:
         if self.conn:
@@ -239,29 +255,27 @@ class Device:
         """``mode``: dragon (scheduler picks the side), dragon-device / dragon-cloud (fixed side), token-sync,
         sequence."""
         cfg = self.cfg
+        t0 = time.time()  # the question is asked: TTFT counts everything from here (connecting included)
         before = self.trace.totals()
-        t0 = time.time()
         agg = {"dragon": None, "dragon-device": "device", "dragon-cloud": "cloud", "token-sync": "device",
-               "sequence": "device"}[mode] or self.sched.choose()
+               "sequence": "device"}[mode]
         window = {"token-sync": 1, "sequence": cfg.max_new}.get(mode, cfg.window)
         out, side, rtt, fallback = Outcome(on_commit=self.on_commit), None, 0.0, None
         cloud_step = 0.0
         t_start = None  # decode start: both sides' documents prefilled (the cloud's ready carries its wall time)
+        t_ready = None
         self.engine.check_length(len(self.engine.encode(question)) + 400 + cfg.max_new, "question + passage")
         try:
             if self.conn is None:
                 await self.connect()
-            tp = time.time()
-            await self.conn.send("ping")
-            await self.conn.expect("pong")
-            rtt = time.time() - tp
+            rtt = self.rtt  # measured after the last answer (or at connect): no round trip before the query
+            agg = agg or self.sched.choose()
             if mode.startswith("dragon"):  # enough drafts in flight to cover the round trip at the measured rate
                 window = self.sched.window(rtt, cfg.window, cfg.max_new)
-            t0 = time.time()
             await self.conn.send("query", question=question, agg=agg, window=window, sequence=mode == "sequence",
                                  config=asdict(cfg))
             side = make_side(self.engine, self.store, question, cfg)  # overlaps the cloud's retrieval + prefill
-            t_start = time.time()
+            t_start = t_ready = time.time()
             # the cloud's ready (or its refusal) is read by the inbox: a drafting device starts without waiting
             inbox = Inbox(self.conn, "ready", lambda m: UserError(f"the cloud refused the question: "
                                                                   f"{m.get('message', m['type'])}"))
@@ -277,12 +291,19 @@ class Device:
                     end = await _drain_until(inbox, "end")
             finally:
                 inbox.stop()
-            t_start = max(t_start, float((inbox.preamble_msg or {}).get("t", 0.0)))
+            cloud_ready = float((inbox.preamble_msg or {}).get("t", 0.0))
+            t_start = max(t_start, cloud_ready)
             acc = out.accepted / max(1, len(out.tokens))
             cloud_step = float(end["step_s"])
+            t_last = out.commit_times[-1] if out.commit_times else time.time()
+            await self._ping()  # after the last token: the RTT the next question's window and scheduler use
             if mode.startswith("dragon"):  # every speculative run is a measurement the scheduler learns from
-                self.sched.update(agg, rtt, _mean(out.step_s), float(end["step_s"]), acc)
+                self.sched.update(agg, 0.0, _mean(out.step_s), float(end["step_s"]), acc)  # RTT: by _ping
+            breakdown = {"device_prefilled_s": t_ready - t0, "cloud_ready_s": cloud_ready - t0 if cloud_ready
+                         else None, "first_token_s": (out.commit_times[0] - t0) if out.commit_times else None,
+                         "last_token_s": t_last - t0}
         except (PeerGone, ProtocolError) as e:
+            breakdown, agg = {}, agg or "device"
             fallback = f"cloud lost ({e}); answered from the device's own documents after {len(out.tokens)} tokens"
             self.conn = None
             if side is None:
@@ -303,4 +324,4 @@ class Device:
         return Answer(out.tokens, self.engine.decode_text(out.tokens), agg, window, (ct[0] - t0) if ct else 0.0,
                       (ct[-1] - t_start) / n if n else 0.0, (ct[-1] - t0) if ct else 0.0,
                       out.accepted / max(1, n), rtt, fallback, {k: after[k] - before[k] for k in after},
-                      {"device": _mean(out.step_s), "cloud": cloud_step})
+                      {"device": _mean(out.step_s), "cloud": cloud_step}, breakdown)

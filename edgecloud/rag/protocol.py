@@ -34,9 +34,9 @@ class Outcome:
     step_s: list[float] = field(default_factory=list)  # this side's per-token decode compute
     on_commit: object = None  # optional callable(n_committed), e.g. a test killing the peer mid-answer
 
-    def commit(self, token: int) -> None:
+    def commit(self, token: int, t: float | None = None) -> None:
         self.tokens.append(token)
-        self.commit_times.append(time.time())
+        self.commit_times.append(time.time() if t is None else t)
         if self.on_commit:
             self.on_commit(len(self.tokens))
 
@@ -60,6 +60,7 @@ class Inbox:
             except (PeerGone, ProtocolError) as e:
                 self.q.put_nowait(e)
                 return
+            item[0]["recv_t"] = time.time()  # when this side knew it (a verdict's token is committed then)
             if self.preamble:
                 want, self.preamble = self.preamble, None
                 if item[0]["type"] == want:
@@ -94,10 +95,14 @@ def _stop(side: Side, token: int, pos: int, max_new: int) -> bool:
     return token in side.e.eos_ids or pos >= max_new - 1
 
 
-def _timed_advance(side: Side, token: int, out: Outcome) -> None:
+async def _advance(side: Side, token: int, out: Outcome | None = None) -> None:
+    """One decode step of the side's batch in a worker thread: the event loop keeps reading the peer's messages
+    meanwhile (torch releases the GIL), so a verdict or draft is in the inbox the moment the step ends instead of
+    after however many steps it takes the loop to get round to the socket."""
     t0 = time.perf_counter()
-    side.advance(token)
-    out.step_s.append(time.perf_counter() - t0)
+    await asyncio.to_thread(side.advance, token)
+    if out is not None:
+        out.step_s.append(time.perf_counter() - t0)
 
 
 async def run_drafter(side: Side, conn: Connection, inbox: Inbox, out: Outcome, max_new: int, window: int,
@@ -117,31 +122,32 @@ async def run_drafter(side: Side, conn: Connection, inbox: Inbox, out: Outcome, 
                 side.hist.append((side.logw, side.logp))  # keep rollback indices aligned without a model call
                 side.n += 1
                 break
-            _timed_advance(side, tok, out)
-            await asyncio.sleep(0)  # let verdicts in
+            await _advance(side, tok, out)
             while (msg := inbox.poll()) is not None:
-                committed, epoch, pending_end, done = _on_verdict(side, msg, out, committed, epoch, pending_end,
-                                                                  max_new)
+                committed, epoch, pending_end, done = await _on_verdict(side, msg, out, committed, epoch,
+                                                                        pending_end, max_new)
                 if done:
                     return out
         msg = await inbox.get()
-        committed, epoch, pending_end, done = _on_verdict(side, msg, out, committed, epoch, pending_end, max_new)
+        committed, epoch, pending_end, done = await _on_verdict(side, msg, out, committed, epoch, pending_end,
+                                                                max_new)
         if done:
             return out
 
 
-def _on_verdict(side: Side, item, out: Outcome, committed: int, epoch: int, pending_end: bool, max_new: int):
+async def _on_verdict(side: Side, item, out: Outcome, committed: int, epoch: int, pending_end: bool,
+                      max_new: int):
     msg, _ = item
     if msg["type"] != "verdict":
         raise ProtocolError(f"drafter expected a verdict, got {msg['type']!r}")
     pos, tok = int(msg["pos"]), int(msg["token"])
-    out.commit(tok)
+    out.commit(tok, msg.get("recv_t"))
     out.accepted += bool(msg["accepted"])
     if msg["done"]:
         return pos + 1, epoch, pending_end, True
     if not msg["accepted"]:
         side.rollback(pos)
-        side.advance(tok)
+        await _advance(side, tok)
         epoch, pending_end = epoch + 1, False
     return pos + 1, epoch, pending_end, False
 
@@ -177,7 +183,7 @@ async def run_aggregator(side: Side, conn: Connection, inbox: Inbox, out: Outcom
             buf.clear()
         if done:
             break
-        _timed_advance(side, tok, out)
+        await _advance(side, tok, out)
     return out
 
 
