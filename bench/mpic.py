@@ -69,6 +69,7 @@ def main() -> None:
                     "mpic_fidelity.{md,json,png} (no decoding; run it under `low`)")
     ap.add_argument("--ttft", action="store_true", help="TTFT only (no decoding) -> mpic_ttft.{md,json}; with "
                     "--peer vllm the peer too: the part to run under `timed`")
+    ap.add_argument("--no-baselines", action="store_true", help="--ttft: only full, prefix and MPIC-k")
     ap.add_argument("--repeats", type=int, default=2, help="--ttft: time each method this often, keep the fastest")
     ap.add_argument("--max-s", type=float, default=0.0, help="--fidelity: stop starting requests after this long")
     ap.add_argument("--dump", default=None, help="--fidelity: also write the raw per-request rows here")
@@ -110,15 +111,20 @@ def main_ttft(a) -> None:
         else:
             cfg = BenchConfig.quick(a.seed) if a.quick else BenchConfig(seed=a.seed)
             engine = Engine(load_model(a.model), threads=a.threads)
-            out = ttft_run(engine, cfg, repeats=a.repeats,
+            out = ttft_run(engine, cfg, repeats=a.repeats, baselines=not a.no_baselines,
                            progress=lambda i, n: print(f"request {i}/{n}", file=sys.stderr, flush=True))
+            write_ttft(out, a)  # written before the peer phase: a peer that stalls loses only its own numbers
         if peer is not None:
             with peer:
                 out.update(peer_ttft(engine, cfg, peer))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    res = Result("mpic_ttft", out, seed=a.seed, title="MPIC TTFT on quiet cores (no decoding)")
+    write_ttft(out, a)
+
+
+def write_ttft(out: dict, a) -> None:
+    res = Result("mpic_ttft", out, seed=out.get("seed", a.seed), title="MPIC TTFT on quiet cores (no decoding)")
     lines = [f"{out['requests']} requests, {out['prompt_tokens_mean']:.0f} prompt tokens on average, model "
              f"{out['model']}, {out['threads']} torch thread(s), fastest of {out['repeats']} per request and method",
              "", "| method | mean TTFT s | / full prefill | recomputed |", "|---|---|---|---|"]

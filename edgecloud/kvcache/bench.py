@@ -312,14 +312,16 @@ def summarize(rows, cfg: BenchConfig, reqs, ingest_s: float, store_stats: dict, 
 
 
 def ttft_run(engine: Engine, cfg: BenchConfig, repeats: int = 2, items: list[QAItem] | None = None,
-             progress=None) -> dict:
+             progress=None, baselines: bool = True) -> dict:
     """TTFT only (no decoding, no quality): the part of the benchmark to run on quiet cores (``timed``).
 
     Same workload, store and methods as :func:`run`; per request the methods run back to back and each is timed
     ``repeats`` times, keeping the fastest (scheduler noise only adds). Prefix caching runs once per request (its
-    second run would hit the whole prompt it just cached)."""
+    second run would hit the whole prompt it just cached). ``baselines=False`` leaves out full reuse and CacheBlend
+    (to fit a short ``timed`` window)."""
     reqs = make_workload(engine, cfg, items)
-    methods = {"full-reuse": MPICk(0), f"cacheblend-{round(cfg.blend_r * 100)}": CacheBlend(cfg.blend_r)}
+    methods = {"full-reuse": MPICk(0), f"cacheblend-{round(cfg.blend_r * 100)}": CacheBlend(cfg.blend_r)} \
+        if baselines else {}
     methods.update({f"mpic-{k}": MPICk(k) for k in sorted({*cfg.ks, cfg.k})})
     times: dict[str, list[float]] = {m: [] for m in ["full", "prefix", *methods]}
     recomputed: dict[str, list[float]] = {m: [] for m in methods}
