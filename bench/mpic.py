@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from edgecloud.errors import UserError
-from edgecloud.kvcache.bench import BenchConfig, peer_ttft, run
+from edgecloud.kvcache.bench import BenchConfig, peer_ttft, run, ttft_run
 from edgecloud.kvcache.cli import format_table
 from edgecloud.llm.engine import Engine
 from edgecloud.llm.models import load_model
@@ -76,8 +76,6 @@ def main() -> None:
     a = ap.parse_args()
     if a.fidelity:
         return main_fidelity(a)
-    if a.ttft:
-        return main_ttft(a)
     try:
         check_out_dir(a.out)
         peer = VLLMPeer(a.peer_url) if a.peer else None  # an absent peer fails here, before any compute
@@ -88,39 +86,19 @@ def main() -> None:
         else:
             cfg = BenchConfig.quick(a.seed) if a.quick else BenchConfig(seed=a.seed)
             engine = Engine(load_model(a.model), threads=a.threads)
-            out = run(engine, cfg, progress=lambda i, n: print(f"request {i}/{n}", file=sys.stderr, flush=True))
+            progress = lambda i, n: print(f"request {i}/{n}", file=sys.stderr, flush=True)  # noqa: E731
+            if a.ttft:
+                out = ttft_run(engine, cfg, repeats=a.repeats, baselines=not a.no_baselines, progress=progress)
+                write_ttft(out, a)  # written before the peer phase: a peer that stalls loses only its own numbers
+            else:
+                out = run(engine, cfg, progress=progress)
         if peer is not None:
             with peer:
                 out.update(peer_ttft(engine, cfg, peer))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    write(out, a)
-
-
-def main_ttft(a) -> None:
-    from edgecloud.kvcache.bench import ttft_run
-
-    try:
-        check_out_dir(a.out)
-        peer = VLLMPeer(a.peer_url) if a.peer else None  # an absent peer fails here, before any compute
-        if a.from_json:  # add the peer to a saved --ttft run: two shorter `timed` windows instead of one long one
-            out = load_run(a.from_json)
-            cfg = BenchConfig(**{**out["config"], "ks": tuple(out["config"]["ks"])})
-            engine = Engine(load_model(out["model"]), threads=out["threads"])
-        else:
-            cfg = BenchConfig.quick(a.seed) if a.quick else BenchConfig(seed=a.seed)
-            engine = Engine(load_model(a.model), threads=a.threads)
-            out = ttft_run(engine, cfg, repeats=a.repeats, baselines=not a.no_baselines,
-                           progress=lambda i, n: print(f"request {i}/{n}", file=sys.stderr, flush=True))
-            write_ttft(out, a)  # written before the peer phase: a peer that stalls loses only its own numbers
-        if peer is not None:
-            with peer:
-                out.update(peer_ttft(engine, cfg, peer))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    write_ttft(out, a)
+    (write_ttft if a.ttft else write)(out, a)
 
 
 def write_ttft(out: dict, a) -> None:
