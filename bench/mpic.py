@@ -133,7 +133,7 @@ def main_fidelity(a) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    res = Result("mpic_fidelity", out, seed=a.seed, title="MPIC first-token fidelity at n in the hundreds")
+    res = Result("mpic_fidelity", out, seed=a.seed, title="MPIC first-token fidelity: no decoding, more requests")
     res.markdown = format_fidelity(out)
     res.figure = plot_fidelity(out)
     res.write(a.out)

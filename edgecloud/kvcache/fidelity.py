@@ -105,9 +105,11 @@ def fidelity(engine: Engine, cfg: FidelityConfig, progress=None, dump: str | Non
                 progress(i + 1, len(reqs))
         system.close()
     run_s = time.perf_counter() - t0
-    _bf16_recheck(engine, cfg, rows)
-    if dump:
-        write_text(dump, json.dumps({"rows": rows, "planned": len(reqs), "run_s": run_s}))
+    for stage in ("fp32", "bf16"):  # the rows are kept before the (slow) bf16 re-runs too
+        if stage == "bf16":
+            _bf16_recheck(engine, cfg, rows)
+        if dump:
+            write_text(dump, json.dumps({"rows": rows, "planned": len(reqs), "run_s": run_s, "stage": stage}))
     return summarize(rows, cfg, engine, len(reqs), run_s)
 
 
