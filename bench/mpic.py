@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 
 from edgecloud.errors import UserError
-from edgecloud.kvcache.bench import BenchConfig, peer_ttft, run
+from edgecloud.kvcache.bench import BenchConfig, peer_ttft, run, ttft_run
 from edgecloud.kvcache.cli import format_table
 from edgecloud.llm.engine import Engine
 from edgecloud.llm.models import load_model
@@ -65,7 +65,17 @@ def main() -> None:
     ap.add_argument("--peer", choices=["vllm"], default=None)
     ap.add_argument("--peer-url", default="http://127.0.0.1:8000")
     ap.add_argument("--from-json", type=Path, default=None)
+    ap.add_argument("--fidelity", action="store_true", help="first-token study on a few hundred requests -> "
+                    "mpic_fidelity.{md,json,png} (no decoding; run it under `low`)")
+    ap.add_argument("--ttft", action="store_true", help="TTFT only (no decoding) -> mpic_ttft.{md,json}; with "
+                    "--peer vllm the peer too: the part to run under `timed`")
+    ap.add_argument("--no-baselines", action="store_true", help="--ttft: only full, prefix and MPIC-k")
+    ap.add_argument("--repeats", type=int, default=2, help="--ttft: time each method this often, keep the fastest")
+    ap.add_argument("--max-s", type=float, default=0.0, help="--fidelity: stop starting requests after this long")
+    ap.add_argument("--dump", default=None, help="--fidelity: also write the raw per-request rows here")
     a = ap.parse_args()
+    if a.fidelity:
+        return main_fidelity(a)
     try:
         check_out_dir(a.out)
         peer = VLLMPeer(a.peer_url) if a.peer else None  # an absent peer fails here, before any compute
@@ -76,14 +86,87 @@ def main() -> None:
         else:
             cfg = BenchConfig.quick(a.seed) if a.quick else BenchConfig(seed=a.seed)
             engine = Engine(load_model(a.model), threads=a.threads)
-            out = run(engine, cfg, progress=lambda i, n: print(f"request {i}/{n}", file=sys.stderr, flush=True))
+            progress = lambda i, n: print(f"request {i}/{n}", file=sys.stderr, flush=True)  # noqa: E731
+            if a.ttft:
+                out = ttft_run(engine, cfg, repeats=a.repeats, baselines=not a.no_baselines, progress=progress)
+                write_ttft(out, a)  # written before the peer phase: a peer that stalls loses only its own numbers
+            else:
+                out = run(engine, cfg, progress=progress)
         if peer is not None:
             with peer:
                 out.update(peer_ttft(engine, cfg, peer))
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None
-    write(out, a)
+    (write_ttft if a.ttft else write)(out, a)
+
+
+def write_ttft(out: dict, a) -> None:
+    res = Result("mpic_ttft", out, seed=out.get("seed", a.seed), title="MPIC TTFT on quiet cores (no decoding)")
+    lines = [f"{out['requests']} requests, {out['prompt_tokens_mean']:.0f} prompt tokens on average, model "
+             f"{out['model']}, {out['threads']} torch thread(s), fastest of {out['repeats']} per request and method",
+             "", "| method | mean TTFT s | / full prefill | recomputed |", "|---|---|---|---|"]
+    for m, t in out["ttft_s"].items():
+        rec = out["recompute_frac"].get(m)
+        lines.append(f"| {m} | {t:.3f} | {out['ttft_over_full'][m]:.3f} | {'-' if rec is None else f'{rec:.0%}'} |")
+    if "ttft_ratio_vs_vllm" in out:
+        hit = out["vllm_prefix_hit_rate"]
+        lines += ["", f"vLLM ({out['peer']['model']}, prefix caching on, warmed on the same {out['warm_chunks']} "
+                  f"chunks), same token ids, interleaved with MPIC-{out['k']}: TTFT vLLM {out['ttft_vllm_s']:.3f} s, "
+                  f"MPIC-{out['k']} {out['ttft_mpic_beside_vllm_s']:.3f} s; MPIC-{out['k']} / vLLM = "
+                  f"{out['ttft_ratio_vs_vllm']:.3f}" + (f"; vLLM prefix-cache hit rate {hit:.0%}" if hit is not None
+                                                        else "") + "."]
+    res.markdown = "\n".join(lines)
+    res.write(a.out)
+    print(res.markdown)
+
+
+def main_fidelity(a) -> None:
+    from edgecloud.kvcache.fidelity import FidelityConfig, fidelity, format_fidelity
+
+    try:
+        check_out_dir(a.out)
+        cfg = FidelityConfig(seed=a.seed, max_s=a.max_s)
+        engine = Engine(load_model(a.model), threads=a.threads)
+        out = fidelity(engine, cfg, progress=lambda i, n: print(f"request {i}/{n}", file=sys.stderr, flush=True),
+                       dump=a.dump)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    res = Result("mpic_fidelity", out, seed=a.seed, title="MPIC first-token fidelity: no decoding, more requests")
+    res.markdown = format_fidelity(out)
+    res.figure = plot_fidelity(out)
+    res.write(a.out)
+    print(res.markdown)
+
+
+def plot_fidelity(out: dict):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    m = out["methods"]
+    names = list(m)
+    ag = [m[n]["agreement"] for n in names]
+    err = [[g - m[n]["agreement_ci"][0] for n, g in zip(names, ag)], [m[n]["agreement_ci"][1] - g
+                                                                       for n, g in zip(names, ag)]]
+    a.errorbar(range(len(names)), ag, yerr=err, fmt="o", capsize=4)
+    a.axhline(0.95, ls="--", c="r", lw=1, label="goal 0.95")
+    a.set_xticks(range(len(names)), names)
+    a.set_ylabel("first-token agreement (95% Wilson CI)")
+    a.set_title(f"n = {out['requests']} requests")
+    a.legend()
+    head = m[f"mpic-{out['k']}"]
+    b.hist([mi["ref_gap"] for mi in out["misses"]], bins=20, color="#c44", label=f"MPIC-{out['k']} disagreements")
+    b.axvline(out["tie_gap"], ls="--", c="k", lw=1, label=f"near-tie threshold {out['tie_gap']}")
+    b.set_xlabel("reference top-2 logit gap at the first answer token")
+    b.set_ylabel("requests")
+    b.set_title(f"{head['disagreements']} disagreements, {head['misses_near_tie']} near-ties")
+    b.legend()
+    fig.tight_layout()
+    return fig
 
 
 def load_run(path: Path) -> dict:

@@ -73,6 +73,26 @@ def test_linker_exact_when_all_selected_and_reuse_approximate(eng, tmp_path):
     m.close()
 
 
+def test_prefix_runs_attention_equals_dense_sdpa(eng, tmp_path, monkeypatch):
+    """The linker's run-by-run attention (each run of selected slots over its key prefix only) gives what the
+    dense masked SDPA gives, on a selection with several runs (two chunks' first tokens and the question)."""
+    from contextlib import nullcontext
+
+    import edgecloud.kvcache.mpic as mp
+
+    segs = prompt()
+    m = MPIC(eng, KVStore(tmp_path, eng.lm.fingerprint))
+    fast = m.prefill(segs, MPICk(4))
+    monkeypatch.setattr(mp, "prefix_attention", lambda e: nullcontext())
+    dense = m.prefill(segs, MPICk(4))
+    assert eng.config._attn_implementation != mp._PREFIX_ATTN  # restored after the pass
+    assert torch.allclose(fast.logits, dense.logits, atol=1e-5)
+    for layer in range(eng.n_layers):
+        assert torch.allclose(fast.cache.layers[layer].keys, dense.cache.layers[layer].keys, atol=1e-5)
+        assert torch.allclose(fast.cache.layers[layer].values, dense.cache.layers[layer].values, atol=1e-5)
+    m.close()
+
+
 def test_chunk_at_start_is_exact_without_recompute(eng, tmp_path):
     segs = prompt()
     segs = [segs[1], segs[3]]

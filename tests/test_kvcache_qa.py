@@ -7,6 +7,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from edgecloud.errors import UserError
 from edgecloud.kvcache.bench import BenchConfig, make_workload
@@ -182,3 +183,13 @@ def test_peer_ttft_warms_the_same_chunks_and_interleaves():
     assert p.sent[len(chunks):] == [[t for s in r.segments for t in s.ids] for r in reqs]  # the same token ids
     assert out["ttft_vllm_s"] == 0.5 and out["ttft_ratio_vs_vllm"] == out["ttft_mpic_beside_vllm_s"] / 0.5
     assert 0 < out["vllm_prefix_hit_rate"] < 1
+
+
+def test_wilson_interval_matches_the_closed_form():
+    from edgecloud.kvcache.fidelity import top2_gap, wilson
+
+    lo, hi = wilson(28, 30)  # textbook value for 28/30 at 95%: [0.787, 0.982]
+    assert abs(lo - 0.787) < 1e-3 and abs(hi - 0.982) < 1e-3
+    lo, hi = wilson(30, 30)  # all agree: the interval still has width (a bootstrap of 30 ones would be [1, 1])
+    assert abs(lo - 0.886) < 1e-3 and hi == 1.0
+    assert top2_gap(torch.tensor([0.0, 3.0, 2.5, -1.0])) == 0.5

@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from edgecloud.errors import UserError
 from edgecloud.kvcache.selection import LinkContext, MPICk
 from edgecloud.kvcache.store import KVStore, chunk_key
-from edgecloud.llm.engine import Engine, cache_from_kv
+from edgecloud.llm.engine import Engine
 
 
 @dataclass
@@ -65,6 +67,54 @@ class SlotCache:
         return self.k[layer_idx : layer_idx + 1], self.v[layer_idx : layer_idx + 1]
 
 
+def _dynamic_cache(k: torch.Tensor, v: torch.Tensor):
+    """A ``DynamicCache`` over the assembled KV, without ``cache_from_kv``'s defensive clone: ``DynamicCache``
+    copies on its first update anyway and nobody else holds the assembled tensors (a 2x36 MB copy saved)."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    for i in range(k.shape[0]):
+        cache.update(k[i : i + 1], v[i : i + 1], i)
+    return cache
+
+
+def _prefix_runs_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Attention for masks whose every row is a key prefix (the linker's: the query at slot p sees keys 0..p).
+
+    transformers' SDPA path multiplies every selected query with every key of the prompt, then masks most of it, and
+    copies K/V to all query heads first (``repeat_kv``: no GQA with a mask on CPU). Here queries are cut into runs of
+    consecutive slots (a chunk's first k tokens, the question) and each run attends only over the keys up to its
+    last slot, GQA in the kernel. The same attention, up to float rounding (tested against the dense path)."""
+    m = attention_mask.reshape(attention_mask.shape[-2:])
+    lim = m.sum(-1)  # how many keys each query sees: slot + 1
+    cut = ((lim[1:] != lim[:-1] + 1).nonzero().squeeze(1) + 1).tolist()
+    outs = []
+    for a, b in zip([0, *cut], [*cut, len(lim)]):
+        e = int(lim[b - 1])
+        outs.append(F.scaled_dot_product_attention(query[:, :, a:b], key[:, :, :e], value[:, :, :e],
+                                                   attn_mask=m[a:b, :e], scale=scaling, enable_gqa=True))
+    return torch.cat(outs, 2).transpose(1, 2).contiguous(), None
+
+
+_PREFIX_ATTN = "edgecloud_prefix_runs"
+
+
+@contextmanager
+def prefix_attention(engine: Engine):
+    """Route the decoder's attention through :func:`_prefix_runs_attention` for one linker pass (the model is
+    used by one pass at a time: the server holds a lock around compute)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(_PREFIX_ATTN, _prefix_runs_attention)
+    cfg = engine.config
+    before = cfg._attn_implementation
+    cfg._attn_implementation = _PREFIX_ATTN
+    try:
+        yield
+    finally:
+        cfg._attn_implementation = before
+
+
 @dataclass
 class LinkResult:
     cache: object  # DynamicCache over the whole prompt
@@ -86,8 +136,8 @@ def link(engine: Engine, segments: list[Segment], kvs: dict[int, tuple[torch.Ten
     L = engine.n_layers
     H = engine.config.num_key_value_heads
     d = first.shape[-1] if first is not None else engine.config.hidden_size // engine.config.num_attention_heads
-    K = torch.zeros(L, H, n, d)
-    V = torch.zeros(L, H, n, d)
+    K = torch.empty(L, H, n, d)  # every slot is written below: chunk slots here, text slots by the forward
+    V = torch.empty(L, H, n, d)
     is_text = torch.zeros(n, dtype=torch.bool)
     spans, embeds, off = [], [], 0
     for i, s in enumerate(segments):
@@ -103,6 +153,8 @@ def link(engine: Engine, segments: list[Segment], kvs: dict[int, tuple[torch.Ten
             spans.append((off, off + m))
         else:
             is_text[off : off + m] = True
+            K[:, :, off : off + m] = 0  # selectors may look at the assembled KV before the forward fills these
+            V[:, :, off : off + m] = 0
         embeds.append(s.input_embeds(engine))
         off += m
     x = torch.cat(embeds).unsqueeze(0)
@@ -112,9 +164,10 @@ def link(engine: Engine, segments: list[Segment], kvs: dict[int, tuple[torch.Ten
     slots = sel.nonzero().squeeze(1)
     t2 = time.perf_counter()
     mask = torch.arange(n)[None, :] <= slots[:, None]
-    h = engine.forward_layers(x[:, slots], slots, SlotCache(K, V, slots), mask)
+    with prefix_attention(engine):
+        h = engine.forward_layers(x[:, slots], slots, SlotCache(K, V, slots), mask)
     logits = engine.logits_from_hidden(h[0, -1])
-    cache = cache_from_kv(K, V)
+    cache = _dynamic_cache(K, V)
     t3 = time.perf_counter()
     return LinkResult(cache, logits, n, len(slots), {"assemble_s": t1 - t0, "select_s": t2 - t1, "forward_s": t3 - t2})
 
