@@ -63,8 +63,8 @@ def table(res: dict) -> str:
     ]
     for r in res["rows"]:
         sv = f"{r['s_keys']} / {r['s_values']}" if r.get("s_keys") else ""
-        fp = f"{r.get('sink', 0)} / {r.get('residual', 0)}" if "residual" in r else ""
-        lines.append(f"| {r['method']} | {r.get('atoms') or ''} | {sv} | {fp} | {r['bits_per_element']:.3f} | "
+        win = f"{r.get('sink', 0)} / {r.get('residual', 0)}" if "residual" in r else ""
+        lines.append(f"| {r['method']} | {r.get('atoms') or ''} | {sv} | {win} | {r['bits_per_element']:.3f} | "
                      f"{r['ppl']:.3f} | {r['ppl'] / fp:.3f} | {r['top1_agreement']:.4f} | "
                      f"{r['encode_us_per_token']:.0f} | {r['decode_us_per_token']:.0f} |")
     c, k2 = by["csr"], by["kivi2"]

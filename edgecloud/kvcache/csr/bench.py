@@ -315,6 +315,9 @@ def run(cfg: BenchConfig, engine: Engine, log=print, qa: QAConfig | None = None,
         # the former storage at the same budget: int16 index + fp16 weight = 32 bits an atom, so fewer atoms
         (replace(base, s_keys=k16, s_values=v16, coef="fp16", packed=False, name="csr-int16-fp16"), neural),
         at(1.0, "csr-1bit"), at(3.0, "csr-3bit"), at(4.0, "csr-4bit"),
+        # the same atoms moved from values to keys (Gemma's error is in its keys: values alone cost ~nothing)
+        (replace(base, s_keys=(sk + sv) // 2, s_values=sk + sv - (sk + sv) // 2, name="csr-even-split"), neural),
+        (replace(base, s_keys=sv, s_values=sk, name="csr-keys-heavy"), neural),
         # KIVI's recent-token window given to CSR too, paid for with 1-bit codes on the older tokens
         (replace(at(1.0, "")[0], residual=cfg.residual, name=f"csr-1bit-r{cfg.residual}"), neural),
     ]
