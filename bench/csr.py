@@ -37,7 +37,8 @@ def apply_overrides(cfg, sets: list[str]):
         if k not in cfg.__dataclass_fields__ or not v:
             raise UserError(f"--set {kv}: use KEY=VALUE with a BenchConfig field")
         cur = getattr(cfg, k)
-        cfg = replace(cfg, **{k: type(cur)(v) if isinstance(cur, int | float | str) else json.loads(v)})
+        scalar = isinstance(cur, int | float | str) and not isinstance(cur, bool)
+        cfg = replace(cfg, **{k: type(cur)(v) if scalar else json.loads(v)})
     return cfg
 
 
@@ -48,20 +49,22 @@ def table(res: dict) -> str:
     lines = [
         f"{res['model_name']} (`{res['model']}`; {res['layers']} layers, {res['kv_heads']} KV heads, head_dim "
         f"{res['head_dim']}), {cfg['eval_seqs']} held-out pydoc sequence(s) x {cfg['seq_len']} tokens "
-        f"({res['eval_tokens']} tokens), fed {cfg['chunk']} tokens at a time, every token coded before it is "
-        f"attended to. Dictionaries: N={cfg['atoms']} atoms per layer group (groups of ~{cfg['group']} adjacent "
+        f"({res['eval_tokens']} tokens), fed {cfg['chunk']} tokens at a time, every token outside the fp16 "
+        f"sink / recent window coded before it is attended to (CSR keeps the first {cfg.get('sink', 0)} tokens in "
+        f"fp16, counted). Dictionaries: N={cfg['atoms']} atoms per layer group (groups of ~{cfg['group']} adjacent "
         f"layers cut by JSD: keys {res['layer_groups']['keys']}), {cfg['calib_seqs']} x {cfg['calib_len']} "
         f"calibration tokens, early-stopped on {cfg['val_seqs']} held-out windows; main CSR setting: "
         f"{cfg['coef']} weights, {'bit-packed' if cfg['packed'] else 'int16'} indices, budget {cfg['bits']} "
         f"bits/element; seed {cfg['seed']}.",
         "",
-        "| method | atoms | s keys / values per 64 ch | bits/element | ppl | ppl / fp16 | top-1 vs fp16 "
-        "| encode µs/token | decode µs/token |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
+        "| method | atoms | s keys / values per 64 ch | fp16 sink / recent tokens | bits/element | ppl | ppl / fp16 "
+        "| top-1 vs fp16 | encode µs/token | decode µs/token |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
         sv = f"{r['s_keys']} / {r['s_values']}" if r.get("s_keys") else ""
-        lines.append(f"| {r['method']} | {r.get('atoms') or ''} | {sv} | {r['bits_per_element']:.3f} | "
+        win = f"{r.get('sink', 0)} / {r.get('residual', 0)}" if "residual" in r else ""
+        lines.append(f"| {r['method']} | {r.get('atoms') or ''} | {sv} | {win} | {r['bits_per_element']:.3f} | "
                      f"{r['ppl']:.3f} | {r['ppl'] / fp:.3f} | {r['top1_agreement']:.4f} | "
                      f"{r['encode_us_per_token']:.0f} | {r['decode_us_per_token']:.0f} |")
     c, k2 = by["csr"], by["kivi2"]
@@ -74,17 +77,21 @@ def table(res: dict) -> str:
     if "qa" in res:
         q = res["qa"]
         lines += ["Answer F1 with the compressed cache (SQuAD token F1 vs gold, 95% bootstrap interval; "
-                  "F1 vs fp16 = agreement with the fp16 cache's own answer). FanOutQA is closed-book (see docs).", "",
-                  "| set | n | method | F1 vs gold | 95% CI | F1 vs fp16 answer |", "|---|---:|---|---:|---|---:|"]
+                  "F1 vs fp16 = agreement with the fp16 cache's own answer; bits/element of each prompt + answer's "
+                  "cache, every byte counted, mean over the questions). FanOutQA is closed-book (see docs).", "",
+                  "| set | n | method | bits/element | F1 vs gold | 95% CI | F1 vs fp16 answer |",
+                  "|---|---:|---|---:|---:|---|---:|"]
         for src, rows in q["summary"].items():
             for m, v in rows.items():
-                lines.append(f"| {src} | {v['n']} | {m} | {100 * v['f1']:.1f} | "
+                b = f"{v['bits_per_element']:.2f}" if "bits_per_element" in v else ""
+                lines.append(f"| {src} | {v['n']} | {m} | {b} | {100 * v['f1']:.1f} | "
                              f"[{100 * v['f1_ci'][0]:.1f}, {100 * v['f1_ci'][1]:.1f}] | {100 * v['f1_vs_fp16']:.1f} |")
         lines.append("")
-    lines += ["Coders on held-out calibration vectors (relative squared error; encode µs per vector per layer, all "
-              "chunks, one thread, busy shared machine):", "",
-              "| dictionary | atoms | kind | coder | s x s_n | rel. error | µs/vector |",
-              "|---|---:|---|---|---|---:|---:|"]
+    if res["coders"]:
+        lines += ["Coders on held-out calibration vectors (relative squared error; encode µs per vector per layer, "
+                  "all chunks, one thread, busy shared machine):", "",
+                  "| dictionary | atoms | kind | coder | s x s_n | rel. error | µs/vector |",
+                  "|---|---:|---|---|---|---:|---:|"]
     for c in res["coders"]:
         lines.append(f"| {c['dictionary']} | {c['atoms']} | {c['kind']} | {c['coder']} | {c['s']} x {c['s_n']} | "
                      f"{c['rel_err']:.4f} | {c['us_per_vector']:.1f} |")
@@ -165,7 +172,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--group", type=int, default=0, help="layers per shared dictionary (0: the preset's)")
-    ap.add_argument("--qa", type=int, default=0, help="SQuAD and FanOutQA questions each (0: no QA)")
+    ap.add_argument("--qa", type=int, default=0, help="SQuAD questions, and FanOutQA ones unless --fanoutqa (0: no QA)")
+    ap.add_argument("--fanoutqa", type=int, default=-1, help="FanOutQA questions (-1: as many as --qa)")
     ap.add_argument("--dicts-only", action="store_true", help="train (or find) the dictionaries, then stop")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override a BenchConfig field (ints/floats), e.g. --set seq_len=1024")
@@ -194,7 +202,8 @@ def main() -> None:
             _, info, _ = prepare(engine, cfg, log)
             print(json.dumps(info, indent=1))
             return
-        res = run(cfg, engine, log=log, qa=QAConfig(squad=a.qa, fanoutqa=a.qa) if a.qa else None)
+        fan = a.qa if a.fanoutqa < 0 else a.fanoutqa
+        res = run(cfg, engine, log=log, qa=QAConfig(squad=a.qa, fanoutqa=fan) if a.qa or fan else None)
     out = Result(result_name(res["model_name"]), res, seed=a.seed, title=f"CSR vs KIVI on {res['model_name']}")
     out.markdown = table(res)
     out.figure = plot(res)

@@ -209,6 +209,12 @@ def test_bit_budget():
         budget(cfg, 4096, bits=0.2)
     with pytest.raises(UserError, match="bits"):
         BenchConfig(bits=0)
+    # the default fp16 sinks fit the budget at the default length: codes (1.875) + 4 x 16 bits over 512 tokens
+    k, v = budget(cfg, 4096)
+    codes = (k + v) * (index_bits(4096) + 8) / (2 * cfg.chunk_dim)
+    assert codes * (cfg.seq_len - cfg.sink) / cfg.seq_len + 16 * cfg.sink / cfg.seq_len <= cfg.bits
+    with pytest.raises(UserError, match="sink"):
+        BenchConfig(sink=512)
 
 
 def test_per_layer_rope_and_calibration_on_tiny_gemma3():

@@ -264,3 +264,31 @@ def test_cli_registers_csr_bench():
 
     res = CliRunner().invoke(app, ["csr-bench", "--quick", "--model", "no-such-model"])
     assert isinstance(res.exception, UserError) and "no-such-model" in str(res.exception)
+
+
+@pytest.mark.parametrize("chunk", [1, 7])
+def test_sink_tokens_kept_fp16_and_counted(tiny, chunk):
+    """The first ``sink`` tokens bypass the codec (fp16, exact up to fp16 rounding) and their bytes count."""
+    from transformers import DynamicCache
+
+    model, ids, _ = tiny
+    d, sink = model.config.head_dim, 3
+    ref = DynamicCache()
+    with torch.no_grad():
+        model(ids, cache=ref, use_cache=True)
+    cache = make_cache(CacheSpec("csr", s_keys=2, s_values=3, sink=sink), 2, _identity_dicts(2, d, True),
+                       engine=_engine(model))
+    _run(model, ids, cache, chunk=chunk)
+    T = ids.shape[1]
+    for layer, r in zip(cache.layers, ref.layers):
+        assert layer.get_seq_length() == T and layer.n_coded == T
+        for kind, want in (("keys", r.keys), ("values", r.values)):
+            # the reference layer 1 read fp32 sinks, this cache fp16 ones: equal up to fp16 rounding
+            assert torch.allclose(layer.sinks[kind].float(), want[..., :sink, :], atol=2e-3)
+            assert layer.sinks[kind].dtype == torch.float16
+            assert torch.equal(layer.work[kind][..., :sink, :], layer.sinks[kind].float())
+            assert not torch.allclose(layer.work[kind][..., sink:, :], want[..., sink:, :], atol=1e-2)
+        assert layer.codes["keys"]["idx"].shape[2] == T - sink
+    n = 2 * 2 * 2 * T * d
+    coded = 2 * 2 * (T - sink) * 32 * (2 + 3)  # layers x kv_heads x tokens x (index + weight bits) x atoms
+    assert cache_bits_per_element(cache) == pytest.approx((coded + 2 * 2 * 2 * sink * d * 16) / n)

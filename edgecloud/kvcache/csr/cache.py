@@ -153,13 +153,19 @@ def _nbytes(codes: dict[str, torch.Tensor]) -> int:
 
 
 class CodecLayer(DynamicLayer):
-    """Dense fp16 residual (``self.keys``/``self.values``, post-RoPE) + encoded history (``codes``)."""
+    """Dense fp16 residual (``self.keys``/``self.values``, post-RoPE) + encoded history (``codes``), and with
+    ``sink`` > 0 the first ``sink`` tokens in fp16 (``sinks``): a model's attention sinks (Gemma's <bos>) carry
+    outlier keys and values that a dictionary learned on ordinary tokens codes badly, yet every query attends
+    to them."""
 
-    def __init__(self, key_codec, value_codec, residual: int = 0, engine=None, layer: int | None = None):
+    def __init__(self, key_codec, value_codec, residual: int = 0, engine=None, layer: int | None = None,
+                 sink: int = 0):
         super().__init__()
         self.layer = layer  # index in the model: per-layer-type RoPE (Gemma 3)
         self.codec = {"keys": key_codec, "values": value_codec}
         self.residual = residual
+        self.sink = sink  # the first tokens (attention sinks) pinned in fp16, counted as cache memory
+        self.sinks: dict[str, torch.Tensor | None] = {"keys": None, "values": None}
         self.engine = engine  # an edgecloud.llm Engine: its RoPE (un)rotates pre-RoPE-coded keys
         self.block = max(key_codec.block, value_codec.block)
         self.codes: dict[str, dict[str, torch.Tensor]] = {"keys": {}, "values": {}}
@@ -197,13 +203,23 @@ class CodecLayer(DynamicLayer):
             self.lazy_initialization(key_states, value_states)
         self.keys = torch.cat([self.keys, key_states.half()], -2)
         self.values = torch.cat([self.values, value_states.half()], -2)
+        done = 0 if self.sinks["keys"] is None else self.sinks["keys"].shape[-2]
+        if done < self.sink:  # the first tokens leave the residual into the fp16 sink store, never coded
+            m = min(self.sink - done, self.keys.shape[-2])
+            for kind, dense in (("keys", self.keys), ("values", self.values)):
+                old = self.sinks[kind]
+                self.sinks[kind] = dense[..., :m, :] if old is None else torch.cat([old, dense[..., :m, :]], -2)
+                self.work[kind] = torch.cat([self.work[kind], dense[..., :m, :].to(self.work[kind].dtype)], -2)
+            self.keys, self.values = self.keys[..., m:, :], self.values[..., m:, :]
+            self.n_coded += m
         n_move = (max(0, self.keys.shape[-2] - self.residual) // self.block) * self.block
         if n_move:
             pos = torch.arange(self.n_coded, self.n_coded + n_move)
             # encode the original-precision states of the newest tokens (not their fp16 residual copy)
-            new = self.keys.shape[-2] - key_states.shape[-2]
+            fresh = min(key_states.shape[-2], self.keys.shape[-2])  # this call's tokens still in the residual
+            new = self.keys.shape[-2] - fresh
             for kind, states, dense in (("keys", key_states, self.keys), ("values", value_states, self.values)):
-                src = torch.cat([dense[..., :new, :].to(states.dtype), states], -2)[..., :n_move, :]
+                src = torch.cat([dense[..., :new, :].to(states.dtype), states[..., -fresh:, :]], -2)[..., :n_move, :]
                 self.work[kind] = torch.cat([self.work[kind], self._encode(kind, src, pos)], -2)
             self.keys, self.values = self.keys[..., n_move:, :], self.values[..., n_move:, :]
             self.n_coded += n_move
@@ -220,6 +236,7 @@ class CodecLayer(DynamicLayer):
         if not self.is_initialized:
             return 0
         dense = (self.keys.numel() + self.values.numel()) * 2
+        dense += sum(t.numel() * 2 for t in self.sinks.values() if t is not None)
         return (_nbytes(self.codes["keys"]) + _nbytes(self.codes["values"]) + dense
                 + self.codec["keys"].extra_bytes() + self.codec["values"].extra_bytes())
 
@@ -242,6 +259,7 @@ class CacheSpec:
     bits: int = 2  # kivi
     group: int = 32  # kivi: token block for keys, channel group for values
     residual: int = 0  # most recent tokens kept dense (fp16)
+    sink: int = 0  # first tokens kept dense (fp16): the attention sinks
     s_keys: int = 4  # csr atoms per chunk
     s_values: int = 4
     coder: str = "mp"
@@ -279,7 +297,7 @@ def make_cache(spec: CacheSpec, n_layers: int, dicts=None, engine=None, seed: in
                           seed + 2 * li + 1, spec.coef, spec.packed)
         else:
             raise UserError(f"method={spec.method!r}: use fp16, kivi or csr")
-        layers.append(CodecLayer(kc, vc, spec.residual, engine, li))
+        layers.append(CodecLayer(kc, vc, spec.residual, engine, li, spec.sink))
     return Cache(layers=layers)
 
 

@@ -30,6 +30,8 @@ def csr_bench(
     dictionaries: Path | None = typer.Option(None, "--dictionaries", help="Use this dictionary file (safetensors) "
                                              "for CSR instead of the cache; refused if for another model/shape."),
     qa: int = typer.Option(0, "--qa", min=0, help="Also score answer F1 on this many SQuAD and FanOutQA questions."),
+    sink: int = typer.Option(-1, "--sink", min=-1, help="First tokens CSR keeps in fp16, counted in bits/element "
+                             "(-1: the preset's 4)."),
 ) -> None:
     """Bits per KV element, perplexity, top-1 agreement with fp16, codec time: fp16, KIVI-2/4, CSR variants."""
     from edgecloud.atomic import write_text
@@ -48,7 +50,7 @@ def csr_bench(
     group = group or (6 if model == "gemma3-270m" else 0)
     for name, val, ok in (("seq_len", seq_len, seq_len > 0), ("eval_seqs", eval_seqs, eval_seqs > 0),
                           ("atoms", atoms, atoms > 0), ("steps", steps, steps >= 0), ("bits", bits, bits > 0),
-                          ("group", group, group > 0)):
+                          ("group", group, group > 0), ("sink", sink, sink >= 0)):
         if ok:
             cfg = replace(cfg, **{name: val})
     if cfg.seq_len < cfg.chunk or cfg.atoms > 32767:

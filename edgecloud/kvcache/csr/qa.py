@@ -103,24 +103,29 @@ def load_sets(cfg: QAConfig, seed: int) -> dict[str, list[QAItem]]:
 
 def qa_compare(engine, specs: dict, cfg: QAConfig, seed: int = 0, log=print) -> dict:
     """``specs``: method -> (CacheSpec, dictionaries or None), "fp16" first. Answer F1 per set and method."""
-    from edgecloud.kvcache.csr.cache import make_cache
+    from edgecloud.kvcache.csr.cache import cache_bits_per_element, make_cache
 
     sets = load_sets(cfg, seed)
     summary, answers = {}, {}
     for src, items in sets.items():
         prompts = [engine.encode_prompt(prompt_for(engine, it)) for it in items]
-        got = {}
+        got, bits = {}, {}
         for method, (spec, dicts) in specs.items():
-            got[method] = [answer(engine, ids, make_cache(spec, engine.n_layers, dicts, engine, seed=seed), cfg)
-                           for ids in prompts]
+            got[method], bits[method] = [], []
+            for ids in prompts:
+                cache = make_cache(spec, engine.n_layers, dicts, engine, seed=seed)
+                got[method].append(answer(engine, ids, cache, cfg))
+                bits[method].append(cache_bits_per_element(cache))  # this prompt + answer, every byte counted
         summary[src] = {}
         for method, outs in got.items():
             gold = [f1(a, it.answers) for a, it in zip(outs, items)]
             vs = [f1(a, [b]) if b.strip() else float(not a.strip()) for a, b in zip(outs, got["fp16"])]
             summary[src][method] = {"f1": sum(gold) / len(gold), "f1_ci": bootstrap_ci(gold, seed=seed),
-                                    "f1_vs_fp16": sum(vs) / len(vs), "n": len(items)}
+                                    "f1_vs_fp16": sum(vs) / len(vs), "n": len(items),
+                                    "bits_per_element": sum(bits[method]) / len(items)}
             r = summary[src][method]
-            log(f"QA {src} {method}: F1 {r['f1']:.3f}  vs fp16 {r['f1_vs_fp16']:.3f}")
+            log(f"QA {src} {method}: F1 {r['f1']:.3f}  vs fp16 {r['f1_vs_fp16']:.3f}  "
+                f"{r['bits_per_element']:.2f} bits")
         answers[src] = [{"question": it.question, "gold": it.answers[:3], **{m: got[m][i] for m in got}}
                         for i, it in enumerate(items[:5])]
     return {"summary": summary, "examples": answers, "config": {"squad": cfg.squad, "fanoutqa": cfg.fanoutqa,
