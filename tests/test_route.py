@@ -171,3 +171,60 @@ def test_preference_probe_scores_the_models_choice():
     assert dumb["accuracy"] == 1 / len(PREFS) and dumb["distinct_answers"] == 1
     good = preference_probe(Reads(None, None, FakeEngine()))
     assert good["accuracy"] == 1.0 and good["distinct_answers"] == len(PREFS)
+
+
+def test_paired_ci_against_hand_cases():
+    from edgecloud.route.evaluate import paired_ci
+
+    c = paired_ci([0.5, 0.7, 0.9], [0.3, 0.5, 0.7], boot=200)
+    assert c["diff"] == pytest.approx(0.2) and c["lo"] == pytest.approx(0.2) and c["hi"] == pytest.approx(0.2)
+    rng = np.random.default_rng(0)
+    a, b = rng.random(400), rng.random(400)
+    c = paired_ci(a, b, boot=1000)
+    se = np.std(a - b) / np.sqrt(len(a))  # the bootstrap interval is ~ mean ± 1.96 standard errors
+    assert c["hi"] - c["lo"] == pytest.approx(2 * 1.96 * se, rel=0.15) and c["lo"] < c["diff"] < c["hi"]
+    assert paired_ci([], [])["n"] == 0
+
+
+def test_round_robin_interleaves_preferences(trips):
+    from edgecloud.route.evaluate import round_robin
+    from edgecloud.route.trips import PREFS
+
+    tests = [t for t in trips if t.split == "test"]
+    order = round_robin(tests)
+    assert sorted(order) == list(range(len(tests)))
+    first = [tests[i].pref for i in order[: len(PREFS)]]
+    assert first == list(PREFS)
+
+
+def test_personal_retrieval_and_pathgpt_anchors(g, trips):
+    """A known driver retrieves only their own trips; PathGPT's anchors are retrieved segments on the roads the
+    LLM kept (a fake LLM keeping the first-ranked roads), and the answer is a valid path."""
+    from edgecloud.route.evaluate import request_of
+    from edgecloud.route.recommend import Recommender, TripIndex
+
+    train = [t for t in trips if t.split == "train"]
+    idx = TripIndex(train, dense=False)
+    t = next(t for t in trips if t.split == "test" and t.pref == "familiar")
+    mine = [x for x in train if x.driver == t.driver]
+    top = idx.top("anything", 5, driver=t.driver)
+    assert len(top) == len(mine) and all(x.driver == t.driver for x in top)
+    assert len(idx.top("anything", 5)) == 5 and len(idx.top("anything", 5, driver=10**6)) == 5
+
+    class FirstRoads(Recommender):
+        def llm_choose(self, prompt, cands, free_tokens=0, picks=None):
+            self.seen = (prompt, list(cands))
+            return list(cands[: picks or 1]), ""
+
+    class FakeEngine:
+        def chat_prompt(self, system, user):
+            return user
+
+    rec = FirstRoads(g, idx, FakeEngine())
+    req = request_of(t)
+    a = rec.run("pathgpt", req)
+    full = rec.run("retrieval_topk", req)
+    assert g.is_path(a.edges, t.origin, t.dest) and g.is_path(full.edges, t.origin, t.dest)
+    prompt, cands = rec.seen
+    assert cands == full.roads and "Past trips:" in prompt
+    assert len(a.roads) == max(1, round(rec.cfg.keep * len(cands))) and set(a.roads) <= set(cands)

@@ -83,7 +83,7 @@ def recommend_cmd(origin: str = typer.Option(..., "--from", help="street, 'stree
     km = g.length[a.edges].sum() / 1000
     print(f"{method}: {g.describe_node(o)} -> {g.describe_node(t)}: {' -> '.join(roads_of(g, a.edges))}")
     print(f"{km:.2f} km, {g.time[a.edges].sum() / 60:.1f} min, {len(a.edges)} edges, valid path: "
-          f"{a.valid and g.is_path(a.edges, o, t)}; LLM chose: {', '.join(a.roads) or '-'}"
+          f"{a.valid and g.is_path(a.edges, o, t)}; roads chosen: {', '.join(a.roads) or '-'}"
           + (f"; {a.unknown} named road(s) not on the graph were ignored" if a.unknown else ""))
     if map_out:
         from edgecloud import atomic

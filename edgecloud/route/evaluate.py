@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -13,6 +13,8 @@ from edgecloud.route.recommend import METHODS, Answer, RecConfig, Recommender, R
 from edgecloud.route.trips import HELDOUT, PREFS, Trip, TripConfig, generate, roads_of
 
 ALL = METHODS + ["names_v1"]
+LLM = ["llm_no_context", "pathgpt", "names_v1"]
+CHEAP = [m for m in ALL if m not in LLM]
 
 
 @dataclass(frozen=True)
@@ -20,11 +22,24 @@ class BenchConfig:
     quick: bool = False
     requests_per_pref: int = 0    # 0: all test trips (quick: 2 per preference)
     model: str = "smollm2-135m"
+    llm_per_pref: int = 0         # LLM rows on this many requests per preference (0: the same as the graph rows)
+    llm_minutes: float = 0.0      # stop starting LLM requests after this long (0: no cap); n is reported per row
+    v1_requests: int = 5          # names_v1 (never a valid path; only its validity matters) on this many requests
+    boot: int = 2000              # paired-bootstrap resamples for the confidence intervals
+    probe: bool = True            # run the preference probe (the measured cause of the LLM's weakness)
 
 
 def request_of(t: Trip) -> Request:
     """The held-out preference's drivers have no history: their requests carry preference words only."""
     return Request(t.origin, t.dest, PREFS[t.pref], None if t.pref == HELDOUT else t.driver)
+
+
+def round_robin(tests: list[Trip]) -> list[int]:
+    """Indices of ``tests`` interleaved over preferences: the first of each, then the second of each, ..."""
+    per: dict[str, list[int]] = {}
+    for i, t in enumerate(tests):
+        per.setdefault(t.pref, []).append(i)
+    return sorted(range(len(tests)), key=lambda i: (per[tests[i].pref].index(i), list(PREFS).index(tests[i].pref)))
 
 
 def pick_tests(trips: list[Trip], per_pref: int) -> list[Trip]:
@@ -69,23 +84,72 @@ def preference_probe(rec: Recommender) -> dict:
             "chance": 1 / len(labels)}
 
 
-def run(cfg: BenchConfig, seed: int = 0, engine=None, progress=None) -> dict:
+def paired_ci(a, b, boot: int = 2000, seed: int = 0, level: float = 0.95) -> dict:
+    """Mean of the per-request difference a - b with a paired-bootstrap percentile interval (requests resampled
+    with replacement, the same draw for both methods, so request difficulty cancels)."""
+    d = np.asarray(a, float) - np.asarray(b, float)
+    if not len(d):
+        return {"diff": None, "lo": None, "hi": None, "n": 0}
+    idx = np.random.default_rng(seed).integers(0, len(d), (boot, len(d)))
+    means = d[idx].mean(1)
+    q = (1 - level) / 2
+    return {"diff": float(d.mean()), "lo": float(np.quantile(means, q)), "hi": float(np.quantile(means, 1 - q)),
+            "n": int(len(d))}
+
+
+def comparisons(rows: dict, boot: int, seed: int) -> dict:
+    """PathGPT against the goal baselines (+20 over no context, +5 over the better Dijkstra), and the LLM's own
+    contribution (PathGPT vs the same retrieval without the LLM), on all requests and on the held-out preference."""
+    out = {}
+    for part in ("all", HELDOUT):
+        rs = {m: [r for r in rows[m] if part == "all" or r["pref"] == part] for m in rows}
+        if not rs["pathgpt"]:
+            continue
+        f = {m: {r["i"]: r["f1"] for r in v} for m, v in rs.items()}
+        best = max(("dijkstra_fastest", "dijkstra_shortest"), key=lambda m: np.mean(list(f[m].values())))
+        for base, goal in (("llm_no_context", 0.20), (best, 0.05), ("retrieval_topk", None),
+                           ("retrieval_only", None)):
+            both = sorted(set(f["pathgpt"]) & set(f[base]))  # paired: the requests both methods answered
+            c = paired_ci([f["pathgpt"][i] for i in both], [f[base][i] for i in both], boot, seed)
+            out[f"{part}: pathgpt - {base}"] = {**c, "goal": goal,
+                                                 "met": None if goal is None or c["diff"] is None
+                                                 else bool(c["diff"] >= goal)}
+    return out
+
+
+def build(cfg: BenchConfig, seed: int = 0, engine=None) -> tuple[RoadGraph, list[Trip], Recommender]:
+    """The graph, the seed's trips and a recommender over the training trips (shared by the bench's map)."""
     from edgecloud.llm.engine import Engine
     from edgecloud.llm.models import load_model
 
     g = load_helsinki()
     _, trips = generate(g, TripConfig(), seed)
     index = TripIndex([t for t in trips if t.split == "train"])
-    engine = engine or Engine(load_model(cfg.model))
-    rec = Recommender(g, index, engine, RecConfig())
+    return g, trips, Recommender(g, index, engine or Engine(load_model(cfg.model)), RecConfig())
+
+
+def run(cfg: BenchConfig, seed: int = 0, engine=None, progress=None, built=None) -> dict:
+
+    g, trips, rec = built or build(cfg, seed, engine)
+    index = rec.index
     tests = pick_tests(trips, cfg.requests_per_pref or (2 if cfg.quick else 0))
     rows = {m: [] for m in ALL}
-    for i, t in enumerate(tests):
-        req = request_of(t)
-        for m in ALL:
-            rows[m].append({"pref": t.pref, **score(g, rec.run(m, req), t)})
+    for i, t in enumerate(tests):  # the graph-only rows: every request, cheap
+        for m in CHEAP:
+            rows[m].append({"i": i, "pref": t.pref, **score(g, rec.run(m, request_of(t)), t)})
+    # the LLM rows: requests taken round-robin over the preferences, so a time-capped run stays balanced
+    llm = [i for i in round_robin(tests) if cfg.llm_per_pref == 0 or
+           sum(tests[j].pref == tests[i].pref for j in range(i)) < cfg.llm_per_pref]
+    deadline = time.monotonic() + 60 * cfg.llm_minutes if cfg.llm_minutes else float("inf")
+    for n, i in enumerate(llm):
+        if time.monotonic() > deadline:
+            break
+        t = tests[i]
+        for m in LLM:
+            if m != "names_v1" or len(rows[m]) < cfg.v1_requests:
+                rows[m].append({"i": i, "pref": t.pref, **score(g, rec.run(m, request_of(t)), t)})
         if progress:
-            progress(i + 1, len(tests))
+            progress(n + 1, len(llm))
     table = []
     keys = ["precision", "recall", "f1", "name_f1", "len_jaccard", "valid", "latency_s"]
     for m in ALL:
@@ -95,17 +159,23 @@ def run(cfg: BenchConfig, seed: int = 0, engine=None, progress=None) -> dict:
                 table.append({"method": m, "pref": p + (" (held out)" if p == HELDOUT else ""), "n": len(rs),
                               **{k: float(np.mean([r[k] for r in rs])) for k in keys},
                               "unknown_names": int(sum(r["unknown"] for r in rs))})
-    f1 = {m: float(np.mean([r["f1"] for r in rows[m]])) for m in ALL}
+    f1 = {m: float(np.mean([r["f1"] for r in rows[m]])) if rows[m] else None for m in ALL}
+    on_llm = {r["i"] for r in rows["pathgpt"]}
     held = [r["f1"] for r in rows["pathgpt"] if r["pref"] == HELDOUT]
     return {
         "f1_dijkstra_fastest": f1["dijkstra_fastest"], "f1_dijkstra_shortest": f1["dijkstra_shortest"],
         "f1_llm_no_context": f1["llm_no_context"], "f1_retrieval_only": f1["retrieval_only"],
-        "f1_pathgpt": f1["pathgpt"], "f1_heldout_preference": float(np.mean(held)) if held else None,
-        "validity_rate": float(np.mean([r["valid"] for r in rows["pathgpt"]])),
-        "names_v1_not_a_path": float(1 - np.mean([r["valid"] for r in rows["names_v1"]])),
-        "requests": len(tests), "heldout_preference": HELDOUT, "graph": {"nodes": g.n_nodes, "edges": g.n_edges,
+        "f1_pathgpt": f1["pathgpt"], "f1_retrieval_topk": f1["retrieval_topk"],
+        "f1_heldout_preference": float(np.mean(held)) if held else None,
+        "validity_rate": float(np.mean([r["valid"] for r in rows["pathgpt"]])) if rows["pathgpt"] else None,
+        "names_v1_not_a_path": float(1 - np.mean([r["valid"] for r in rows["names_v1"]])) if rows["names_v1"] else None,
+        "requests": len(tests), "llm_requests": len(rows["pathgpt"]), "names_v1_requests": len(rows["names_v1"]),
+        "paired_bootstrap_95ci": comparisons({m: v for m, v in rows.items() if m != "names_v1"}, cfg.boot, seed),
+        "f1_on_llm_requests": {m: float(np.mean([r["f1"] for r in rows[m] if r["i"] in on_llm])) if on_llm else None
+                               for m in ALL if m != "names_v1"},
+        "rec_config": asdict(rec.cfg), "heldout_preference": HELDOUT, "graph": {"nodes": g.n_nodes, "edges": g.n_edges,
                                                                           "named_roads": len(g.names)},
-        "llm_preference_probe": preference_probe(rec),
+        "llm_preference_probe": preference_probe(rec) if cfg.probe else None,
         "train_trips": len(index.trips), "table": table, "model": cfg.model, "lora": False,
         "example": {"origin": int(tests[0].origin), "dest": int(tests[0].dest), "pref": tests[0].pref}
         if tests else None,

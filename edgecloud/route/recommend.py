@@ -1,10 +1,13 @@
 """The recommender (PathGPT, anchor version) and its baselines. Every method but ``names_v1`` returns a valid path.
 
-PathGPT: retrieve the top-k historical trips for the request (BM25 + MiniLM, reciprocal-rank fusion), put them in
-the prompt with the origin, destination, preference words and the candidate roads near the trip, and let the LLM
-choose roads by constrained choice: each candidate's mean token log-probability as the answer's continuation, the
-``picks`` best kept. Chosen names resolve to graph edges (unknown names are ignored and counted); Dijkstra over
-travel time with those edges discounted connects origin and destination, so the answer is always a path.
+PathGPT: retrieve the top-k historical trips for the request (BM25 + MiniLM, reciprocal-rank fusion; a request
+that names a known driver searches that driver's own history, as PathGPT's per-user retrieval does), put them in the
+prompt (compactly: each trip's roads near this request) with the origin, destination and preference words, and let
+the LLM rank those roads by constrained choice: each candidate's mean token log-probability as the answer's
+continuation. The ``keep`` best-ranked share of the roads is kept, and the retrieved trips' own segments on them are
+the anchors; Dijkstra over travel time with the anchors discounted connects origin and destination, so the answer is
+always a path. ``retrieval_topk`` is the same with every retrieved road kept: the LLM's contribution is the
+difference between the two rows.
 ``names_v1`` is the public v1 style: free-text road names, checked (not repaired) for forming a path.
 """
 
@@ -20,14 +23,16 @@ import torch
 from edgecloud.route.graph import RoadGraph
 from edgecloud.route.trips import PREFS, Trip, request_text, roads_of
 
-METHODS = ["dijkstra_fastest", "dijkstra_shortest", "retrieval_only", "llm_no_context", "pathgpt"]
+METHODS = ["dijkstra_fastest", "dijkstra_shortest", "retrieval_only", "retrieval_topk", "llm_no_context", "pathgpt"]
 SYSTEM = "You recommend driving routes in central Helsinki. Answer with road names separated by commas."
 
 
 @dataclass(frozen=True)
 class RecConfig:
-    k: int = 2                # retrieved trips in the prompt
-    picks: int = 3            # roads the LLM chooses
+    k: int = 5                # retrieved trips in the prompt
+    picks: int = 3            # roads the no-context LLM chooses
+    keep: float = 0.7         # PathGPT: share of the retrieved roads (LLM-ranked) whose segments anchor the route
+    personal: bool = True     # a request with a known driver retrieves from that driver's own trips
     discount: float = 0.3     # cost factor on chosen roads' edges
     detour: float = 1.5       # candidate roads: edge midpoints inside this ellipse around origin/destination
     v1_tokens: int = 16       # free-text tokens for names_v1
@@ -80,7 +85,8 @@ class TripIndex:
         self.dense = Dense(texts) if dense and texts else None
         self.rrf = rrf
 
-    def top(self, query: str, k: int) -> list[Trip]:
+    def top(self, query: str, k: int, driver: int | None = None) -> list[Trip]:
+        """Top-``k`` by fused rank; with ``driver`` (and history for them), only that driver's own trips."""
         if not self.trips:
             return []
         n = len(self.trips)
@@ -88,7 +94,10 @@ class TripIndex:
         for ranking in (self.bm25.top(query, n), self.dense.top(query, n) if self.dense else []):
             for r, i in enumerate(ranking):
                 score[i] += 1.0 / (self.rrf + r + 1)
-        return [self.trips[int(i)] for i in np.argsort(-score, kind="stable")[:k]]
+        mine = np.array([t.driver == driver for t in self.trips])
+        if driver is not None and mine.any():
+            score[~mine] = -np.inf
+        return [self.trips[int(i)] for i in np.argsort(-score, kind="stable")[:min(k, int(mine.sum()) or n)]]
 
 
 class Recommender:
@@ -123,18 +132,31 @@ class Recommender:
         edges = [int(e) for r in known for e in self.g.edges_named[r]]
         return known, edges, unknown
 
-    def prompt(self, req: Request, context: list[Trip]) -> str:
+    def retrieve(self, req: Request, k: int) -> list[Trip]:
+        return self.index.top(req.query(self.g), k, req.driver if self.cfg.personal else None)
+
+    def near_edges(self, o: int, t: int, trips: list[Trip]) -> list[int]:
+        """The retrieved trips' segments whose road is a candidate for this request (inside the detour ellipse)."""
+        cands = set(self.candidates(o, t))
+        return list(dict.fromkeys(e for c in trips for e in c.edges if self.g.name[e] in cands))
+
+    def prompt(self, req: Request, context: list[Trip], near: list[int] | None = None) -> str:
+        """``near``: each past trip is shown by its roads among these edges only (short prompt, relevant roads)."""
         g = self.g
         lines = []
         if context:
+            keep = set(near) if near is not None else None
             lines.append("Past trips:")
-            lines += [f"{i + 1}. {t.text}" for i, t in enumerate(context)]
+            lines += [f"{i + 1}. {t.text}" if keep is None else
+                      f"{i + 1}. {PREFS[t.pref]}: {', '.join(roads_of(g, [e for e in t.edges if e in keep]))}"
+                      for i, t in enumerate(context)]
         lines.append(f"Request: {req.query(g)}.")
         lines.append("Which roads should the route use?")
         return self.engine.chat_prompt(SYSTEM, "\n".join(lines)) + "Roads:"
 
     @torch.inference_mode()
-    def llm_choose(self, prompt: str, cands: list[str], free_tokens: int = 0) -> tuple[list[str], str]:
+    def llm_choose(self, prompt: str, cands: list[str], free_tokens: int = 0,
+                   picks: int | None = None) -> tuple[list[str], str]:
         """Constrained choice: rank candidates by mean log-prob as the answer; optionally also free text."""
         e = self.engine
         ids = e.encode_prompt(prompt)
@@ -163,7 +185,7 @@ class Recommender:
             scores += (lp * mask).sum(1).numpy()
         scores /= np.array([len(t) for t in toks])
         order = np.argsort(-scores, kind="stable")
-        return [cands[i] for i in order[: self.cfg.picks]], free
+        return [cands[i] for i in order[: picks or self.cfg.picks]], free
 
     # ------------------------------------------------------------- methods
     def run(self, method: str, req: Request) -> Answer:
@@ -179,20 +201,25 @@ class Recommender:
         if method == "dijkstra_shortest":
             return Answer(g.route(o, t, g.length))
         if method == "retrieval_only":
-            top = self.index.top(req.query(g), 1)
+            top = self.retrieve(req, 1)
             anchors = top[0].edges if top else []
             return Answer(self.connect(o, t, anchors), roads_of(g, anchors))
+        if method in ("retrieval_topk", "pathgpt"):
+            ctx = self.retrieve(req, self.cfg.k)
+            near = self.near_edges(o, t, ctx)
+            roads = list(dict.fromkeys(g.name[e] for e in near))
+            if method == "pathgpt" and roads:
+                roads, _ = self.llm_choose(self.prompt(req, ctx, near), roads,
+                                           picks=max(1, round(self.cfg.keep * len(roads))))
+                kept = set(roads)
+                near = [e for e in near if g.name[e] in kept]
+            return Answer(self.connect(o, t, near), roads)
         cands = self.candidates(o, t)
         if method == "llm_no_context":
             chosen, _ = self.llm_choose(self.prompt(req, []), cands)
-        elif method in ("pathgpt", "names_v1"):
-            ctx = self.index.top(req.query(g), self.cfg.k)
-            if method == "names_v1":
-                _, free = self.llm_choose(self.prompt(req, ctx), [], self.cfg.v1_tokens)
-                return self.names_v1(o, t, free)
-            # constrained choice among the retrieved trips' roads near this request (all nearby roads if none)
-            near = [r for r in dict.fromkeys(r for c in ctx for r in roads_of(g, c.edges)) if r in cands]
-            chosen, _ = self.llm_choose(self.prompt(req, ctx), near or cands)
+        elif method == "names_v1":
+            _, free = self.llm_choose(self.prompt(req, self.retrieve(req, self.cfg.k)), [], self.cfg.v1_tokens)
+            return self.names_v1(o, t, free)
         else:
             raise ValueError(method)
         known, edges, unknown = self.resolve(chosen)
