@@ -93,10 +93,10 @@ def study(ds: Dataset, seed: int = 0) -> dict:
 
 
 def run(seed: int = 0, corpora=("plays", "chat")) -> dict:
-    """The oracles on the bench's exchanges (240 training / 80 held-out per corpus) and on every exchange."""
+    """The oracles on the bench's exchanges (240 training / 80 held-out per corpus) and on up to 2,000 / 500."""
     from edgecloud.personal.qar.exchanges import DataConfig, build
 
-    sizes = {"bench": {"max_train": 240, "max_eval": 80}, "all": {"max_train": 10 ** 6, "max_eval": 10 ** 6}}
+    sizes = {"bench": {"max_train": 240, "max_eval": 80}, "large": {"max_train": 2000, "max_eval": 500}}
     return {f"{c}/{s}": study(build(DataConfig(corpus=c, **kw)), seed) for c in corpora for s, kw in sizes.items()}
 
 
@@ -110,8 +110,9 @@ def to_result(d: dict, seed: int = 0):
 
     res = Result("questioner_aware_oracle", d, seed=seed,
                  title="Questioner-aware responders: is there a questioner signal in the replies? (text oracles)")
-    res.markdown = ("Per corpus, on the bench's exchanges (`bench`: 240 training / 80 held-out) and on every "
-                    "selected exchange (`all`). Intervals: paired bootstrap over held-out exchanges.\n")
+    res.markdown = ("Per corpus, on the bench's exchanges (`bench`: 240 training / 80 held-out) and on up to "
+                    "2,000 training / 500 held-out selected exchanges (`large`). Intervals: paired bootstrap over "
+                    "held-out exchanges.\n")
     rows = []
     for k, v in d.items():
         at, lm, rt = v["attribution"], v["lm_gain"], v["retrieval"]
