@@ -4,8 +4,8 @@ attacker on each arm's uploads. Writes docs/results/anonymous_embeddings.{json,m
 
     PYTHONPATH=. .venv/bin/python bench/anonymous_embeddings.py            # 32 users, seeds 0, 1, 2
     PYTHONPATH=. .venv/bin/python bench/anonymous_embeddings.py --quick    # the CLI's --quick workload
-    # the headline arms only (none, static, gaussian sigma 2), one seed -> anonymous_embeddings_contrast.*
-    PYTHONPATH=. .venv/bin/python bench/anonymous_embeddings.py --seeds 1 --sigmas 2 --no-mixture \
+    # the headline arms only (none, static, gaussian sigma 2), seeds 0-2 -> anonymous_embeddings_contrast.*
+    PYTHONPATH=. .venv/bin/python bench/anonymous_embeddings.py --seeds 3 --sigmas 2 --no-mixture \
         --name anonymous_embeddings_contrast
     PYTHONPATH=. .venv/bin/python bench/anonymous_embeddings.py --oracle   # is the task user-dependent at all?
 """
