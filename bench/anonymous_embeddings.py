@@ -4,6 +4,10 @@ attacker on each arm's uploads. Writes docs/results/anonymous_embeddings.{json,m
 
     PYTHONPATH=. .venv/bin/python bench/anonymous_embeddings.py            # 32 users, seeds 0, 1, 2
     PYTHONPATH=. .venv/bin/python bench/anonymous_embeddings.py --quick    # the CLI's --quick workload
+    # the headline arms only (none, static, gaussian sigma 2), seeds 0-2 -> anonymous_embeddings_contrast.*
+    PYTHONPATH=. .venv/bin/python bench/anonymous_embeddings.py --seeds 3 --sigmas 2 --no-mixture \
+        --name anonymous_embeddings_contrast
+    PYTHONPATH=. .venv/bin/python bench/anonymous_embeddings.py --oracle   # is the task user-dependent at all?
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pathlib import Path
 os.environ.setdefault("EDGECLOUD_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from dataclasses import replace  # noqa: E402
+
 from edgecloud.personal.anon.bench import BenchConfig, quick_config, run, to_result  # noqa: E402
 from edgecloud.results import check_out_dir  # noqa: E402
 
@@ -25,10 +31,32 @@ if __name__ == "__main__":
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--seeds", type=int, default=3, help="number of seeds (seed, seed+1, ...)")
+    ap.add_argument("--epochs", type=float, default=0.0, help="training epochs per arm (0: the preset's)")
+    ap.add_argument("--sigmas", type=float, nargs="*", default=None, help="gaussian sigmas (the first is the headline)")
+    ap.add_argument("--no-mixture", action="store_true", help="leave out the mixture arm")
+    ap.add_argument("--name", default="anonymous_embeddings", help="result file name")
+    ap.add_argument("--oracle", action="store_true", help="the identity oracles (no LM): anonymous_embeddings_oracle")
     a = ap.parse_args()
     check_out_dir(a.out)
-    cfg = quick_config(a.seed) if a.quick else BenchConfig(seeds=(a.seed, a.seed + 1, a.seed + 2))
-    d = run(cfg, on_seed=lambda partial: to_result(partial).write(a.out))
-    for kind, path in to_result(d).write(a.out).items():
+    if a.oracle:
+        from edgecloud.personal.anon.data import DataConfig
+        from edgecloud.personal.anon.oracle import study
+        from edgecloud.personal.anon.oracle import to_result as oracle_result
+
+        res = oracle_result(study(DataConfig(), seed=a.seed), a.seed)
+        for kind, path in res.write(a.out).items():
+            print(kind, path)
+        print(res.markdown)
+        raise SystemExit(0)
+    cfg = quick_config(a.seed) if a.quick else BenchConfig(seeds=tuple(range(a.seed, a.seed + a.seeds)))
+    if a.epochs:
+        cfg = replace(cfg, cloud=replace(cfg.cloud, epochs=a.epochs))
+    if a.no_mixture:
+        cfg = replace(cfg, skip_mixture=True)
+    if a.sigmas:
+        cfg = replace(cfg, sigmas=tuple(a.sigmas), headline_sigma=a.sigmas[0])
+    d = run(cfg, on_seed=lambda partial: to_result(partial, a.name).write(a.out))
+    for kind, path in to_result(d, a.name).write(a.out).items():
         print(kind, path)
-    print(to_result(d).markdown)
+    print(to_result(d, a.name).markdown)

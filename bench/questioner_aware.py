@@ -7,6 +7,7 @@ still leaves the finished corpora, and ``--combine`` re-summarizes saved runs wi
     python bench/questioner_aware.py                          # plays then chat, 1 seed (~1 h on a busy 2-core box)
     python bench/questioner_aware.py --quick                  # the CLI's --quick preset
     python bench/questioner_aware.py --combine /tmp/qar/runs/plays.json /tmp/qar/runs/chat.json
+    python bench/questioner_aware.py --oracle                 # text-only oracles: is a questioner signal there?
 """
 
 from __future__ import annotations
@@ -46,7 +47,16 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(OUT))
     ap.add_argument("--runs", default="/tmp/qar/runs", help="where each corpus's raw run is saved")
     ap.add_argument("--combine", nargs="+", help="summarize saved corpus runs instead of running")
+    ap.add_argument("--oracle", action="store_true", help="text-only questioner oracles: questioner_aware_oracle")
     a = ap.parse_args(argv)
+    if a.oracle:
+        from edgecloud.personal.qar import oracle
+
+        check_out_dir(a.out)
+        res = oracle.to_result(oracle.run(a.seed, tuple(a.corpus or ("plays", "chat"))), a.seed)
+        print("wrote", ", ".join(str(p) for p in res.write(a.out).values()))
+        print(res.markdown)
+        return 0
     import torch
 
     from edgecloud.personal.qar.bench import BenchConfig, run_corpus, summarize, write_results

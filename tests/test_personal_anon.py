@@ -154,3 +154,50 @@ def test_attacker_matches_the_bayes_rate_of_two_gaussians():
     z = (np.where(u == 0, m, -m) + rng.normal(size=len(u)))[:, None]
     z2 = (np.where(u == 0, m, -m) + rng.normal(size=len(u)))[:, None]
     assert abs(attack.classifier_top1(z, u, z2, u) - norm.cdf(m)) < 0.02
+
+
+def test_identity_oracles_find_a_planted_author_signal():
+    from edgecloud.personal.anon import oracle
+
+    cfg = data.DataConfig(users=4, n_train=10, n_eval=3, n_candidates=4, min_replies=20)
+    r = oracle.evaluate(cfg, 10, convs=synthetic_convs())
+    acc = {a["oracle"]: a for a in r["arms"]}
+    assert r["eval_examples"] == 12 and r["chance"] == 0.25
+    # every reply names its author ("user u says ..."): knowing the user's replies identifies the real one
+    assert acc["author classifier"]["acc"] == 1.0 and acc["user/background ratio"]["acc"] == 1.0
+    assert acc["author classifier"]["vs_none"]["diff"] == pytest.approx(1.0 - acc["none"]["acc"])
+
+
+def test_paired_diff_and_strict_hits():
+    from edgecloud.personal.anon.oracle import _hits, paired_diff
+
+    a, b = np.array([1, 1, 0, 1.0]), np.array([0, 1, 0, 0.0])
+    d = paired_diff(a, b, n_boot=500)
+    assert d["diff"] == 0.5 and 0 <= d["ci95"][0] <= 0.5 <= d["ci95"][1] <= 1 and d["n"] == 4
+    same = paired_diff(a, a, n_boot=200)
+    assert same["diff"] == 0 and same["ci95"] == [0, 0] and same["p_le_0"] == 1.0
+    assert _hits([np.array([2.0, 1.0]), np.array([1.0, 1.0]), np.array([0.0, 1.0])]).tolist() == [1, 0, 0]
+
+
+def test_summary_keys_gain_intervals_and_contrast():
+    from edgecloud.personal.anon import bench
+
+    dcfg = data.DataConfig(users=4, n_train=10, n_eval=3, n_candidates=4, min_replies=20)
+    ds = data.build(dcfg, synthetic_convs())
+    cfg = bench.BenchConfig(data=dcfg, anchors=2, sigmas=(2.0,), seeds=(0,), skip_mixture=True)
+    assert [a[0] for a in bench.arms(cfg)] == ["none", "static", "gaussian s=2"]
+    n = len(ds.eval)
+
+    def row(kind, hits, chits=None):
+        r = {"kind": kind, "sigma": 0.0, "acc": sum(hits) / n, "lm_loss": 4.0, "ppl": 54.6, "attack_top1": 0.25,
+             "link_top1": 0.25, "link_ari": 0.0, "hits": hits}
+        return r | ({"acc_contrast": sum(chits) / n, "hits_contrast": chits} if chits else {})
+
+    none, static = [0] * n, [1] * 6 + [0] * (n - 6)
+    per_seed = [{"none": row("none", none), "static": row("static", static, [1] * n),
+                 "gaussian s=2": row("gaussian", [1] * 3 + [0] * (n - 3), [1] * 9 + [0] * (n - 9))}]
+    d = bench.summarize(cfg, ds, per_seed, 1.0)
+    assert all(k in d for k in bench.CONTRACT) and d["acc_mixture"] is None
+    assert d["gain_recovered"] == pytest.approx(0.5) and d["gain_recovered_contrast"] == pytest.approx(0.75)
+    assert d["static_gain"]["diff"] == pytest.approx(0.5) and d["static_gain_contrast"]["diff"] == 1.0
+    assert d["anonymous_gain_contrast"]["ci95"][0] > 0

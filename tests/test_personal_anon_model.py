@@ -198,3 +198,25 @@ def test_train_on_the_store_then_serve_personalized_scores(tmp_path, lm, capsys)
     other = device.fit_basis(torch.randn(50, 576, generator=g), 4, 2, lm.fingerprint)
     with pytest.raises(UserError, match="trained for basis"):
         cloud.load_model_file(tmp_path / "cloud.st", lm, other.fingerprint())
+
+
+def test_contrast_ranking_is_the_nll_difference_against_the_reference(lm, seqs):
+    p, cands = seqs
+    ids = torch.tensor(p + [t for c in cands for t in c])
+    seg = torch.tensor([0] * len(p) + [j + 1 for j, c in enumerate(cands) for _ in c])
+    (h,) = features.lower_hidden(lm, [ids.tolist()], [seg.tolist()], lm.model.config.num_hidden_layers - 1)
+    m = cloud.CloudModel(lm, cloud.CloudConfig(), 4, h.mean(0), h.std(0), seed=0)
+    ev = features.Packed(h.half(), ids, torch.tensor([0, len(ids)]), torch.tensor([len(p)]), seg)
+    vocab = cloud.vocabulary(ev)
+    z, ref = torch.randn(1, 4, generator=torch.Generator().manual_seed(1)), torch.zeros(1, 4)
+    embed = lambda idx, users, gen: z  # noqa: E731
+    with torch.no_grad():
+        means = [torch.stack([n[s == c].mean() for c in (1, 2, 3)])
+                 for n, s in (m.token_nll([ev.seq(0)], w, vocab)[0] for w in (z, ref))]
+    d = means[0] - means[1]
+    out = cloud.evaluate(m, ev, torch.tensor([0]), embed, 0, vocab, ref=ref)
+    assert out["hits_contrast"] == [int(bool((d[0] < d[1:]).all()))]
+    assert out["hits"] == [int(means[0].argmin() == 0)]
+    # the reference equal to the request's embedding: every contrast is 0, a tie, which counts as a miss
+    assert cloud.evaluate(m, ev, torch.tensor([0]), embed, 0, vocab, ref=z)["hits_contrast"] == [0]
+    assert "hits_contrast" not in cloud.evaluate(m, ev, torch.tensor([0]), embed, 0, vocab)

@@ -186,3 +186,22 @@ def test_summary_contract_keys_and_goal_logic():
     assert s["nocon_share_of_gain_lost"] == pytest.approx(0.18 / 0.2)  # QAR w/o contrastive keeps 0.02 of 0.2
     assert s["goal_met"] is True
     assert s["corpora"]["plays"]["probe"]["qar"] == {"specific": 0.5, "general": 0.3, "majority": 0.2}
+
+
+def test_questioner_oracles_find_a_planted_signal():
+    from edgecloud.personal.qar import oracle
+    from edgecloud.personal.qar.exchanges import DataConfig, Dataset, Exchange
+
+    qs = ["anna", "bob", "cleo"]
+    pairs = [("R", q) for q in qs]
+
+    def ex(i, j):  # R greets each questioner by name, on a topic that ignores who asks
+        return Exchange("R", qs[j], f"tell me about topic {i % 4}", f"well {qs[j]} topic {i % 4} is fine", pair=j)
+
+    ds = Dataset(DataConfig(), [ex(i, j) for i in range(12) for j in range(3)],
+                 [ex(i, j) for i in range(12, 16) for j in range(3)], pairs, ["R"])
+    r = oracle.study(ds)
+    assert r["attribution"]["accuracy"] == 1.0 and r["attribution"]["n"] == 12
+    assert r["lm_gain"]["gain_nats_per_word"]["diff"] > 0.05  # one word of six is the name
+    # the questioner's own replies retrieve the reference exactly (same topic, same name)
+    assert r["retrieval"]["rougeL_questioner_aware"] == 1.0 > r["retrieval"]["rougeL_responder"]

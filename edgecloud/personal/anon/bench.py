@@ -32,6 +32,8 @@ class BenchConfig:
     headline_sigma: float = 2.0  # the gaussian arm reported as acc_anonymous (fixed before looking at results)
     attack_uploads: int = 20  # later uploads per user the attacker must attribute
     seeds: tuple[int, ...] = (0, 1, 2)
+    skip_mixture: bool = False  # leave out the mixture arm (a short run of the headline arms only)
+    contrast: bool = True  # also rank candidates by NLL(c | z) - NLL(c | mean upload) (cloud.evaluate)
     model: str = "smollm2-135m"
 
     def __post_init__(self):
@@ -55,7 +57,8 @@ def quick_config(seed: int = 0) -> BenchConfig:
 
 def arms(cfg: BenchConfig) -> list[tuple[str, str, float]]:
     """(name, kind, sigma) per arm."""
-    return ([("none", "none", 0.0), ("static", "static", 0.0), ("mixture", "mixture", cfg.mixture_sigma)]
+    mix = [] if cfg.skip_mixture else [("mixture", "mixture", cfg.mixture_sigma)]
+    return ([("none", "none", 0.0), ("static", "static", 0.0)] + mix
             + [(f"gaussian s={s:g}", "gaussian", s) for s in cfg.sigmas])
 
 
@@ -118,7 +121,11 @@ def run(cfg: BenchConfig, log=_log, on_seed=None) -> dict:
                 return device.sample_many(dists, users, basis, gen)
 
             tr = cloud.train_model(model, train, tr_users, embed, seed, vocab)
-            ev = cloud.evaluate(model, evals, ev_users, embed, seed, vocab)
+            ref = None
+            if cfg.contrast and kind != "none":  # the mean upload of the training window: no identity needed
+                with torch.no_grad():
+                    ref = embed(None, tr_users, torch.Generator().manual_seed(seed + 31)).mean(0, keepdim=True)
+            ev = cloud.evaluate(model, evals, ev_users, embed, seed, vocab, ref=ref)
             gen = torch.Generator().manual_seed(seed + 104729)
             later_users = torch.arange(U).repeat_interleave(cfg.attack_uploads)
             with torch.no_grad():
@@ -131,7 +138,8 @@ def run(cfg: BenchConfig, log=_log, on_seed=None) -> dict:
             if dists is not None:
                 row["embed_ms"] = embed_time_ms(dists[0], basis)
             rows[name] = row
-            log(f"seed {seed} {name}: acc {ev['acc']:.3f} loss {ev['lm_loss']:.3f} attack {row['attack_top1']:.3f} "
+            log(f"seed {seed} {name}: acc {ev['acc']:.3f} contrast {ev.get('acc_contrast', ev['acc']):.3f} "
+                f"loss {ev['lm_loss']:.3f} attack {row['attack_top1']:.3f} "
                 f"link {row['link_top1']:.3f} ({row['wall_s']} s)")
         per_seed.append(rows)
         if on_seed is not None:
@@ -150,6 +158,16 @@ def gain_recovered(acc_anon: float, acc_none: float, acc_static: float) -> float
     return (acc_anon - acc_none) / d if d > 0 else None
 
 
+def paired_gain(per_seed: list[dict], arm: str, base: str = "none", key: str = "hits") -> dict | None:
+    """Accuracy of ``arm`` minus ``base`` with a paired bootstrap interval over held-out examples (each example's
+    hit averaged over the seeds first, so the interval is over examples, not over seeds)."""
+    from edgecloud.personal.anon.oracle import paired_diff
+
+    if any(key not in s[arm] or "hits" not in s[base] for s in per_seed):
+        return None
+    return paired_diff(np.mean([s[arm][key] for s in per_seed], 0), np.mean([s[base]["hits"] for s in per_seed], 0))
+
+
 def summarize(cfg: BenchConfig, ds, per_seed: list[dict], wall: float) -> dict:
     U = len(ds.user_ids)
     chance = 1.0 / U
@@ -161,6 +179,8 @@ def summarize(cfg: BenchConfig, ds, per_seed: list[dict], wall: float) -> dict:
         row = {"arm": n, "kind": rs[0]["kind"], "sigma": rs[0]["sigma"]}
         for k in ("acc", "lm_loss", "ppl", "attack_top1", "link_top1", "link_ari"):
             row[k] = _ms([r[k] for r in rs])
+        # the none arm has no identity to contrast: its contrast accuracy is its plain accuracy
+        row["acc_contrast"] = _ms([r.get("acc_contrast", r["acc"]) for r in rs])
         row["gain_recovered"] = _ms([g for g in gains if g is not None]) if any(g is not None for g in gains) \
             else None
         if "embed_ms" in rs[0]:
@@ -168,7 +188,7 @@ def summarize(cfg: BenchConfig, ds, per_seed: list[dict], wall: float) -> dict:
         table.append(row)
     by = {r["arm"]: r for r in table}
     head = by[f"gaussian s={cfg.headline_sigma:g}"]
-    mixture = by["mixture"]
+    mixture = by.get("mixture")
     ok = [r for r in table if r["kind"] in ("gaussian", "mixture") and r["attack_top1"]["mean"] <= chance + 0.05]
     best = max(ok, key=lambda r: r["acc"]["mean"]) if ok else None
     return {
@@ -182,7 +202,15 @@ def summarize(cfg: BenchConfig, ds, per_seed: list[dict], wall: float) -> dict:
         "attack_top1": head["attack_top1"]["mean"],
         "attack_link_top1": head["link_top1"]["mean"],
         "attack_chance": chance,
-        "acc_mixture": mixture["acc"]["mean"], "attack_top1_mixture": mixture["attack_top1"]["mean"],
+        "static_gain": paired_gain(per_seed, "static"), "anonymous_gain": paired_gain(per_seed, head["arm"]),
+        "acc_static_id_contrast": by["static"]["acc_contrast"]["mean"],
+        "acc_anonymous_contrast": head["acc_contrast"]["mean"],
+        "gain_recovered_contrast": gain_recovered(head["acc_contrast"]["mean"], by["none"]["acc"]["mean"],
+                                                  by["static"]["acc_contrast"]["mean"]),
+        "static_gain_contrast": paired_gain(per_seed, "static", key="hits_contrast"),
+        "anonymous_gain_contrast": paired_gain(per_seed, head["arm"], key="hits_contrast"),
+        "acc_mixture": mixture["acc"]["mean"] if mixture else None,
+        "attack_top1_mixture": mixture["attack_top1"]["mean"] if mixture else None,
         "best_private_arm": best["arm"] if best else None,
         "best_private_acc": best["acc"]["mean"] if best else None,
         "goal_met": bool(head["gain_recovered"] and head["gain_recovered"]["mean"] >= 0.5
@@ -195,7 +223,11 @@ def summarize(cfg: BenchConfig, ds, per_seed: list[dict], wall: float) -> dict:
     }
 
 
-def to_result(d: dict):
+def _ci(g: dict | None) -> str:
+    return f"{g['diff']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]" if g else "—"
+
+
+def to_result(d: dict, name: str = "anonymous_embeddings"):
     """The shared results layer's Result: table per arm (mean ± std over seeds) and the trade-off plot."""
     import matplotlib
 
@@ -204,18 +236,24 @@ def to_result(d: dict):
 
     from edgecloud.results import Result
 
-    res = Result("anonymous_embeddings", d, seed=d["seeds"][0] if d["seeds"] else None,
+    res = Result(name, d, seed=d["seeds"][0] if d["seeds"] else None,
                  title="Anonymous user embeddings (IDfree-PL): personalization vs attribution")
     pm = lambda m: f"{m['mean']:.3f} ± {m['std']:.3f}"  # noqa: E731
     res.markdown = (f"{d['users']} chitchat users, {d['train_examples']} training / {d['eval_examples']} held-out "
                     f"examples (split in time), reply selection among {d['candidates']} candidates; seeds "
                     f"{d['seeds']} (mean ± std). Attribution chance = 1/{d['users']} = {d['attack_chance']:.3f}; "
-                    f"the goal bound is chance + 0.05 = {d['attack_chance'] + 0.05:.3f}.\n")
-    rows = [{"arm": a["arm"], "acc": pm(a["acc"]), "loss": pm(a["lm_loss"]), "ppl": f"{a['ppl']['mean']:.1f}",
+                    f"the goal bound is chance + 0.05 = {d['attack_chance'] + 0.05:.3f}. Accuracy gain over no "
+                    f"embedding, paired bootstrap 95% interval over held-out examples: static ID "
+                    f"{_ci(d.get('static_gain'))}, {d['anonymous_arm']} {_ci(d.get('anonymous_gain'))}; "
+                    f"contrast ranking: static ID {_ci(d.get('static_gain_contrast'))}, {d['anonymous_arm']} "
+                    f"{_ci(d.get('anonymous_gain_contrast'))}.\n")
+    rows = [{"arm": a["arm"], "acc": pm(a["acc"]), "accc": pm(a["acc_contrast"]) if "acc_contrast" in a else "—",
+             "loss": pm(a["lm_loss"]), "ppl": f"{a['ppl']['mean']:.1f}",
              "attack": pm(a["attack_top1"]), "link": pm(a["link_top1"]), "ari": f"{a['link_ari']['mean']:.3f}",
              "gain": pm(a["gain_recovered"]) if a.get("gain_recovered") else "—"} for a in d["arms"]]
-    res.table(rows, ["arm", "acc", "loss", "ppl", "attack", "link", "ari", "gain"],
-              ["arm", "reply-selection acc ↑", "held-out LM loss ↓", "ppl ↓", "attack top-1 (classifier) ↓",
+    res.table(rows, ["arm", "acc", "accc", "loss", "ppl", "attack", "link", "ari", "gain"],
+              ["arm", "reply-selection acc ↑", "acc, contrast ranking ↑", "held-out LM loss ↓", "ppl ↓",
+               "attack top-1 (classifier) ↓",
                "attack top-1 (k-means linker) ↓", "linker ARI", "static-ID gain recovered"])
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     g = [a for a in d["arms"] if a["kind"] == "gaussian"]

@@ -201,24 +201,38 @@ def train_model(model: CloudModel, train: Packed, users: torch.Tensor, embed, se
 
 
 @torch.no_grad()
-def evaluate(model: CloudModel, evals: Packed, users: torch.Tensor, embed, seed: int, vocab: torch.Tensor) -> dict:
+def evaluate(model: CloudModel, evals: Packed, users: torch.Tensor, embed, seed: int, vocab: torch.Tensor,
+             ref: torch.Tensor | None = None) -> dict:
     """Reply selection (lowest mean NLL over ``vocab`` among the candidates, real reply = candidate 1) and held-out
-    LM loss of the real replies over the full vocabulary; ``embed`` samples each request's embedding."""
+    LM loss of the real replies over the full vocabulary; ``embed`` samples each request's embedding.
+
+    With ``ref`` (one embedding: the mean upload, which the cloud knows without identities) the candidates are also
+    ranked by the *contrast* NLL(c | z) - NLL(c | ref): how much more likely the request's embedding makes a
+    candidate than the average user does. That cancels what every user shares (a short, generic reply is likely for
+    anyone) and keeps what the embedding adds, the way an author classifier scores P(user | text)."""
     gen = torch.Generator().manual_seed(seed + 7919)
-    correct, tok_nll, tok_n = 0, 0.0, 0
+    hits, chits, tok_nll, tok_n = [], [], 0.0, 0
     bs = model.cfg.eval_batch
     for a in range(0, len(evals), bs):
         idx = torch.arange(a, min(a + bs, len(evals)))
         z = embed(idx, users[idx], gen)
-        out, full = model.token_nll([evals.seq(int(i)) for i in idx], z, vocab, full_seg=1)
-        for (nll, seg), real in zip(out, full):
+        seqs = [evals.seq(int(i)) for i in idx]
+        out, full = model.token_nll(seqs, z, vocab, full_seg=1)
+        base = model.token_nll(seqs, ref.expand(len(idx), -1), vocab) if ref is not None else [None] * len(out)
+        for (nll, seg), real, bnll in zip(out, full, base):
             cands = seg.unique()
             means = torch.stack([nll[seg == c].mean() for c in cands])
-            correct += int(cands[means.argmin()] == 1)
+            hits.append(int(cands[means.argmin()] == 1))
+            if bnll is not None:
+                d = means - torch.stack([bnll[0][seg == c].mean() for c in cands])
+                chits.append(int(bool((d[cands == 1] < d[cands != 1]).all())))  # strict: ties are misses
             tok_nll += float(real.sum())
             tok_n += len(real)
     loss = tok_nll / tok_n
-    return {"acc": correct / len(evals), "lm_loss": loss, "ppl": float(torch.tensor(loss).exp())}
+    out = {"acc": sum(hits) / len(evals), "lm_loss": loss, "ppl": float(torch.tensor(loss).exp()), "hits": hits}
+    if chits:
+        out |= {"acc_contrast": sum(chits) / len(evals), "hits_contrast": chits}
+    return out
 
 
 MODEL_FORMAT = "edgecloud-anon-cloud-1"
