@@ -47,20 +47,17 @@ class LoRALinear(torch.nn.Module):
         plan = o.row_index(rows if rows is not None else [None] * x.shape[0])
         if plan is None:
             return y
-        idx_rows, corr_rows, distinct = plan
-        t = x.shape[-2] if x.dim() == 3 else 1
+        idx, corr, distinct = o.expand(plan, x.shape[-2] if x.dim() == 3 else 1)
         xf = x.reshape(-1, x.shape[-1])
-        yf = y.reshape(-1, y.shape[-1])
+        yf = y.reshape(-1, y.shape[-1])  # a view: the side paths add into y in place (no copy of the output)
         A, B = stack
-        if idx_rows is not None:
-            idx = idx_rows.repeat_interleave(t)
+        if idx is not None:
             impl, block = o.dispatch.choose(xf.shape[0], distinct, A.shape[2])
             o.calls[impl] = o.calls.get(impl, 0) + 1
-            yf = yf + delta(xf.to(A.dtype), A, B, idx, impl, block).to(y.dtype)
-        m = o.adapters[o.merged].weights.get(self.name) if corr_rows is not None else None
+            yf.add_(delta(xf.to(A.dtype), A, B, idx, impl, block).to(y.dtype))
+        m = o.adapters[o.merged].weights.get(self.name) if corr is not None else None
         if m is not None:  # mixture: rows of other adapters (or none) take ΔW_m back out
-            r = corr_rows.repeat_interleave(t).nonzero().flatten()
-            yf = yf.index_add(0, r, ((xf[r].to(m[0].dtype) @ m[0]) @ m[1]).to(y.dtype), alpha=-1.0)
+            yf.index_add_(0, corr, ((xf[corr].to(m[0].dtype) @ m[0]) @ m[1]).to(y.dtype), alpha=-1.0)
         return yf.reshape(y.shape)
 
 
@@ -139,9 +136,18 @@ class LoRAModel:
             c = torch.tensor([a != self.merged for a in names])
             corr = c if bool(c.any()) else None
         distinct = len({a for a in names if a is not None and a != self.merged})
-        plan = None if own is None and corr is None else (own, corr, distinct)
+        plan = None if own is None and corr is None else (own, corr, distinct, {})
         self._plan = (key, plan)
         return plan
+
+    @staticmethod
+    def expand(plan, t: int):
+        """Per-token slots and correction rows for ``t`` tokens per row, built once per plan (not per layer)."""
+        own, corr, distinct, cache = plan
+        if t not in cache:
+            cache[t] = (None if own is None else own.repeat_interleave(t),
+                        None if corr is None else corr.repeat_interleave(t).nonzero().flatten(), distinct)
+        return cache[t]
 
     # ---------------------------------------------------------------- modes
     @torch.inference_mode()
