@@ -118,3 +118,23 @@ def test_adapter_format_and_bad_input(tmp_path):
     lm.add(ad)
     with pytest.raises(UserError, match="unknown adapter"):
         lm.row_index([0])
+
+
+def test_merge_folds_every_layer_and_unmerge_is_exact():
+    """One baddbmm per weight shape writes W0 + (A B)^T into every layer; switching a0 -> a1 -> none restores the
+    pristine weights bit for bit, and an adapter that leaves a layer alone leaves it at W0."""
+    e = tiny_engine()
+    lm = LoRAModel(e.model, "tiny")
+    for i in range(2):
+        lm.add(random_adapter(e.model, "tiny", f"a{i}", rank=4, seed=i, scale=0.5))
+    w0 = {n: lm.layers[n].base.weight.detach().clone() for n in lm.layers}
+    skip = sorted(lm.layers)[0]
+    del lm.adapters["a1"].weights[skip]  # a1 leaves one layer alone
+    for name in ("a0", "a1"):
+        lm.merge(name)
+        for n, layer in lm.layers.items():
+            ab = lm.adapters[name].weights.get(n)
+            want = w0[n] if ab is None else w0[n] + (ab[0] @ ab[1]).T
+            torch.testing.assert_close(layer.base.weight, want, rtol=1e-5, atol=1e-6)
+    lm.merge(None)
+    assert all(torch.equal(lm.layers[n].base.weight, w0[n]) for n in lm.layers) and not lm.original

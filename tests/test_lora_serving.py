@@ -65,3 +65,26 @@ def test_cli_bad_input(tmp_path):
     assert r.returncode == 2 and "lora profile" in r.stderr
     r = _cli("serve", "--adapters", str(tmp_path / "none"))
     assert r.returncode == 2 and "--adapters" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_valora_picks_cheapest_mode():
+    """The orchestrator's cost model: merged once every row is hot, unmerged while a fresh other row has most of
+    its tokens left, mixture when the other row is about to end (cheaper than two switches)."""
+    from edgecloud.lora.orchestrator import mode_costs
+
+    p = Policy("valora")
+
+    def req(a, left):
+        return Request(0, a, [1], 0.0, max_new_tokens=8, tokens=[0] * (8 - left))
+
+    def pick(rows, merged):
+        c = mode_costs(rows, merged, "h", p)
+        return min(c, key=lambda m: (c[m], m != merged))
+
+    hot = [req("h", 8) for _ in range(5)]
+    assert pick(hot, None) == "h" and pick(hot, "h") == "h"
+    assert pick(hot + [req("x", 8)], None) is None  # mixture (1.6 × 8) + a switch > unmerged (8)
+    assert pick(hot + [req("x", 8)], "h") is None   # unmerge (8 + 1.4) < staying in mixture (12.8)
+    assert pick(hot + [req("x", 1)], "h") == "h"    # the other row ends next step: stay in mixture
+    c = mode_costs(hot + [req("x", 3)], "h", "h", p)
+    assert c == {None: 8 + p.switch_cost, "h": p.mixture_cost * 3}

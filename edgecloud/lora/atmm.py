@@ -40,8 +40,13 @@ def reference(x, W, A, B, idx):
     return y
 
 
+def _base(x, W, B):
+    """x W, or zeros when only the adapter part is wanted (W None): a side path must not pay for a base matmul."""
+    return x @ W if W is not None else x.new_zeros(x.shape[0], B.shape[2])
+
+
 def _gather(x, W, A, B, idx, block):
-    y = x @ W
+    y = _base(x, W, B)
     rows = (idx >= 0).nonzero().flatten()
     for s in range(0, len(rows), block):
         r = rows[s:s + block]
@@ -64,14 +69,14 @@ def _segments(idx):
 
 
 def _segmented(x, W, A, B, idx, block):
-    y = x @ W
+    y = _base(x, W, B)
     for k, r in _segments(idx):
         y[r] += (x[r] @ A[k]) @ B[k]
     return y
 
 
 def _padded(x, W, A, B, idx, block):
-    y = x @ W
+    y = _base(x, W, B)
     segs = _segments(idx)
     if not segs:
         return y
@@ -108,8 +113,7 @@ def delta(x, A, B, idx, impl: str = "segmented", block: int = 0):
     """Only the adapter part Σ mask_i (x A_i) B_i (the base projection is computed by the wrapped layer)."""
     if impl == "merged":  # merged needs W; as a side path it is the segmented product
         impl = "segmented"
-    zero = x.new_zeros(x.shape[1], B.shape[2])
-    return _FNS[impl](x, zero, A, B, idx, block or 64)
+    return _FNS[impl](x, None, A, B, idx, block or 64)
 
 
 # ---------------------------------------------------------------------- profiling and dispatch
@@ -196,6 +200,7 @@ class Dispatch:
     def __init__(self, table: dict | None = None, fixed: str | None = None):
         self.entries = (table or {}).get("entries", [])
         self.fixed = fixed
+        self._memo: dict[tuple[int, int, int], tuple[str, int]] = {}  # every wrapped layer asks, every step
 
     @classmethod
     def load(cls, path: Path) -> Dispatch:
@@ -208,6 +213,12 @@ class Dispatch:
         return cls(t)
 
     def choose(self, tokens: int, adapters: int, rank: int) -> tuple[str, int]:
+        key = (tokens, adapters, rank)
+        if key not in self._memo:
+            self._memo[key] = self._choose(tokens, adapters, rank)
+        return self._memo[key]
+
+    def _choose(self, tokens: int, adapters: int, rank: int) -> tuple[str, int]:
         if self.fixed:
             impl, _, b = self.fixed.partition("/")
             return impl, int(b or 0)

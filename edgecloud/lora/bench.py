@@ -140,8 +140,8 @@ PAPER_LATENCY_RATIO = (0.11, 0.80)
 
 @torch.inference_mode()
 def switch_cost(lora, name: str, repeats: int = 3) -> dict:
-    """Merge + unmerge of one adapter: VaLoRA's switch (ΔW = A B for every layer of one shape in one bmm, unmerge
-    restores saved weights) vs a per-layer loop that adds and later subtracts each layer's ΔW."""
+    """Merge + unmerge of one adapter: VaLoRA's switch (W = W0 + Bᵀ Aᵀ for every layer of one shape in one baddbmm,
+    unmerge one copy of the pristine stack) vs a per-layer loop that adds and later subtracts each layer's ΔW."""
     clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter  # CPU time: see atmm.profile
     fast, loop = [], []
     saved = {n: lora.layers[n].base.weight.clone() for n in lora.adapters[name].weights}

@@ -10,8 +10,9 @@ The batched engine (``edgecloud.llm.batch``) publishes which sequence each batch
   stack) minus ``x A_m B_m`` (one product over those rows). ``merged`` is the case where every row uses m (both
   side paths skipped).
 
-Switching folds ΔW = A B for all layers at once (one bmm per weight shape) and unmerging copies back the pristine
-weights kept at wrap time, so repeated switches never accumulate rounding, and a switch never rebuilds the adapter
+Switching folds ΔW = A B for all layers at once: the wrapped weights of one shape are views into one stacked
+tensor, so a merge is one ``baddbmm`` per weight shape (W = W0 + Bᵀ Aᵀ, written from the pristine stack) and an
+unmerge one copy of it; repeated switches never accumulate rounding, and a switch never rebuilds the adapter
 stacks (they do not depend on the mode). The per-row adapter slots are computed once per forward pass, not per
 layer.
 """
@@ -47,20 +48,17 @@ class LoRALinear(torch.nn.Module):
         plan = o.row_index(rows if rows is not None else [None] * x.shape[0])
         if plan is None:
             return y
-        idx_rows, corr_rows, distinct = plan
-        t = x.shape[-2] if x.dim() == 3 else 1
+        idx, corr, distinct = o.expand(plan, x.shape[-2] if x.dim() == 3 else 1)
         xf = x.reshape(-1, x.shape[-1])
-        yf = y.reshape(-1, y.shape[-1])
+        yf = y.reshape(-1, y.shape[-1])  # a view: the side paths add into y in place (no copy of the output)
         A, B = stack
-        if idx_rows is not None:
-            idx = idx_rows.repeat_interleave(t)
+        if idx is not None:
             impl, block = o.dispatch.choose(xf.shape[0], distinct, A.shape[2])
             o.calls[impl] = o.calls.get(impl, 0) + 1
-            yf = yf + delta(xf.to(A.dtype), A, B, idx, impl, block).to(y.dtype)
-        m = o.adapters[o.merged].weights.get(self.name) if corr_rows is not None else None
+            yf.add_(delta(xf.to(A.dtype), A, B, idx, impl, block).to(y.dtype))
+        m = o.adapters[o.merged].weights.get(self.name) if corr is not None else None
         if m is not None:  # mixture: rows of other adapters (or none) take ΔW_m back out
-            r = corr_rows.repeat_interleave(t).nonzero().flatten()
-            yf = yf.index_add(0, r, ((xf[r].to(m[0].dtype) @ m[0]) @ m[1]).to(y.dtype), alpha=-1.0)
+            yf.index_add_(0, corr, ((xf[corr].to(m[0].dtype) @ m[0]) @ m[1]).to(y.dtype), alpha=-1.0)
         return yf.reshape(y.shape)
 
 
@@ -89,8 +87,23 @@ class LoRAModel:
                     self.layers[full] = w
         if not self.layers:
             raise UserError(f"base {base!r}: no linear layers named {targets} to wrap")
-        # kept once, so unmerging is a copy (exact) and no switch has to clone weights
-        self.pristine = {n: w.base.weight.detach().clone() for n, w in self.layers.items()}
+        # The wrapped weights of one shape become views into one (layers, out, in) tensor, with a pristine copy
+        # kept once: a merge writes W = W0 + B^T A^T for every layer of that shape in one baddbmm (ΔW = BA for all
+        # layers at once) and an unmerge is one copy (exact; repeated switches never accumulate rounding).
+        self.groups: dict[tuple, list[str]] = {}
+        for n, w in self.layers.items():
+            self.groups.setdefault(tuple(w.base.weight.shape), []).append(n)
+        self.wstack: dict[tuple, torch.Tensor] = {}
+        self.pstack: dict[tuple, torch.Tensor] = {}
+        with torch.no_grad():
+            for shape, names in self.groups.items():
+                W = torch.stack([self.layers[n].base.weight.detach() for n in names])
+                for i, n in enumerate(names):
+                    lin = self.layers[n].base
+                    lin.weight = torch.nn.Parameter(W[i], requires_grad=lin.weight.requires_grad)
+                self.wstack[shape], self.pstack[shape] = W, W.clone()
+        self.pristine = {n: self.pstack[s][i] for s, names in self.groups.items() for i, n in enumerate(names)}
+        self._delta_stacks: dict[str, dict[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # ---------------------------------------------------------------- adapters
     def add(self, ad: Adapter) -> None:
@@ -99,6 +112,7 @@ class LoRAModel:
             raise UserError(f"adapter {ad.name!r}: targets {sorted(missing)[:2]}… that this server does not wrap "
                             f"(wrapped: {TARGETS})")
         self.adapters[ad.name] = ad
+        self._delta_stacks.pop(ad.name, None)
         self.slot = {n: i for i, n in enumerate(self.adapters)}
         self._restack()
 
@@ -139,11 +153,39 @@ class LoRAModel:
             c = torch.tensor([a != self.merged for a in names])
             corr = c if bool(c.any()) else None
         distinct = len({a for a in names if a is not None and a != self.merged})
-        plan = None if own is None and corr is None else (own, corr, distinct)
+        plan = None if own is None and corr is None else (own, corr, distinct, {})
         self._plan = (key, plan)
         return plan
 
+    @staticmethod
+    def expand(plan, t: int):
+        """Per-token slots and correction rows for ``t`` tokens per row, built once per plan (not per layer)."""
+        own, corr, distinct, cache = plan
+        if t not in cache:
+            cache[t] = (None if own is None else own.repeat_interleave(t),
+                        None if corr is None else corr.repeat_interleave(t).nonzero().flatten(), distinct)
+        return cache[t]
+
     # ---------------------------------------------------------------- modes
+    def _deltas(self, name: str) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:
+        """Adapter ``name`` as (B^T, A^T) stacks per weight shape (zeros for layers it leaves alone), built once."""
+        if name not in self._delta_stacks:
+            ad, out = self.adapters[name], {}
+            for shape, names in self.groups.items():
+                if not any(n in ad.weights for n in names):
+                    continue
+                r = max(ad.weights[n][0].shape[1] for n in names if n in ad.weights)
+                W = self.wstack[shape]
+                Bt = W.new_zeros(len(names), shape[0], r)
+                At = W.new_zeros(len(names), r, shape[1])
+                for i, n in enumerate(names):
+                    if n in ad.weights:
+                        A, B = ad.weights[n]
+                        Bt[i, :, :A.shape[1]], At[i, :A.shape[1]] = B.T, A.T
+                out[shape] = (Bt, At)
+            self._delta_stacks[name] = out
+        return self._delta_stacks[name]
+
     @torch.inference_mode()
     def merge(self, name: str | None) -> float:
         """Fold adapter ``name`` into the base weights (None: unmerge). Returns the switching time in seconds."""
@@ -152,22 +194,12 @@ class LoRAModel:
         if name is not None and name not in self.adapters:
             raise UserError(f"unknown adapter {name!r}; loaded: {sorted(self.adapters)}")
         t = time.perf_counter()
-        for lname, w0 in self.original.items():
-            self.layers[lname].base.weight.copy_(w0)
-        self.original = {}
-        if name is not None:
-            ad = self.adapters[name]
-            by_shape: dict[tuple, list[str]] = {}
-            for lname in ad.weights:
-                by_shape.setdefault(tuple(self.layers[lname].base.weight.shape), []).append(lname)
-            for lnames in by_shape.values():  # ΔW = (A B)^T for every layer of one shape in a single bmm
-                A = torch.stack([ad.weights[n][0] for n in lnames])
-                B = torch.stack([ad.weights[n][1] for n in lnames])
-                dW = torch.bmm(A, B).transpose(1, 2)
-                for n, d in zip(lnames, dW):
-                    w = self.layers[n].base.weight
-                    self.original[n] = self.pristine[n]
-                    w.add_(d.to(w.dtype))
+        touched = self._deltas(name) if name is not None else {}
+        for shape in {tuple(self.layers[n].base.weight.shape) for n in self.original} - set(touched):
+            self.wstack[shape].copy_(self.pstack[shape])  # unmerge: one copy per weight shape
+        for shape, (Bt, At) in touched.items():  # merge: one kernel per weight shape, W = W0 + B^T A^T
+            torch.baddbmm(self.pstack[shape], Bt, At, out=self.wstack[shape])
+        self.original = {n: self.pristine[n] for shape in touched for n in self.groups[shape]}
         self.merged = name
         self._plan = None
         dt = time.perf_counter() - t
