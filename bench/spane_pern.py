@@ -2,7 +2,7 @@
 
 Reads per-N training runs (``--runs DIR``: one sub-dir per run, each written by `edgecloud vmsched train --pms N
 --set init_from=edgecloud/vmsched/models/spane-numa ...`, so its checkpoint 0 is the shipped N=5 SPANE-NUMA and
-every checkpoint was validated at N on the 150 valid starts). For each N:
+every checkpoint was validated at N on the 150 valid starts; a run trained from scratch at N may join). For each N:
 
 1. selection, never on the test split: the candidates are the starting model (SPANE-NUMA) and the ``--top`` best
    checkpoints of each run by validation; each is scored on the ``select`` split (600 starts in [50000, 70000), none
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -33,6 +34,7 @@ from edgecloud.paths import REPO_ROOT
 from edgecloud.results import Result, check_out_dir
 from edgecloud.vmsched.agents.policy import QPolicy
 from edgecloud.vmsched.agents.select import ranked_checkpoints
+from edgecloud.vmsched.agents.train import training_command
 from edgecloud.vmsched.checkpoint import MODELS_DIR, PER_N, load_model, save_model
 from edgecloud.vmsched.cluster import ClusterConfig
 from edgecloud.vmsched.evaluate import evaluate, trimmed_mean
@@ -47,30 +49,32 @@ def tm(tr, policy, n: int, starts) -> float:
     return round(trimmed_mean(evaluate(tr, ClusterConfig(n_pms=n), policy, starts).totals), 4)
 
 
-def runs_at(root: Path, n: int) -> list[Path]:
+def runs_at(roots: list[Path], n: int) -> list[Path]:
     out = []
-    for d in sorted(root.iterdir()):
+    for d in sorted(d for root in roots for d in root.iterdir()):
         f = d / "summary.json"
-        if f.exists() and (s := json.loads(f.read_text()))["config"]["n_pms"] == n and s["finished"]:
+        if f.exists() and json.loads(f.read_text())["config"]["n_pms"] == n:  # a run stopped early counts too
             out.append(d)
     return out
 
 
-def one_size(tr, starts: dict, root: Path, n: int, top: int) -> dict:
+def one_size(tr, starts: dict, roots: list[Path], n: int, top: int) -> dict:
     """Selection and reports at one N (see the module docstring)."""
     heur = {h: {sp: tm(tr, make_policy(h), n, starts[sp]) for sp in SPLITS} for h in ("first-fit", "balance-fit")}
     base_net, _, _ = load_model(BASE)
     cands = {"spane-numa": (None, BASE)}
     runs = []
-    for run in runs_at(root, n):
+    for run in runs_at(roots, n):
         ranked = [r for r in ranked_checkpoints(run) if r[1] > 0]  # ep000000 is SPANE-NUMA itself
         for v, ep, d in ranked[:top]:
             cands[f"{run.name} ep{ep}"] = (v, d)
         net, cfg, _ = load_model(ranked[0][2])
         s = json.loads((run / "summary.json").read_text())
-        runs.append({"run": run.name, "seed": cfg.seed, "episodes": s["episodes"], "wall_s": s["wall_s"],
+        runs.append({"run": run.name, "seed": cfg.seed, "init": "spane-numa" if cfg.init_from else "scratch",
+                     "lr": cfg.lr, "episodes": s["episodes"], "wall_s": s["wall_s"], "checkpoints": len(ranked),
                      "best_episode": ranked[0][1], "best_valid": ranked[0][0],
-                     "test": tm(tr, QPolicy(net, "spane-numa"), n, starts["test"])})
+                     "test": tm(tr, QPolicy(net, "spane-numa"), n, starts["test"]),
+                     "command": shlex.join(training_command(cfg, f"out/spane-runs/{run.name}"))} | drift(s))
     scored = {}
     for name, (v, d) in cands.items():
         net, cfg, _ = load_model(d)
@@ -96,6 +100,18 @@ def one_size(tr, starts: dict, root: Path, n: int, top: int) -> dict:
     return {"row": row, "runs": runs, "pick": p, "pick_name": pick}
 
 
+def drift(summary: dict) -> dict:
+    """How a fine-tune's validation moved from its starting model (checkpoint 0): the ratio of its first trained
+    checkpoint, the median ratio, and how many trained checkpoints beat the start (docs/spane.md: why the
+    fine-tunes rarely beat the N=5 model)."""
+    h = summary["history"]
+    if not h or h[0]["episode"] != 0:
+        return {"first_vs_start": None, "median_vs_start": None, "better_than_start": None}
+    r = [x["valid_trimmed_mean"] / h[0]["valid_trimmed_mean"] for x in h[1:] if x["grad_steps"] > 0]
+    return {"first_vs_start": round(r[0], 3) if r else None, "median_vs_start": round(float(np.median(r)), 3)
+            if r else None, "better_than_start": sum(x < 1 for x in r)}
+
+
 def ship(n: int, res: dict) -> str:
     """Write (or, when SPANE-NUMA won, remove) models/spane-numa-n<N>."""
     dest = MODELS_DIR / PER_N.format(n=n)
@@ -118,7 +134,8 @@ def ship(n: int, res: dict) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=Path, required=True, help="dir of per-N run dirs (each with summary.json)")
+    ap.add_argument("--runs", type=Path, action="append", required=True,
+                    help="dir of per-N run dirs (each with summary.json); repeatable")
     ap.add_argument("--sizes", default="2,3,4,5,6,7,8,9")
     ap.add_argument("--top", type=int, default=3, help="checkpoints per run re-scored on the select split")
     ap.add_argument("--ship", action="store_true", help="write the picks to edgecloud/vmsched/models/")
@@ -142,7 +159,8 @@ def main() -> None:
                  title="SPANE-NUMA fine-tuned per cluster size, chosen on validation "
                        "(generated by `bench/spane_pern.py`)")
     res.markdown = (
-        f"Runs: `{args.runs}`. Trimmed mean of the total wait per episode (s), Huawei-East-1. For each N the "
+        f"Runs: {', '.join(f'`{r}`' for r in args.runs)}. Trimmed mean of the total wait per episode (s), "
+        "Huawei-East-1. For each N the "
         "candidates are SPANE-NUMA (trained at N=5, the starting point of every fine-tune) and the "
         f"{args.top} best checkpoints by validation (150 valid starts at N) of each run at N; the pick has the lowest "
         "trimmed mean on the `select` split (600 starts in [50000, 70000)). Test (1000 starts) and `outside` (300 "
@@ -153,7 +171,10 @@ def main() -> None:
             "pick_outside_vs_bf"]
     res.table(rows, cols)
     res.markdown += "\n### Runs (best checkpoint by validation of each)\n"
-    res.table(runs, list(runs[0]) if runs else ["n_pms"])
+    rcols = [k for k in (runs[0] if runs else {"n_pms": 0}) if k != "command"]
+    res.table(runs, rcols)
+    res.markdown += "\nTraining commands (`--out` renamed; run folders are not in the repository):\n\n" + "".join(
+        f"- N={r['n_pms']} `{r['run']}`: `{r['command']}`\n" for r in runs)
     if shipped:
         res.markdown += "\n" + "\n".join(f"- N={n}: {s}" for n, s in shipped.items()) + "\n"
     res.figure = plot(rows)

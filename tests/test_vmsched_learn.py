@@ -622,6 +622,32 @@ def test_demonstration_pretraining_imitates_the_expert(trace, valid_starts):
     assert t.demo_weight() == pytest.approx(0.5)
 
 
+@pytest.mark.slow  # collects demonstrations through a Q-network: ~25 s on a busy 2-core machine
+def test_a_model_can_be_its_own_demonstrator(trace, valid_starts):
+    """demo=spane-numa with init_from=spane-numa (a fine-tune held near its starting policy): the demonstrations are
+    the model's own greedy placements, so the margin loss only asks it to widen the gaps it already has (loss <=
+    the margin, each expert action already the argmax), and it grows once training moves the policy away."""
+    from edgecloud.vmsched.agents.dqn import Trainer
+    from edgecloud.vmsched.checkpoint import MODELS_DIR
+
+    cfg = DQNConfig(agent="spane-numa", seed=0, n_pms=4, demo="spane-numa", demo_steps=0, episodes=1, n_envs=16,
+                    demo_size=16 * 60, n_step=10, init_from=str(MODELS_DIR / "spane-numa"))
+    t = Trainer(cfg, trace, valid_starts)
+    t.demo = t.collect_demos()
+    b = t.demo.sample(256, np.random.default_rng(0))
+    with torch.no_grad():
+        a = t.online(b["pm"], b["vm"], b["mask"]).argmax(1)
+        assert ((a == b["action"]) | ((b["vm"][:, 2] > 0.5) & (a // 2 == b["action"] // 2))).all()
+        base = float(t.margin_loss(b))
+        assert 0.0 < base <= cfg.demo_margin
+        torch.manual_seed(0)
+        for p in t.online.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        assert float(t.margin_loss(b)) > base
+    with pytest.raises(UserError, match="a shipped model"):
+        DQNConfig(demo="spane-nope")
+
+
 def test_training_md_commands_rebuild_the_shipped_configs():
     """models/TRAINING.md records one `edgecloud vmsched train` command per shipped model; its flags must rebuild
     that model's config.json exactly (so the record cannot drift from the models)."""
