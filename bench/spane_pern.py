@@ -38,6 +38,7 @@ from edgecloud.vmsched.agents.train import training_command
 from edgecloud.vmsched.checkpoint import MODELS_DIR, PER_N, load_model, save_model
 from edgecloud.vmsched.cluster import ClusterConfig
 from edgecloud.vmsched.evaluate import evaluate, trimmed_mean
+from edgecloud.vmsched.flex import plot_by_n
 from edgecloud.vmsched.policies import make_policy
 from edgecloud.vmsched.trace import load_starts, load_trace
 
@@ -184,24 +185,12 @@ def main() -> None:
 
 
 def plot(rows):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=120)
     ns = [r["n_pms"] for r in rows]
-    for key, label in (("pick_test", "per-N pick"), ("spane_numa_test", "SPANE-NUMA (N=5 model)"),
-                       ("ff_test", "First-Fit")):
-        ax.plot(ns, [r[key] / r["bf_test"] for r in rows], marker="o", label=label)
-    ax.axhline(1.0, color="k", lw=0.8, ls="--", label="Balance-Fit")
-    ax.set_xlabel("number of PMs (N)")
-    ax.set_ylabel("test trimmed mean / Balance-Fit")
-    ax.set_title("Per-N SPANE-NUMA on the test split (chosen on validation)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
+    series = {label: [r[key] / r["bf_test"] for r in rows] for key, label in (
+        ("pick_test", "per-N pick"), ("spane_numa_test", "SPANE-NUMA (N=5 model)"), ("ff_test", "First-Fit"))}
+    return plot_by_n(ns, series, "test trimmed mean / Balance-Fit",
+                     "Per-N SPANE-NUMA on the test split (chosen on validation)", ref=1.0, ref_label="Balance-Fit",
+                     legend_size=8)
 
 
 if __name__ == "__main__":
