@@ -33,6 +33,7 @@ from edgecloud.vmsched.agents.select import balance_fit_scores, valid_score
 from edgecloud.vmsched.checkpoint import load_model
 from edgecloud.vmsched.cluster import ClusterConfig
 from edgecloud.vmsched.evaluate import evaluate, trimmed_mean
+from edgecloud.vmsched.flex import plot_by_n
 from edgecloud.vmsched.policies import make_policy
 from edgecloud.vmsched.trace import load_starts, load_trace
 
@@ -141,22 +142,9 @@ def _policy(net, cfg):
 
 
 def plot(seeds):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4), dpi=120)
-    for s in seeds:
-        ax.plot(SIZES, [s["valid_by_n"][str(n)] for n in SIZES], marker=".", alpha=0.6,
-                label=f"{s['run']} ep{s['best_episode']}")
-    ax.set_xlabel("number of PMs (N)")
-    ax.set_ylabel("valid trimmed mean (s)")
-    ax.set_title("Best trained checkpoint of each multi-N run (validation)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    return fig
+    series = {f"{s['run']} ep{s['best_episode']}": [s["valid_by_n"][str(n)] for n in SIZES] for s in seeds}
+    return plot_by_n(SIZES, series, "valid trimmed mean (s)",
+                     "Best trained checkpoint of each multi-N run (validation)", legend_size=7, alpha=0.6)
 
 
 if __name__ == "__main__":

@@ -339,7 +339,8 @@ def test_shipped_models_load():
 
     for name in [*SHIPPED, *ALIASES]:
         assert (shipped_dir(name) / "model.safetensors").exists(), f"no shipped model for {name}"
-        assert load_policy(name, 5) is not None
+        lo, _ = load_model(shipped_dir(name))[0].supported_pms  # a per-N model runs only at its N
+        assert load_policy(name, lo) is not None
 
 
 def test_spane_names_our_best_learner_and_spane_paper_the_published_architecture():
@@ -371,9 +372,57 @@ def test_checkpoint_of_another_feature_layout_or_n_is_refused(tmp_path):
         load_policy(f"checkpoint:{tmp_path / 'm'}", 5)
 
 
+def test_spane_resolves_to_the_per_n_model_of_the_n_asked(tmp_path, monkeypatch):
+    """`spane` at N goes to models/spane-numa-n<N> when one is shipped (it records supported_pms [N, N] and refuses
+    another N), else to SPANE-NUMA; without an N it is SPANE-NUMA."""
+    from edgecloud.vmsched import checkpoint as ck
+
+    cfg = default_config("spane-numa", n_pms=3)
+    net = build_qnet(cfg)
+    save_model(tmp_path / "spane-numa-n3", net, cfg, {"run": "x"}, pms=(3, 3))
+    monkeypatch.setattr(ck, "MODELS_DIR", tmp_path)
+    monkeypatch.setattr(ck, "SHIPPED", {"spane-numa": "spane-numa", "spane-numa-n3": "spane-numa-n3"})
+    assert ck.resolve("spane", 3) == "spane-numa-n3" and ck.resolve("SPANE ", 3) == "spane-numa-n3"
+    assert ck.resolve("spane", 4) == ck.resolve("spane") == "spane-numa"
+    assert ck.resolve("spane-numa", 3) == "spane-numa"  # a model name is never redirected
+    assert ck.shipped_dir("spane", 3) == tmp_path / "spane-numa-n3"
+    pol = ck.load_policy("spane", 3)
+    assert pol.name == "spane" and pol.net.supported_pms == (3, 3)
+    for a, b in zip(pol.net.state_dict().values(), net.state_dict().values()):
+        assert torch.equal(a, b)
+    with pytest.raises(UserError, match="supports N=3..3 PMs, not N=4"):
+        ck.load_policy("spane-numa-n3", 4)
+    doc = json.loads((tmp_path / "spane-numa-n3" / "config.json").read_text())
+    doc["supported_pms"] = [3]
+    (tmp_path / "spane-numa-n3" / "config.json").write_text(json.dumps(doc))
+    with pytest.raises(UserError, match=r"supported_pms=\[3\] must be \[lo, hi\]"):
+        ck.load_policy("spane", 3)
+
+
+def test_shipped_per_n_models_record_their_n():
+    """Every shipped per-N model accepts exactly its N, was picked on the select split and beat SPANE-NUMA there."""
+    from edgecloud.vmsched.checkpoint import PER_N, SHIPPED, shipped_dir
+
+    for n in range(1, 65):
+        if PER_N.format(n=n) not in SHIPPED:
+            continue
+        d = shipped_dir("spane", n)
+        assert d.name == PER_N.format(n=n)
+        doc = json.loads((d / "config.json").read_text())
+        assert doc["supported_pms"] == [n, n] and doc["config"]["n_pms"] == n and doc["meta"]["test_n_pms"] == n
+        assert doc["meta"]["select_trimmed_mean"] < doc["meta"]["select_spane_numa"]
+
+
+def _shipped_cases() -> list[tuple[str, int]]:
+    from edgecloud.vmsched.checkpoint import PER_N, SHIPPED
+
+    per_n = [(name, int(name.rsplit("n", 1)[1])) for name in SHIPPED if name.startswith(PER_N.format(n=""))]
+    return [("spane", 5), ("spane-paper", 5), ("spane-numa", 5), *per_n]
+
+
 @pytest.mark.slow  # 1000 test episodes through a Q-network: ~6 s each on a busy 2-core machine
-@pytest.mark.parametrize("agent", ["spane", "spane-paper", "spane-numa"])
-def test_shipped_model_reproduces_its_documented_test_score(trace, test_starts, agent):
+@pytest.mark.parametrize("agent,n", _shipped_cases())
+def test_shipped_model_reproduces_its_documented_test_score(trace, test_starts, agent, n):
     """The shipped model scores on the 1000 test starts what bench/spane_results.py recorded for it.
 
     Not exact, on purpose: the policy is the argmax of float32 Q values, and a different CPU (other SIMD widths,
@@ -385,8 +434,8 @@ def test_shipped_model_reproduces_its_documented_test_score(trace, test_starts, 
     are pinned exactly in test_vmsched_reproduce.py."""
     from edgecloud.vmsched.checkpoint import shipped_dir
 
-    _, _, meta = load_model(shipped_dir(agent))
-    got = trimmed_mean(evaluate(trace, ClusterConfig(), load_policy(agent, 5), test_starts).totals)
+    _, _, meta = load_model(shipped_dir(agent, n))
+    got = trimmed_mean(evaluate(trace, ClusterConfig(n_pms=n), load_policy(agent, n), test_starts).totals)
     assert got == pytest.approx(meta["test_trimmed_mean"], rel=2e-3)
 
 
@@ -572,6 +621,32 @@ def test_demonstration_pretraining_imitates_the_expert(trace, valid_starts):
     t.cfg = cfg.with_overrides(["demo_weight_final=0", "episodes=10"])
     t.p.episodes = 5
     assert t.demo_weight() == pytest.approx(0.5)
+
+
+@pytest.mark.slow  # collects demonstrations through a Q-network: ~25 s on a busy 2-core machine
+def test_a_model_can_be_its_own_demonstrator(trace, valid_starts):
+    """demo=spane-numa with init_from=spane-numa (a fine-tune held near its starting policy): the demonstrations are
+    the model's own greedy placements, so the margin loss only asks it to widen the gaps it already has (loss <=
+    the margin, each expert action already the argmax), and it grows once training moves the policy away."""
+    from edgecloud.vmsched.agents.dqn import Trainer
+    from edgecloud.vmsched.checkpoint import MODELS_DIR
+
+    cfg = DQNConfig(agent="spane-numa", seed=0, n_pms=4, demo="spane-numa", demo_steps=0, episodes=1, n_envs=16,
+                    demo_size=16 * 60, n_step=10, init_from=str(MODELS_DIR / "spane-numa"))
+    t = Trainer(cfg, trace, valid_starts)
+    t.demo = t.collect_demos()
+    b = t.demo.sample(256, np.random.default_rng(0))
+    with torch.no_grad():
+        a = t.online(b["pm"], b["vm"], b["mask"]).argmax(1)
+        assert ((a == b["action"]) | ((b["vm"][:, 2] > 0.5) & (a // 2 == b["action"] // 2))).all()
+        base = float(t.margin_loss(b))
+        assert 0.0 < base <= cfg.demo_margin
+        torch.manual_seed(0)
+        for p in t.online.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+        assert float(t.margin_loss(b)) > base
+    with pytest.raises(UserError, match="a shipped model"):
+        DQNConfig(demo="spane-nope")
 
 
 def test_training_md_commands_rebuild_the_shipped_configs():

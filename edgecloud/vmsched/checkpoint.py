@@ -30,20 +30,27 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 FEATURES = "pm4:free/cap;vm3:cpu/cap,mem/cap,double"
 
 # The shipped models (``models/<dir>``), by policy name. ``spane`` is our best learner by validation (it is the
-# name users reach for): SPANE-NUMA, whose validation score beats the published architecture's and that of every
-# multi-N fine-tune we trained from it (docs/spane.md). The published architecture keeps its own name, ``spane-paper``.
-SHIPPED = {"spane-paper": "spane-paper", "spane-numa": "spane-numa", "mlpdqn": "mlpdqn", "mlpaug": "mlpaug"}
-ALIASES = {"spane": "spane-numa"}
+# name users reach for): at a cluster size N with a per-N model (``spane-numa-n<N>``: SPANE-NUMA fine-tuned at that N
+# and chosen there on validation, shipped only where it beat the N=5 model on the ``select`` split) that model, at
+# any other N SPANE-NUMA, whose validation score beats the published architecture's and that of every multi-N
+# fine-tune we trained from it (docs/spane.md). The published architecture keeps its own name, ``spane-paper``.
+PER_N = "spane-numa-n{n}"  # the per-N models' dir names; a shipped one records supported_pms [N, N]
+SHIPPED = {"spane-paper": "spane-paper", "spane-numa": "spane-numa", "mlpdqn": "mlpdqn", "mlpaug": "mlpaug"} | {
+    d.name: d.name for d in sorted(MODELS_DIR.glob(PER_N.format(n="*"))) if (d / "config.json").exists()}
+ALIASES = {"spane": "spane-numa"}  # the fallback at an N without a per-N model (and when no N is given)
+BY_N = {"spane": PER_N}  # aliases that prefer the per-N model of the N asked when one is shipped
 
 
-def save_model(path: Path, net: torch.nn.Module, cfg: DQNConfig, meta: dict | None = None) -> None:
-    """Write weights then config, each atomically (config last: a dir with a config has its weights)."""
+def save_model(path: Path, net: torch.nn.Module, cfg: DQNConfig, meta: dict | None = None,
+               pms: tuple[int, int] | None = None) -> None:
+    """Write weights then config, each atomically (config last: a dir with a config has its weights). ``pms``
+    narrows the recorded range of cluster sizes (a per-N model is validated and shipped for its one N)."""
     path = Path(path)
     tensors = {k: v.detach().float().contiguous().clone() for k, v in net.state_dict().items()}
     with atomic.atomic_path(path / WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"format": FORMAT, "agent": cfg.agent})
     doc = {"format": FORMAT, "features": FEATURES, "agent": cfg.agent, "n_pms": cfg.n_pms,
-           "supported_pms": supported_pms(cfg), "config": cfg.to_dict(), "meta": meta or {}}
+           "supported_pms": list(pms) if pms else supported_pms(cfg), "config": cfg.to_dict(), "meta": meta or {}}
     if isinstance(net, EnsembleQNet):
         doc["members"] = len(net.members)
     atomic.write_text(path / CONFIG, json.dumps(doc, indent=2) + "\n")
@@ -99,6 +106,11 @@ def load_model(path: str | Path) -> tuple[torch.nn.Module, DQNConfig, dict]:
             raise UserError(f"checkpoint {d}: tensor {k} has shape {tuple(tensors[k].shape)} but the '{cfg.agent}' "
                             f"config needs {tuple(v.shape)} (wrong architecture or N)")
     net.load_state_dict(tensors)
+    rng = doc.get("supported_pms", supported_pms(cfg))  # models saved before the field existed: the computed range
+    if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) for x in rng) and 1 <= rng[0] <= rng[1]):
+        raise UserError(f"checkpoint {d / CONFIG}: supported_pms={rng!r} must be [lo, hi] with 1 <= lo <= hi; "
+                        "the file is corrupt")
+    net.supported_pms = tuple(rng)
     return net.eval(), cfg, doc.get("meta", {})
 
 
@@ -113,9 +125,19 @@ def supported_pms(cfg: DQNConfig) -> list[int]:
     return [1, max(MAX_PMS, cfg.n_pms, *cfg.train_pms, *cfg.valid_pms)]
 
 
-def shipped_dir(name: str) -> Path | None:
-    """The model dir of a shipped policy name (aliases resolved), or None if the name is not a shipped model."""
-    key = ALIASES.get(name.strip().lower(), name.strip().lower())
+def resolve(name: str, n_pms: int | None = None) -> str:
+    """The shipped model a policy name means at ``n_pms`` PMs: an alias in BY_N goes to the per-N model of that N
+    when one is shipped, else (and for every other alias) to ALIASES; a model name stays itself."""
+    key = name.strip().lower()
+    if key in BY_N and n_pms is not None and BY_N[key].format(n=n_pms) in SHIPPED:
+        return BY_N[key].format(n=n_pms)
+    return ALIASES.get(key, key)
+
+
+def shipped_dir(name: str, n_pms: int | None = None) -> Path | None:
+    """The model dir of a shipped policy name (aliases resolved at ``n_pms``), or None if it is not a shipped
+    model."""
+    key = resolve(name, n_pms)
     return MODELS_DIR / SHIPPED[key] if key in SHIPPED else None
 
 
@@ -124,7 +146,7 @@ def load_policy(name: str, n_pms: int | None = None) -> QPolicy | None:
     key = name.strip()
     if key.lower().startswith("checkpoint:"):
         path, label = Path(key.split(":", 1)[1]), key
-    elif (path := shipped_dir(key)) is not None:
+    elif (path := shipped_dir(key, n_pms)) is not None:
         label = key.lower()
         if not (path / WEIGHTS).exists():
             raise UserError(f"no shipped model for '{label}' (looked in {path}); train one with "
@@ -132,7 +154,7 @@ def load_policy(name: str, n_pms: int | None = None) -> QPolicy | None:
     else:
         return None
     net, cfg, _ = load_model(path)
-    lo, hi = supported_pms(cfg)
+    lo, hi = net.supported_pms
     if n_pms is not None and net.fixed_n is not None and n_pms != net.fixed_n:
         raise UserError(f"policy '{label}' is a flat MLP ({cfg.agent}) trained for N={net.fixed_n} PMs; it cannot "
                         f"run on N={n_pms} (use --pms {net.fixed_n}, or spane / spane-numa, which work for any N)")

@@ -54,19 +54,29 @@ def write_flex(rows: list[dict], names: list[str], out: Path, split: str, seed: 
 
 def plot_flex(rows: list[dict], names: list[str], split: str = "test"):
     """The flex plot as a matplotlib figure (written by the results layer)."""
+    ns = [r["n_pms"] for r in rows]
+    return plot_by_n(ns, {name: [r[name] for r in rows] for name in names}, "trimmed-mean total wait per episode (s)",
+                     f"Huawei-East-1 ({split} starts): total wait vs cluster size", figsize=(6, 4))
+
+
+def plot_by_n(ns, series: dict[str, list[float]], ylabel: str, title: str, ref: float | None = None,
+              ref_label: str = "", figsize=(6.4, 4), legend_size: float | None = None, alpha: float = 1.0):
+    """One line per series over the cluster sizes ``ns`` (the flex plot and the SPANE per-N / multi-N benches);
+    ``ref`` draws a dashed horizontal reference line."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ns = [r["n_pms"] for r in rows]
-    for name in names:
-        ax.plot(ns, [r[name] for r in rows], marker="o", label=name)
+    fig, ax = plt.subplots(figsize=figsize, dpi=120)
+    for label, ys in series.items():
+        ax.plot(ns, ys, marker="o" if alpha == 1.0 else ".", alpha=alpha, label=label)
+    if ref is not None:
+        ax.axhline(ref, color="k", lw=0.8, ls="--", label=ref_label)
     ax.set_xlabel("number of PMs (N)")
-    ax.set_ylabel("trimmed-mean total wait per episode (s)")
-    ax.set_title(f"Huawei-East-1 ({split} starts): total wait vs cluster size")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=legend_size)
     fig.tight_layout()
     return fig

@@ -59,7 +59,8 @@ class DQNConfig:
     # linear = -w/reward_scale (the objective itself; heavy-tailed)
     reward_scale: float = 1.0
     # --- demonstrations (DQfD-style; off unless demo names a heuristic) -----------------------------------
-    demo: str = ""  # e.g. balance-fit: collect demo_size transitions with it, pretrain on them, keep a margin loss
+    demo: str = ""  # e.g. balance-fit: collect demo_size transitions with it, pretrain on them, keep a margin loss;
+    # a model (spane-numa, checkpoint:DIR) as its own demonstrator keeps a fine-tune (init_from) near its policy
     demo_size: int = 100_000  # demonstration transitions (collected from training starts, own start stream)
     demo_steps: int = 1_000  # pretraining gradient steps on demonstrations only (n-step TD + margin)
     demo_margin: float = 1.0  # the expert's action must beat every other placement by this much in Q
@@ -133,11 +134,13 @@ class DQNConfig:
         if not 0 <= self.start_lo < self.start_hi:
             raise UserError(f"start_lo={self.start_lo}, start_hi={self.start_hi}: need 0 <= start_lo < start_hi")
         if self.demo:
+            from edgecloud.vmsched.checkpoint import ALIASES, SHIPPED
             from edgecloud.vmsched.policies import HEURISTICS
 
-            if self.demo not in HEURISTICS:
-                raise UserError(f"demo='{self.demo}': name a heuristic ({', '.join(sorted(HEURISTICS))}), "
-                                "or '' for none")
+            if not (self.demo in HEURISTICS or self.demo in SHIPPED or self.demo in ALIASES
+                    or self.demo.startswith("checkpoint:")):
+                raise UserError(f"demo='{self.demo}': name a heuristic ({', '.join(sorted(HEURISTICS))}), a shipped "
+                                "model (e.g. spane-numa) or checkpoint:DIR, or '' for none")
             if self.demo_size < self.n_envs * (self.n_step + 2):
                 raise UserError(f"demo_size={self.demo_size} is too small for n_envs={self.n_envs} and n_step="
                                 f"{self.n_step}; raise demo_size")
