@@ -20,7 +20,9 @@ import pytest
 
 from edgecloud.paths import cache_root
 
-USER_CACHE = cache_root()  # read before the override: the source of reusable conversions, never written
+# read before the override: the source of reusable conversions, never written; kept in the environment because
+# pytest-xdist workers inherit the controller's EDGECLOUD_CACHE (its own empty temp cache) and would convert again
+USER_CACHE = Path(os.environ.setdefault("EDGECLOUD_TESTS_USER_CACHE", str(cache_root())))
 TEST_CACHE = Path(tempfile.mkdtemp(prefix="edgecloud-test-cache-"))
 os.environ["EDGECLOUD_CACHE"] = str(TEST_CACHE)
 atexit.register(shutil.rmtree, TEST_CACHE, True)

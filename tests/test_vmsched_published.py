@@ -7,9 +7,12 @@ import re
 
 import numpy as np
 
+# `conftest`, the module pytest loaded: importing it as `tests.conftest` ran it a second time, which pointed
+# EDGECLOUD_CACHE at a second, empty test cache, so every model was converted again (~27 s per test process)
+from conftest import require_shared
+
 from edgecloud.paths import data_root
 from edgecloud.vmsched import published
-from tests.conftest import require_shared
 
 
 def test_published_numbers_match_reference_files():
