@@ -218,6 +218,26 @@ def test_compiled_simulator_equals_scalar_on_random_traces(vms, n_pms, pol):
     np.testing.assert_array_equal(fastsim.evaluate_totals(tr, c, _stepwise(pol), starts, n), scalar)
 
 
+def test_compiled_simulator_never_reuses_a_collected_traces_arrays():
+    """Regression: the per-trace array cache was keyed by ``id(trace)``; a new trace of the same length allocated
+    where a collected one lived got the old one's arrays (a flaky CI failure). Forty short-lived traces in a row,
+    each checked against the scalar simulator."""
+    from edgecloud.vmsched import fastsim
+
+    rng = np.random.default_rng(0)
+    c = ClusterConfig(n_pms=1, node_cpu=16, node_mem=32, double_threshold=10)
+    waited = 0
+    for _ in range(40):
+        n = 8
+        tr = make_trace(rng.integers(4, 17, n), rng.integers(8, 33, n), np.cumsum(rng.integers(0, 3, n)),
+                        rng.integers(5, 30, n))
+        ref = run_episode(tr, c, WorstFit(), 0, n)
+        waited += ref > 0
+        assert fastsim.evaluate_totals(tr, c, WorstFit(), np.array([0]), np.array([n]))[0] == ref
+        del tr
+    assert waited >= 30  # the traces are congested enough for stale arrays to show
+
+
 def test_fastsim_steps_equal_batched_steps(trace, valid_starts):
     """A seeded random policy through both step APIs: the same decisions (masks, free capacity) and the same waits
     (hence rewards) at every step, on 24 real episodes at N=4."""

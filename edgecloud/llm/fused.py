@@ -67,8 +67,9 @@ class FusedLlama:
         self._ops: dict[str, dict] = {}
         self._stamp = self._now()
 
-    def _now(self) -> list[tuple[int, int]]:
-        return [(id(w), w._version) for w in [*_sources(self.decoder), self.engine.lm_head.weight]]
+    def _now(self) -> list[tuple[torch.Tensor, int]]:
+        # the tensors themselves, not id(): a replaced weight's id may be reused by its successor
+        return [(w, w._version) for w in [*_sources(self.decoder), self.engine.lm_head.weight]]
 
     @staticmethod
     def supports(engine) -> bool:
@@ -80,7 +81,11 @@ class FusedLlama:
 
     def fresh(self) -> bool:
         """The model still has the weights these were fused from (no wrapper, no in-place edit since)."""
-        return _plain(self.engine) and self._now() == self._stamp
+        if not _plain(self.engine):
+            return False
+        now = self._now()
+        return len(now) == len(self._stamp) and all(
+            a is b and va == vb for (a, va), (b, vb) in zip(now, self._stamp))
 
     def _norm(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         hf = h.float()  # transformers' LlamaRMSNorm, op for op

@@ -283,15 +283,17 @@ class TraceArrays:
         self.lt = np.ascontiguousarray(trace.lt, dtype=np.float64)
 
 
-_ARRAYS: dict[tuple, TraceArrays] = {}
+# The last (trace, double threshold) and its arrays. The cache holds the trace itself and matches it by identity:
+# keyed by ``id(trace)`` alone, a new trace allocated where a collected one lived got the old one's arrays.
+_LAST: list = [None, None, None]
 
 
 def trace_arrays(trace: Trace, cluster: ClusterConfig) -> TraceArrays:
-    key = (id(trace), len(trace), cluster.double_threshold)
-    if key not in _ARRAYS:
-        _ARRAYS.clear()  # one trace at a time in practice; never hold stale ones
-        _ARRAYS[key] = TraceArrays(trace, cluster)
-    return _ARRAYS[key]
+    held, threshold, arrays = _LAST
+    if held is not trace or threshold != cluster.double_threshold:
+        arrays = TraceArrays(trace, cluster)
+        _LAST[:] = [trace, cluster.double_threshold, arrays]
+    return arrays
 
 
 def _never_fits() -> UserError:
