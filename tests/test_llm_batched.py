@@ -179,3 +179,26 @@ def test_llm_bench_contract(engine):
     assert doc["batched_matches_single"] is True
     assert doc["provenance"]["commit"]
     assert abs(doc["ppl_bf16"] / doc["ppl_fp32"] - 1) < 0.05
+
+
+def test_fused_prefill_equals_transformers(engine, prompts):
+    """``Engine.prefill`` on a fresh cache runs the fused layers (causal SDPA, no mask; ``x @ W`` GEMMs that MKL
+    computes like ``F.linear``): the same cache and logits as transformers' layers, and decoding on from it too."""
+    from unittest import mock
+
+    from edgecloud.llm.fused import FusedLlama
+
+    ids = engine.encode_prompt(prompts[1])
+    engine.use_fused = False
+    try:
+        ref_logits, ref = engine.prefill(ids)
+    finally:
+        engine.use_fused = True
+    with mock.patch.object(FusedLlama, "forward", autospec=True, side_effect=FusedLlama.forward) as spy:
+        logits, cache = engine.prefill(ids)
+    assert spy.call_count == 1
+    assert torch.allclose(logits, ref_logits, atol=1e-4)
+    for a, b in zip(cache.layers, ref.layers):
+        assert a.keys.shape == b.keys.shape == (1, engine.config.num_key_value_heads, len(ids), a.keys.shape[-1])
+        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
+    assert torch.allclose(engine.logits_for([42], cache)[-1], engine.logits_for([42], ref)[-1], atol=1e-4)

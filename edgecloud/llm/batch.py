@@ -188,12 +188,6 @@ class Batch:
             v[i, :, :, start:start + tok.shape[1]] = layer.values[:, :, start:]
         return out.logits[:, -1].float()
 
-    def _new_kv(self, b: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
-        cfg, d = self.engine.config, self.engine.decoder
-        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        k = torch.zeros(self.engine.n_layers, b, cfg.num_key_value_heads, cap, hd, dtype=d.embed_tokens.weight.dtype)
-        return k, torch.zeros_like(k)
-
     # ------------------------------------------------------------------ membership
     @torch.inference_mode()
     def add(self, prompts: dict[Hashable, Sequence[int]], max_new_tokens: int = 32, temperature: float = 0.0,
@@ -211,14 +205,17 @@ class Batch:
         lens = [len(prompts[i]) for i in ids]
         tok, mask, pos = _pad_prompts([prompts[i] for i in ids])
         n = tok.shape[1]
-        k, v = self._new_kv(len(ids), n + max(16, max_new_tokens + 1))
+        k, v = self.engine.new_kv(len(ids), n + max(16, max_new_tokens + 1))
         fused = self.engine.fused()
         with _rows(ids):
             if fused is not None:
                 valid = mask.bool()
-                causal = torch.ones(n, n, dtype=torch.bool).tril()
-                allowed = (valid[:, None, :] & causal) | torch.eye(n, dtype=torch.bool)  # pad rows see themselves
-                logits = fused.logits(fused.forward(tok, pos, k, v, 0, allowed.unsqueeze(1)), n)
+                allowed = None  # no padding: SDPA's causal kernel, no mask
+                if not bool(valid.all()):
+                    causal = torch.ones(n, n, dtype=torch.bool).tril()
+                    # pad rows see themselves
+                    allowed = ((valid[:, None, :] & causal) | torch.eye(n, dtype=torch.bool)).unsqueeze(1)
+                logits = fused.logits(fused.forward(tok, pos, k, v, 0, allowed))
             else:
                 logits = self._run_hf(tok, mask, pos, 0, k, v)
         ttft = time.perf_counter() - t0
@@ -239,7 +236,7 @@ class Batch:
         w0, w1 = self.mask.shape[1], mask.shape[1]
         width = max(w0, w1)
         b0 = len(self.row_ids)
-        kk, vv = self._new_kv(b0 + len(ids), width + max(16, k.shape[3] - w1, self.k.shape[3] - w0))
+        kk, vv = self.engine.new_kv(b0 + len(ids), width + max(16, k.shape[3] - w1, self.k.shape[3] - w0))
         kk[:, :b0, :, width - w0:width], vv[:, :b0, :, width - w0:width] = self.k[:, :, :, :w0], self.v[:, :, :, :w0]
         kk[:, b0:, :, width - w1:width], vv[:, b0:, :, width - w1:width] = k[:, :, :, :w1], v[:, :, :, :w1]
         self.k, self.v = kk, vv

@@ -85,6 +85,15 @@ class Engine:
         self._fused = FusedLlama(self) if FusedLlama.supports(self) else None
         return self._fused
 
+    def new_kv(self, b: int, cap: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zeroed key and value buffers (layers, b, kv_heads, cap, head_dim) in the model's dtype (the batch's
+        preallocated cache layout)."""
+        cfg = self.config
+        hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        dtype = self.decoder.embed_tokens.weight.dtype
+        k = torch.zeros(self.n_layers, b, cfg.num_key_value_heads, cap, hd, dtype=dtype)
+        return k, torch.zeros_like(k)
+
     # ---------------------------------------------------------------- text
     def encode(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -160,7 +169,10 @@ class Engine:
     # ---------------------------------------------------------------- passes
     @torch.inference_mode()
     def prefill(self, ids=None, embeds: torch.Tensor | None = None, cache=None):
-        """Run the prompt (ids or input embeddings) after whatever ``cache`` holds; returns (last logits, cache)."""
+        """Run the prompt (ids or input embeddings) after whatever ``cache`` holds; returns (last logits, cache).
+
+        An empty cache on a model the fused path supports (:meth:`fused`) runs :mod:`edgecloud.llm.fused`: the same
+        maths as transformers' layers (to ~1e-5) with prepacked projections; anything else runs ``model(...)``."""
         from transformers import DynamicCache
 
         cache = cache if cache is not None else DynamicCache()
@@ -170,6 +182,13 @@ class Engine:
         n = embeds.shape[1]
         self.check_length(past + n)
         pos = torch.arange(past, past + n).unsqueeze(0)
+        fused = self.fused() if past == 0 else None
+        if fused is not None:  # a fresh prompt on a plain Llama: fused projections, causal SDPA, no mask
+            k, v = self.new_kv(1, n)
+            h = fused.forward(None, pos, k, v, 0, None, embeds=embeds)
+            for i in range(self.n_layers):
+                cache.update(k[i], v[i], i)
+            return fused.logits(h)[0], cache
         out = self.model(inputs_embeds=embeds, position_ids=pos, cache=cache, use_cache=True,
                          logits_to_keep=1)
         return out.logits[0, -1].float(), cache

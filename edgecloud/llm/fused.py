@@ -4,8 +4,8 @@ Why: decode at small batch is bound by reading weights and by per-layer overhead
 runs the same maths as transformers' Llama layers with
 
 * one Q|K|V and one gate|up GEMM per layer (weights concatenated once, on first use), in the layout that this CPU
-  runs fastest for the number of rows: ``x @ W`` with W stored (in, out) below 8 rows (decode at small batch;
-  ~1.8x faster than ``F.linear`` at one row), oneDNN's prepacked GEMM from 8 rows (batch decode, prefill);
+  runs fastest for the number of rows (see :meth:`FusedLlama.ops`);
+* prefill with no padding uses SDPA's causal kernel with no mask built;
 * keys/values written into a caller-owned preallocated buffer (no ``torch.cat`` of the whole cache per step);
 * one boolean mask for all layers, positions and RoPE computed once per pass, no transformers mask building.
 
@@ -65,6 +65,7 @@ class FusedLlama:
         self.ln1 = [ly.input_layernorm.weight for ly in d.layers]
         self.ln2 = [ly.post_attention_layernorm.weight for ly in d.layers]
         self._ops: dict[str, dict] = {}
+        self._lm: dict[str, object] = {}
         self._stamp = self._now()
 
     def _now(self) -> list[tuple[torch.Tensor, int]]:
@@ -93,66 +94,79 @@ class FusedLlama:
 
     @staticmethod
     def kind(rows: int, q: int) -> str:
-        """Which GEMM layout a pass of ``rows`` sequences x ``q`` new tokens uses (see :meth:`ops`)."""
-        return "plain" if q > 1 else ("row" if rows < 8 else "packed")
+        """Which GEMM layout the layers of a pass of ``rows`` sequences x ``q`` new tokens use (see :meth:`ops`)."""
+        return "xw" if q > 1 or rows < 8 else "packed"
+
+    @staticmethod
+    def lm_kind(rows: int) -> str:
+        """Which GEMM layout the lm_head uses for ``rows`` last positions (see :meth:`ops`)."""
+        return "xw" if rows <= 2 else ("wx" if rows < 8 else "packed")
+
+    def _make(self, kind: str, *ws: torch.Tensor, transpose: bool = True):
+        """One projection (several fused along the output) as a callable in the given layout."""
+        w = (torch.cat(ws) if len(ws) > 1 else ws[0]).detach()
+        if kind == "packed" and w.dtype == torch.float32 and torch.backends.mkldnn.is_available():
+            p = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 16)
+            return lambda x: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
+        if kind in ("wx", "packed"):
+            return lambda x: (w @ x.reshape(-1, x.shape[-1]).t()).t().reshape(*x.shape[:-1], -1)
+        if transpose:
+            wt = w.t().contiguous()
+            return lambda x: x @ wt
+        return lambda x: F.linear(x, w)
 
     def ops(self, kind: str) -> dict:
-        """The projections as callables for one regime, built on first use.
+        """The projections as callables for one layout, built on first use. All are fp32 GEMMs that differ only in
+        summation order; times below are a whole decode step's GEMMs with weights cold as in a real step, 1
+        thread on this AVX2 EPYC (``docs/llm.md``).
 
-        ``plain``: transformers' own ``F.linear`` calls on the original weights (prefill: compute-bound, and
-        numerically what the single-sequence path computes). ``row`` (decode, < 8 rows): Q|K|V and gate|up fused,
-        stored (in, out) for ``x @ W``, which this 1-thread AVX2 CPU runs ~1.8x faster than ``F.linear`` at one row
-        (weight-read bound). ``packed`` (decode, >= 8 rows): oneDNN's prepacked fp32 GEMM, ~1.3x faster than either
-        at 16 rows (lm_head ~2x). All are fp32 GEMMs; only the summation order differs (tested to 1e-4)."""
-        if kind in self._ops:
-            return self._ops[kind]
-        want, d = kind, self.decoder
-        if kind == "packed" and (self.engine.lm_head.weight.dtype != torch.float32
-                                 or not torch.backends.mkldnn.is_available()):
-            kind = "row"
+        ``xw``: ``x @ W`` with Q|K|V and gate|up fused and W stored (in, out). At 1 row ~1.5x faster than
+        ``F.linear`` (36 vs 53 ms; weight-read bound). From 4 rows MKL computes it bit for bit like ``F.linear``,
+        so prefill and 3-7-row decode give exactly transformers' numbers: this keeps batched == single to 1e-4
+        over several decode steps, which the faster layouts below at 3-7 rows do not (1.4e-4 after 3 steps).
+        ``wx``: ``(W @ x^T)^T`` on (out, in) weights; used for the lm_head at 3-7 rows, where MKL's ``x @ W``
+        degrades to about one weight pass per row (lm_head at 4 rows: 12 vs 29 ms); its rounding reaches the
+        logits only, not the cache. ``packed`` (>= 8 rows): oneDNN's prepacked GEMM (16 rows: 114 vs 136-150 ms
+        a step), tested to 1e-4 against the single path."""
+        if kind not in self._ops:
+            d = self.decoder
+            with torch.no_grad():
+                self._ops[kind] = {
+                    "qkv": [self._make(kind, ly.self_attn.q_proj.weight, ly.self_attn.k_proj.weight,
+                                       ly.self_attn.v_proj.weight) for ly in d.layers],
+                    "o": [self._make(kind, ly.self_attn.o_proj.weight) for ly in d.layers],
+                    "gu": [self._make(kind, ly.mlp.gate_proj.weight, ly.mlp.up_proj.weight) for ly in d.layers],
+                    "down": [self._make(kind, ly.mlp.down_proj.weight, transpose=False) for ly in d.layers]}
+        return self._ops[kind]
 
-        def make(*ws, transpose=True):
-            if kind == "plain":
-                return (lambda x: F.linear(x, ws[0])) if len(ws) == 1 else \
-                    (lambda x: torch.cat([F.linear(x, w) for w in ws], -1))
-            w = (torch.cat(ws) if len(ws) > 1 else ws[0]).detach()
-            if kind == "packed":
-                p = torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), 16)
-                return lambda x: torch.ops.mkldnn._linear_pointwise(x, p, None, "none", [], "")
-            if transpose:
-                wt = w.t().contiguous()
-                return lambda x: x @ wt
-            return lambda x: F.linear(x, w)
-
-        with torch.no_grad():
-            ops = {"qkv": [make(ly.self_attn.q_proj.weight, ly.self_attn.k_proj.weight, ly.self_attn.v_proj.weight)
-                           for ly in d.layers],
-                   "o": [make(ly.self_attn.o_proj.weight) for ly in d.layers],
-                   "gu": [make(ly.mlp.gate_proj.weight, ly.mlp.up_proj.weight) for ly in d.layers],
-                   "down": [make(ly.mlp.down_proj.weight, transpose=False) for ly in d.layers],
-                   "lm": make(self.engine.lm_head.weight)}
-        self._ops[want] = ops
-        return ops
-
-    def logits(self, h: torch.Tensor, q: int = 1) -> torch.Tensor:
-        """lm_head over final-normed hidden states (rows, hidden) of a pass with ``q`` new tokens -> float logits."""
-        return self.ops(self.kind(h.shape[0], q))["lm"](h).float()
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """lm_head over final-normed last-position hidden states (rows, hidden) -> float logits."""
+        kind = self.lm_kind(h.shape[0])
+        if kind not in self._lm:
+            with torch.no_grad():
+                self._lm[kind] = self._make(kind, self.engine.lm_head.weight)
+        return self._lm[kind](h).float()
 
     @torch.inference_mode()
-    def forward(self, ids: torch.Tensor, positions: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
-                start: int, allowed: torch.Tensor) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor | None, positions: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
+                start: int, allowed: torch.Tensor | None, embeds: torch.Tensor | None = None) -> torch.Tensor:
         """Final-normed hidden states of the last position per row, (batch, hidden).
 
-        ``ids``/``positions`` (batch, q); ``k_buf``/``v_buf`` (layers, batch, kv_heads, capacity, head_dim) hold
-        the cache; this pass writes its keys/values at slots ``start .. start+q`` and attends over slots
-        ``0 .. start+q`` where ``allowed`` (batch, 1, q, start+q) bool is true."""
-        b, q = ids.shape
+        ``ids``/``positions`` (batch, q) (or ``embeds`` (batch, q, hidden) instead of ids); ``k_buf``/``v_buf``
+        (layers, batch, kv_heads, capacity, head_dim) hold the cache; this pass writes its keys/values at slots
+        ``start .. start+q`` and attends over slots ``0 .. start+q`` where ``allowed`` (batch, 1, q, start+q) bool
+        is true. ``allowed=None`` (only with ``start=0``): plain causal attention, SDPA's ``is_causal`` kernel with
+        no mask built (a prompt with no padding: half the attention FLOPs of a square masked pass)."""
+        h = self.decoder.embed_tokens(ids) if embeds is None else embeds
+        b, q = h.shape[:2]
         end = start + q
-        h = self.decoder.embed_tokens(ids)
+        if allowed is None and start:
+            raise ValueError("causal attention without a mask needs start=0")
         cos, sin = self.decoder.rotary_emb(h, positions)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         nq, nk = self.hq * self.hd, self.hk * self.hd
-        bias = torch.zeros(allowed.shape, dtype=h.dtype).masked_fill_(~allowed, float("-inf"))  # once, not per layer
+        bias = None if allowed is None else \
+            torch.zeros(allowed.shape, dtype=h.dtype).masked_fill_(~allowed, float("-inf"))  # once, not per layer
         ops = self.ops(self.kind(b, q))
         for i in range(len(self.ln1)):
             x = self._norm(h, self.ln1[i])
@@ -164,7 +178,7 @@ class FusedLlama:
             k_buf[i, :, :, start:end] = ks * cos + rotate_half(ks) * sin
             v_buf[i, :, :, start:end] = vs
             a = F.scaled_dot_product_attention(qs, k_buf[i, :, :, :end], v_buf[i, :, :, :end], attn_mask=bias,
-                                               scale=self.scale, enable_gqa=self.hq != self.hk)
+                                               is_causal=bias is None, scale=self.scale, enable_gqa=self.hq != self.hk)
             h = h + ops["o"][i](a.transpose(1, 2).reshape(b, q, nq))
             gu = ops["gu"][i](self._norm(h, self.ln2[i]))
             h = h + ops["down"][i](F.silu(gu[..., :self.inter]) * gu[..., self.inter:])
