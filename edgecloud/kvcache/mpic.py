@@ -165,7 +165,7 @@ def _fused_forward(fz, x: torch.Tensor, slots: torch.Tensor, K: torch.Tensor, V:
         h = h + ops["o"][i](a.transpose(1, 2).reshape(1, -1, nq))
         gu = ops["gu"][i](fz._norm(h, fz.ln2[i]))
         h = h + ops["down"][i](F.silu(gu[..., :fz.inter]) * gu[..., fz.inter:])
-    return ops["lm"](fz._norm(h[0, -1], fz.decoder.norm.weight)).float()
+    return fz.logits(fz._norm(h[0, -1:], fz.decoder.norm.weight))[0]
 
 
 @dataclass
