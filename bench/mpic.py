@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2, help="--ttft: time each method this often, keep the fastest")
     ap.add_argument("--max-s", type=float, default=0.0, help="--fidelity: stop starting requests after this long")
     ap.add_argument("--dump", default=None, help="--fidelity: also write the raw per-request rows here")
+    ap.add_argument("--resume", default=None, help="--fidelity: an earlier --dump; its requests are kept (pooled) "
+                    "and the run goes on from the next one")
     a = ap.parse_args()
     if a.fidelity:
         return main_fidelity(a)
@@ -129,7 +131,7 @@ def main_fidelity(a) -> None:
         cfg = FidelityConfig(seed=a.seed, max_s=a.max_s)
         engine = Engine(load_model(a.model), threads=a.threads)
         out = fidelity(engine, cfg, progress=lambda i, n: print(f"request {i}/{n}", file=sys.stderr, flush=True),
-                       dump=a.dump)
+                       dump=a.dump, resume=a.resume)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -73,24 +73,49 @@ def test_linker_exact_when_all_selected_and_reuse_approximate(eng, tmp_path):
     m.close()
 
 
-def test_prefix_runs_attention_equals_dense_sdpa(eng, tmp_path, monkeypatch):
-    """The linker's run-by-run attention (each run of selected slots over its key prefix only) gives what the
-    dense masked SDPA gives, on a selection with several runs (two chunks' first tokens and the question)."""
+def test_linker_paths_agree_fused_runs_and_dense(eng, tmp_path, monkeypatch):
+    """The linker's three ways to run its pass give the same cache and logits to 1e-5 on a selection with several
+    runs (two chunks' first tokens and the question): the fused pass (packed GEMMs, masks built once, the last layer
+    on the last row only), transformers' layers with run-by-run attention, and transformers' dense masked SDPA."""
     from contextlib import nullcontext
 
     import edgecloud.kvcache.mpic as mp
 
     segs = prompt()
     m = MPIC(eng, KVStore(tmp_path, eng.lm.fingerprint))
-    fast = m.prefill(segs, MPICk(4))
+    calls = []
+    fused_forward = mp._fused_forward
+    monkeypatch.setattr(mp, "_fused_forward", lambda *a: calls.append(1) or fused_forward(*a))
+    fused = m.prefill(segs, MPICk(4))
+    assert calls == [1]  # the tiny plain Llama takes the fused pass
+    monkeypatch.setattr(eng, "use_fused", False)
+    runs = m.prefill(segs, MPICk(4))
     monkeypatch.setattr(mp, "prefix_attention", lambda e: nullcontext())
     dense = m.prefill(segs, MPICk(4))
-    assert eng.config._attn_implementation != mp._PREFIX_ATTN  # restored after the pass
-    assert torch.allclose(fast.logits, dense.logits, atol=1e-5)
-    for layer in range(eng.n_layers):
-        assert torch.allclose(fast.cache.layers[layer].keys, dense.cache.layers[layer].keys, atol=1e-5)
-        assert torch.allclose(fast.cache.layers[layer].values, dense.cache.layers[layer].values, atol=1e-5)
+    assert calls == [1] and eng.config._attn_implementation != mp._PREFIX_ATTN  # restored after the pass
+    for got in (fused, runs):
+        assert torch.allclose(got.logits, dense.logits, atol=1e-5)
+        for layer in range(eng.n_layers):
+            assert torch.allclose(got.cache.layers[layer].keys, dense.cache.layers[layer].keys, atol=1e-5)
+            assert torch.allclose(got.cache.layers[layer].values, dense.cache.layers[layer].values, atol=1e-5)
     m.close()
+
+
+def test_run_masks_tile_the_causal_mask():
+    """Each run's additive mask is exactly the dense causal mask (query at slot p sees keys 0..p) on its rows,
+    cut at the run's last key; a one-token run needs none."""
+    from edgecloud.kvcache.mpic import _runs
+
+    slots = torch.tensor([3, 4, 5, 9, 12, 13, 14, 15])
+    dense = torch.arange(16)[None, :] <= slots[:, None]
+    runs = _runs(slots, torch.float32)
+    assert [(a, b, e) for a, b, e, _ in runs] == [(0, 3, 6), (3, 4, 10), (4, 8, 16)]
+    for a, b, e, bias in runs:
+        assert not dense[a:b, e:].any()
+        if bias is None:
+            assert b - a == 1 and dense[a, :e].all()
+        else:
+            assert torch.equal(bias == 0, dense[a:b, :e]) and torch.isinf(bias[~dense[a:b, :e]]).all()
 
 
 def test_chunk_at_start_is_exact_without_recompute(eng, tmp_path):

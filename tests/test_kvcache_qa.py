@@ -113,7 +113,7 @@ def test_cli_bad_qa_file_is_one_line_exit_2(tmp_path):
     assert "bad.jsonl:2: not valid JSON" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def _tiny_text_engine():
+def _tiny_text_engine(context: int = 512):
     """The tiny random Llama with a word tokenizer: enough to run the whole benchmark loop in seconds."""
     from tests.test_kvcache_mpic import tiny_engine
 
@@ -129,7 +129,7 @@ def _tiny_text_engine():
         def decode(self, ids, skip_special_tokens=True):
             return " ".join(f"w{i}" for i in ids)
 
-    e = tiny_engine(context=512)
+    e = tiny_engine(context=context)
     e.tok = e.lm.tokenizer = WordTok()
     return e
 
@@ -193,3 +193,24 @@ def test_wilson_interval_matches_the_closed_form():
     lo, hi = wilson(30, 30)  # all agree: the interval still has width (a bootstrap of 30 ones would be [1, 1])
     assert abs(lo - 0.886) < 1e-3 and hi == 1.0
     assert top2_gap(torch.tensor([0.0, 3.0, 2.5, -1.0])) == 0.5
+
+
+def test_fidelity_resume_pools_an_earlier_dump_and_rejects_another_workload(tmp_path):
+    """A study resumed from its own dump of the first requests runs only the rest and reports what one whole run
+    reports; a dump of another workload (another seed) is one clear error."""
+    from edgecloud.kvcache.fidelity import FidelityConfig, fidelity
+
+    e = _tiny_text_engine(context=2048)
+    cfg = FidelityConfig(groups=0, passkey=4, ks=(4,), k=4, bf16_max=0)
+    whole = fidelity(e, cfg, dump=str(tmp_path / "all.json"))
+    rows = json.loads((tmp_path / "all.json").read_text())
+    (tmp_path / "head.json").write_text(json.dumps({**rows, "rows": rows["rows"][:2]}))
+    ran = []
+    pooled = fidelity(e, cfg, progress=lambda i, n: ran.append(i), resume=str(tmp_path / "head.json"))
+    assert ran == [3, 4] and pooled["requests"] == whole["requests"] == 4
+    for key in ("first_token_agreement", "prompt_tokens_mean"):
+        assert pooled[key] == whole[key]
+    assert abs(pooled["methods"]["mpic-4"]["kl_first"] - whole["methods"]["mpic-4"]["kl_first"]) < 1e-6
+    with pytest.raises(UserError, match="--resume"):
+        fidelity(e, FidelityConfig(groups=0, passkey=4, ks=(4,), k=4, bf16_max=0, seed=1),
+                 resume=str(tmp_path / "head.json"))

@@ -18,6 +18,7 @@ import random
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -69,19 +70,39 @@ def top2_gap(logits: torch.Tensor) -> float:
     return float(v[0] - v[1])
 
 
-def fidelity(engine: Engine, cfg: FidelityConfig, progress=None, dump: str | None = None) -> dict:
-    """Run the study; ``dump``: also write the raw per-request rows there (JSON) before summarising."""
+def load_rows(path: str, reqs: list, methods: list[str]) -> tuple[list[dict], float]:
+    """An earlier run's ``dump`` (rows and time), checked to be the same workload's first requests and methods."""
+    try:
+        got = json.loads(Path(path).read_text())
+        rows, run_s = got["rows"], float(got["run_s"])
+        same = all(r["ids"] == [t for s in q.segments for t in s.ids] and list(r["methods"]) == methods
+                   for r, q in zip(rows, reqs))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise UserError(f"--resume {path}: not a fidelity dump ({type(e).__name__}: {e}); give a file that "
+                        f"--dump wrote") from None
+    if not same or len(rows) > len(reqs):
+        raise UserError(f"--resume {path}: its rows are not this workload's first requests with methods {methods} "
+                        f"(another seed, ks or data?); resume with the same --seed and ks")
+    return rows, run_s
+
+
+def fidelity(engine: Engine, cfg: FidelityConfig, progress=None, dump: str | None = None,
+             resume: str | None = None) -> dict:
+    """Run the study; ``dump``: also write the raw per-request rows there (JSON) before summarising; ``resume``:
+    an earlier run's dump, whose requests are kept and skipped, so the study grows across runs (pooled)."""
     torch.manual_seed(cfg.seed)
     reqs = make_workload(engine, cfg.bench_config())
     random.Random(cfg.seed).shuffle(reqs)  # interleave sources so any prefix of the run is a fair sample
     methods = {f"mpic-{k}": MPICk(k) for k in cfg.ks}
     if cfg.blend_r > 0:
         methods[f"cacheblend-{round(cfg.blend_r * 100)}"] = CacheBlend(cfg.blend_r)
-    rows = []
+    rows, before_s = load_rows(resume, reqs, list(methods)) if resume else ([], 0.0)
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="mpic-fid-") as d:
         system = MPIC(engine, KVStore(d, engine.lm.fingerprint, mem_bytes=256 << 20))
         for i, r in enumerate(reqs):
+            if i < len(rows):
+                continue
             if cfg.max_s and time.perf_counter() - t0 > cfg.max_s:
                 break
             for s in r.segments:
@@ -104,7 +125,7 @@ def fidelity(engine: Engine, cfg: FidelityConfig, progress=None, dump: str | Non
             if progress:
                 progress(i + 1, len(reqs))
         system.close()
-    run_s = time.perf_counter() - t0
+    run_s = before_s + time.perf_counter() - t0
     for stage in ("fp32", "bf16"):  # the rows are kept before the (slow) bf16 re-runs too
         if stage == "bf16":
             _bf16_recheck(engine, cfg, rows)
@@ -122,7 +143,8 @@ def _bf16_recheck(engine: Engine, cfg: FidelityConfig, rows: list[dict]) -> None
     miss = [r for r in rows if not r["methods"][head]["agree"]]
     ties = sorted((r for r in rows if r["methods"][head]["agree"] and r["ref_gap"] < cfg.tie_gap),
                   key=lambda r: r["ref_gap"])
-    todo = (miss + ties)[: cfg.bf16_max]
+    done = sum("bf16_agree" in r for r in rows)  # checked in an earlier (resumed) run: kept, within the budget
+    todo = [r for r in miss + ties if "bf16_agree" not in r][: max(0, cfg.bf16_max - done)]
     if not todo:
         return
     bf16 = _bf16_engine(engine)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from edgecloud.errors import UserError
 from edgecloud.kvcache.selection import LinkContext, MPICk
 from edgecloud.kvcache.store import KVStore, chunk_key
-from edgecloud.llm.engine import Engine
+from edgecloud.llm.engine import Engine, rotate_half
 
 
 @dataclass
@@ -115,6 +115,59 @@ def prefix_attention(engine: Engine):
         cfg._attn_implementation = before
 
 
+def _runs(slots: torch.Tensor, dtype: torch.dtype) -> list[tuple[int, int, int, torch.Tensor | None]]:
+    """Runs of consecutive selected slots as (first row, end row, keys seen, additive mask or None): a run's
+    queries see every key before its first slot and causally among its own slots (a bottom-right causal mask)."""
+    cut = ((slots[1:] != slots[:-1] + 1).nonzero().squeeze(1) + 1).tolist()
+    out = []
+    for a, b in zip([0, *cut], [*cut, len(slots)]):
+        e, r = int(slots[b - 1]) + 1, b - a
+        bias = None
+        if r > 1:
+            bias = torch.zeros(r, e, dtype=dtype)
+            bias[:, e - r:].masked_fill_(torch.ones(r, r, dtype=torch.bool).triu(1), float("-inf"))
+        out.append((a, b, e, bias))
+    return out
+
+
+def _fused_forward(fz, x: torch.Tensor, slots: torch.Tensor, K: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """The linker's pass on :class:`~edgecloud.llm.fused.FusedLlama`'s weights: next-token logits.
+
+    Same maths as ``forward_layers`` + :func:`_prefix_runs_attention`, but with oneDNN's prepacked GEMMs over all
+    selected rows at once (Q|K|V and gate|up fused: ~15% more GEMM throughput at ~200 rows than ``F.linear``),
+    masks built once per pass instead of per layer, and K/V written into their slots of ``K``/``V`` in place. In
+    the last layer only the last row's attention and MLP are computed: the other rows' outputs feed nothing (their
+    K/V, the cache, come before them)."""
+    ops = fz.ops("packed")  # oneDNN; falls back to a plain fused layout where it is unavailable
+    cos, sin = fz.decoder.rotary_emb(x, slots.reshape(1, -1))
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # (1, 1, q, d)
+    nq, nk, hd = fz.hq * fz.hd, fz.hk * fz.hd, fz.hd
+    runs = _runs(slots, x.dtype)
+    gqa = fz.hq != fz.hk
+    h, last = x, len(fz.ln1) - 1
+    for i in range(last + 1):
+        qkv = ops["qkv"][i](fz._norm(h, fz.ln1[i]))
+        qs = qkv[..., :nq].view(1, -1, fz.hq, hd).transpose(1, 2)
+        ks = qkv[..., nq:nq + nk].view(1, -1, fz.hk, hd).transpose(1, 2)
+        vs = qkv[..., nq + nk:].view(1, -1, fz.hk, hd).transpose(1, 2)
+        K[i].index_copy_(1, slots, (ks * cos + rotate_half(ks) * sin)[0])
+        V[i].index_copy_(1, slots, vs[0])
+        k, v = K[i].unsqueeze(0), V[i].unsqueeze(0)
+        if i == last:  # only the last row matters from here on; it sees every key
+            qs, cl, sl, h = qs[:, :, -1:], cos[:, :, -1:], sin[:, :, -1:], h[:, -1:]
+            a = F.scaled_dot_product_attention(qs * cl + rotate_half(qs) * sl, k, v, scale=fz.scale,
+                                               enable_gqa=gqa)
+        else:
+            qs = qs * cos + rotate_half(qs) * sin
+            a = torch.cat([F.scaled_dot_product_attention(qs[:, :, r0:r1], k[:, :, :e], v[:, :, :e], attn_mask=bias,
+                                                          scale=fz.scale, enable_gqa=gqa)
+                           for r0, r1, e, bias in runs], 2)
+        h = h + ops["o"][i](a.transpose(1, 2).reshape(1, -1, nq))
+        gu = ops["gu"][i](fz._norm(h, fz.ln2[i]))
+        h = h + ops["down"][i](F.silu(gu[..., :fz.inter]) * gu[..., fz.inter:])
+    return fz.logits(fz._norm(h[0, -1:], fz.decoder.norm.weight))[0]
+
+
 @dataclass
 class LinkResult:
     cache: object  # DynamicCache over the whole prompt
@@ -163,10 +216,14 @@ def link(engine: Engine, segments: list[Segment], kvs: dict[int, tuple[torch.Ten
     sel[-1] = True
     slots = sel.nonzero().squeeze(1)
     t2 = time.perf_counter()
-    mask = torch.arange(n)[None, :] <= slots[:, None]
-    with prefix_attention(engine):
-        h = engine.forward_layers(x[:, slots], slots, SlotCache(K, V, slots), mask)
-    logits = engine.logits_from_hidden(h[0, -1])
+    fz = engine.fused()
+    if fz is not None:
+        logits = _fused_forward(fz, x[:, slots], slots, K, V)
+    else:
+        mask = torch.arange(n)[None, :] <= slots[:, None]
+        with prefix_attention(engine):
+            h = engine.forward_layers(x[:, slots], slots, SlotCache(K, V, slots), mask)
+        logits = engine.logits_from_hidden(h[0, -1])
     cache = _dynamic_cache(K, V)
     t3 = time.perf_counter()
     return LinkResult(cache, logits, n, len(slots), {"assemble_s": t1 - t0, "select_s": t2 - t1, "forward_s": t3 - t2})
