@@ -291,16 +291,19 @@ def test_scheduler_window_covers_the_round_trip():
 def test_inbox_preamble_taken_out_and_refusal_raised():
     from edgecloud.errors import UserError
 
-    async def go(first):
+    async def go(first, wait=False):
         async def peer(r, w):
             c = Connection(r, w, Trace("cloud"))
-            await c.send(first, message="too long")
+            await c.send(first, {"logq": torch.zeros(3)}, message="too long")
             await c.send("verdict", pos=0)
 
         server = await asyncio.start_server(peer, "127.0.0.1", 0)
         conn = await Connection.open("127.0.0.1", server.sockets[0].getsockname()[1], Trace("device"), timeout=5)
         inbox = Inbox(conn, "ready", lambda m: UserError(f"refused: {m['message']}"))
         try:
+            if wait:  # what a drafter deciding the first token awaits: the ready and its tensors, or the refusal
+                msg, tensors = await inbox.wait_preamble()
+                return msg["type"], list(tensors)
             msg, _ = await inbox.get()
             return msg["type"], inbox.preamble_msg["type"]
         finally:
@@ -309,8 +312,29 @@ def test_inbox_preamble_taken_out_and_refusal_raised():
             server.close()
 
     assert asyncio.run(asyncio.wait_for(go("ready"), 20)) == ("verdict", "ready")
-    with pytest.raises(UserError, match="refused: too long"):
-        asyncio.run(asyncio.wait_for(go("error_query"), 20))
+    assert asyncio.run(asyncio.wait_for(go("ready", wait=True), 20)) == ("ready", ["logq"])
+    for wait in (False, True):
+        with pytest.raises(UserError, match="refused: too long"):
+            asyncio.run(asyncio.wait_for(go("error_query", wait), 20))
+
+
+def test_waiting_for_the_ready_of_a_peer_that_goes_away_is_an_error_not_a_hang():
+    async def go():
+        async def peer(r, w):
+            w.close()
+
+        server = await asyncio.start_server(peer, "127.0.0.1", 0)
+        conn = await Connection.open("127.0.0.1", server.sockets[0].getsockname()[1], Trace("device"), timeout=5)
+        inbox = Inbox(conn, "ready")
+        try:
+            await inbox.wait_preamble()
+        finally:
+            inbox.stop()
+            await conn.close()
+            server.close()
+
+    with pytest.raises(PeerGone):
+        asyncio.run(asyncio.wait_for(go(), 20))
 
 
 def test_aggregation_exact_once_rounding_is_isolated(tiny):
