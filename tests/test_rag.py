@@ -163,7 +163,10 @@ async def _protocol(e, mode_window, sequence, seed, greedy=True, kill_after=None
                               first=inbox.wait_preamble if first_ahead else None)
         except PeerGone:
             pass
+        finally:
+            drafted.set()
 
+    drafted = asyncio.Event()  # the drafter has read the last verdict (or given up)
     server = await asyncio.start_server(cloud, "127.0.0.1", 0)
     trace = Trace("device")
     conn = await Connection.open("127.0.0.1", server.sockets[0].getsockname()[1], trace, timeout=5)
@@ -173,6 +176,7 @@ async def _protocol(e, mode_window, sequence, seed, greedy=True, kill_after=None
             logw, logq = dev.dist()
             await conn.send("ready", {"logq": logq}, logw=logw)
         await run_aggregator(dev, conn, inbox, out, max_new, greedy, seed, sequence)
+        await asyncio.wait_for(drafted.wait(), 10)  # before closing: the drafter commits the last verdict
     finally:
         inbox.stop()
         await conn.close()
