@@ -66,8 +66,8 @@ def _single_sequence_union(e, ctx, scores, prompt, tokens, tau=0.05):
 
 
 def test_batched_sides_equal_single_sequence_union(tiny):
-    """Each side decodes its documents as one batch (one model call per token); the cross-side mixture equals
-    REPLUG over the union computed one document at a time on the unbatched engine."""
+    """Each side prefills its documents one by one and decodes them as one batch (one model call per token); the
+    cross-side mixture equals REPLUG over the union computed one document at a time on the unbatched engine."""
     g = torch.Generator().manual_seed(5)
     ctx = [torch.randint(0, 64, (int(n),), generator=g).tolist() for n in (5, 9, 7, 12, 3)]
     scores = torch.rand(5, generator=g).tolist()
@@ -78,13 +78,13 @@ def test_batched_sides_equal_single_sequence_union(tiny):
     try:
         for s in (dev, cl):
             s.start(prompt)
-        assert len(calls) == 2  # one prefill pass per side, all its documents together
+        assert len(calls) == 5  # one prefill pass per document (no padding to the longest), spliced into a batch
         tokens, mixed = [3, 17, 60, 5, 5, 41], []
         for t in tokens:
             mixed.append(combine([dev.dist(), cl.dist()]))
             for s in (dev, cl):
                 s.advance(t)
-        assert len(calls) == 2 + 2 * len(tokens)  # one decode call per side per token
+        assert len(calls) == 5 + 2 * len(tokens)  # one decode call per side per token
     finally:
         hook.remove()
     want = _single_sequence_union(tiny, ctx, scores, prompt, tokens)
@@ -139,14 +139,19 @@ def test_acceptance_rule_is_exact():
     assert chisquare(qcounts, exp).pvalue < 1e-6
 
 
-async def _protocol(e, mode_window, sequence, seed, greedy=True, kill_after=None):
+async def _protocol(e, mode_window, sequence, seed, greedy=True, kill_after=None, first_ahead=False, max_new=12,
+                    gen_seed=None):
+    """The cloud drafts, the device aggregates; ``first_ahead``: the aggregator sends its position-0 distribution
+    in a ``ready`` first and the drafter decides the first token from the union itself. ``seed`` picks the
+    documents and (unless ``gen_seed``) the sampling."""
     dev, cl, _ = _sides(e, seed)
-    max_new = 12
+    seed = seed if gen_seed is None else gen_seed
     result = {}
 
     async def cloud(r, w):
         conn = Connection(r, w, Trace("cloud"), timeout=5)
-        inbox, out = Inbox(conn), Outcome()
+        inbox, out = Inbox(conn, "ready" if first_ahead else None), Outcome()
+        result["drafter"] = out
         if kill_after is not None:
             async def killer():
                 while out.drafted < kill_after:
@@ -154,20 +159,30 @@ async def _protocol(e, mode_window, sequence, seed, greedy=True, kill_after=None
                 w.transport.abort()
             asyncio.create_task(killer())
         try:
-            await run_drafter(cl, conn, inbox, out, max_new, mode_window, greedy, seed)
+            await run_drafter(cl, conn, inbox, out, max_new, mode_window, greedy, seed,
+                              first=inbox.wait_preamble if first_ahead else None)
         except PeerGone:
             pass
+        finally:
+            drafted.set()
 
+    drafted = asyncio.Event()  # the drafter has read the last verdict (or given up)
     server = await asyncio.start_server(cloud, "127.0.0.1", 0)
-    conn = await Connection.open("127.0.0.1", server.sockets[0].getsockname()[1], Trace("device"), timeout=5)
+    trace = Trace("device")
+    conn = await Connection.open("127.0.0.1", server.sockets[0].getsockname()[1], trace, timeout=5)
     inbox, out = Inbox(conn), Outcome()
     try:
+        if first_ahead:
+            logw, logq = dev.dist()
+            await conn.send("ready", {"logq": logq}, logw=logw)
         await run_aggregator(dev, conn, inbox, out, max_new, greedy, seed, sequence)
+        await asyncio.wait_for(drafted.wait(), 10)  # before closing: the drafter commits the last verdict
     finally:
         inbox.stop()
         await conn.close()
         server.close()
-    result["tokens"], result["acc"] = out.tokens, out.accepted
+    result["tokens"], result["acc"], result["aggregator"] = out.tokens, out.accepted, out
+    result["verdicts"] = sum(ev.type == "verdict" for ev in trace.events if ev.direction == "send")
     return result
 
 
@@ -180,6 +195,60 @@ def test_speculative_greedy_identical_to_centralized(tiny, window, sequence, see
     assert res["tokens"] == ref
     if seed == 0:
         assert res["acc"] < len(ref)  # the sides disagree here: rejections and rollbacks were exercised
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_first_token_decided_by_the_drafter_from_the_union(tiny, seed):
+    """With the aggregator's first-position distribution sent ahead, the drafter forms the union at position 0
+    and commits the first token itself (no verdict for it); the answer is still centralized REPLUG's."""
+    _, _, uni = _sides(tiny, seed)
+    ref = local_generate(uni, 12, True, seed)
+    res = asyncio.run(asyncio.wait_for(_protocol(tiny, 3, False, seed, first_ahead=True), 60))
+    assert res["tokens"] == ref and res["drafter"].tokens == ref
+    assert res["drafter"].decided == res["aggregator"].decided == 1
+    assert res["verdicts"] == len(ref) - 1  # every later position still verified
+
+
+def test_first_token_from_the_union_under_sampling():
+    """Sampled: the decided first token is a draw of the union mixture p itself (χ² on 2,000 runs of the drafter's
+    first step), not of the drafter's own q (which the same test rejects). A tiny model with large weights, so
+    that p and q differ (total variation 0.6; the default tiny model's 0.01 is beyond the test's power)."""
+    from scipy.stats import chisquare
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=1, max_position_embeddings=256, initializer_range=0.5)
+    sharp = Engine(LoadedModel(LlamaForCausalLM(cfg).eval(), None, "sharp", "sharp", Path(".")), threads=1)
+    dev, cl, uni = _sides(sharp, 0)
+    ahead = ({"logw": dev.dist()[0]}, {"logq": dev.dist()[1]})
+
+    class Sink:  # the aggregator's end of the link: the first step only sends the decided token
+        async def send(self, *a, **kw):
+            pass
+
+    async def first():
+        return ahead
+
+    async def draws(n):
+        toks = []
+        for seed in range(n):
+            out = Outcome()
+            await run_drafter(cl, Sink(), None, out, 1, 1, False, seed, first=first)
+            toks.append(out.tokens[0])
+        return toks
+
+    n = 2000
+    counts = np.bincount(asyncio.run(draws(n)), minlength=64)
+
+    def pvalue(logp):
+        p = logp.double().exp().numpy()
+        big = p * n >= 5  # the rest pooled into one bin (p of the large bins sums to < 1 here)
+        return chisquare(np.append(counts[big], counts[~big].sum()),
+                         np.append(p[big] * n, n - (p[big] * n).sum())).pvalue
+
+    assert pvalue(uni.dist(torch.float64)[1]) > 0.01
+    assert pvalue(cl.dist(torch.float64)[1]) < 1e-6  # the test has the power to tell q from p
 
 
 def test_sampled_protocol_runs_with_rejections(tiny):
@@ -226,16 +295,19 @@ def test_scheduler_window_covers_the_round_trip():
 def test_inbox_preamble_taken_out_and_refusal_raised():
     from edgecloud.errors import UserError
 
-    async def go(first):
+    async def go(first, wait=False):
         async def peer(r, w):
             c = Connection(r, w, Trace("cloud"))
-            await c.send(first, message="too long")
+            await c.send(first, {"logq": torch.zeros(3)}, message="too long")
             await c.send("verdict", pos=0)
 
         server = await asyncio.start_server(peer, "127.0.0.1", 0)
         conn = await Connection.open("127.0.0.1", server.sockets[0].getsockname()[1], Trace("device"), timeout=5)
         inbox = Inbox(conn, "ready", lambda m: UserError(f"refused: {m['message']}"))
         try:
+            if wait:  # what a drafter deciding the first token awaits: the ready and its tensors, or the refusal
+                msg, tensors = await inbox.wait_preamble()
+                return msg["type"], list(tensors)
             msg, _ = await inbox.get()
             return msg["type"], inbox.preamble_msg["type"]
         finally:
@@ -244,8 +316,29 @@ def test_inbox_preamble_taken_out_and_refusal_raised():
             server.close()
 
     assert asyncio.run(asyncio.wait_for(go("ready"), 20)) == ("verdict", "ready")
-    with pytest.raises(UserError, match="refused: too long"):
-        asyncio.run(asyncio.wait_for(go("error_query"), 20))
+    assert asyncio.run(asyncio.wait_for(go("ready", wait=True), 20)) == ("ready", ["logq"])
+    for wait in (False, True):
+        with pytest.raises(UserError, match="refused: too long"):
+            asyncio.run(asyncio.wait_for(go("error_query", wait), 20))
+
+
+def test_waiting_for_the_ready_of_a_peer_that_goes_away_is_an_error_not_a_hang():
+    async def go():
+        async def peer(r, w):
+            w.close()
+
+        server = await asyncio.start_server(peer, "127.0.0.1", 0)
+        conn = await Connection.open("127.0.0.1", server.sockets[0].getsockname()[1], Trace("device"), timeout=5)
+        inbox = Inbox(conn, "ready")
+        try:
+            await inbox.wait_preamble()
+        finally:
+            inbox.stop()
+            await conn.close()
+            server.close()
+
+    with pytest.raises(PeerGone):
+        asyncio.run(asyncio.wait_for(go(), 20))
 
 
 def test_aggregation_exact_once_rounding_is_isolated(tiny):
@@ -317,6 +410,7 @@ def test_ttft_floor_by_aggregation_side():
 
     assert ttft_floor(ans("device", 1.5, 1.2)) == pytest.approx(1.5)  # the cloud's first draft is already there
     assert ttft_floor(ans("device", 1.0, 1.2)) == pytest.approx(1.3)  # waits for it: ready + rtt/2
-    assert ttft_floor(ans("cloud", 1.5, 1.2)) == pytest.approx(1.7)  # draft there and the verdict back
+    # aggregating in the cloud, its ready carries the first-position distribution: the same floor, no round trip
+    assert ttft_floor(ans("cloud", 1.5, 1.2)) == pytest.approx(1.5)
     assert ttft_floor(ans("cloud", 1.0, 1.4)) == pytest.approx(1.5)
     assert ttft_floor(SimpleNamespace(agg="device", rtt_s=0.0, timeline={})) is None

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -204,21 +205,74 @@ def _mean_of(xs) -> float | None:
 
 def ttft_floor(a) -> float | None:
     """The earliest the first token can be known on the device given when each side had its documents prefilled
-    (``cloud_ready_s`` is on the cloud's clock: question transit included) and the measured RTT: aggregating on the
-    device it waits for the cloud's first draft, ``max(dev, cloud + rtt/2)``; in the cloud, the device's first draft
-    goes there and the verdict comes back, ``max(dev + rtt/2, cloud) + rtt/2``. TTFT minus this is protocol
-    overhead; this minus device-only RAG's TTFT is the other side's prefill and the link."""
+    (``cloud_ready_s`` is on the cloud's clock: question transit included) and the measured RTT: the device needs
+    the cloud's first-position distribution, ``max(dev, cloud + rtt/2)``, whichever side aggregates (aggregating on
+    the device it comes as the cloud's first draft; in the cloud, in its ``ready``, and the device decides the first
+    token itself). TTFT minus this is protocol overhead; this minus device-only RAG's TTFT is the other side's
+    retrieval + prefill and the link (``cloud + rtt/2`` = the cloud's work + one RTT) and the contention of two
+    processes on one machine."""
     dev, cloud = a.timeline.get("device_prefilled_s"), a.timeline.get("cloud_ready_s")
     if dev is None or cloud is None:
         return None
-    h = a.rtt_s / 2
-    return max(dev, cloud + h) if a.agg == "device" else max(dev + h, cloud) + h
+    return max(dev, cloud + a.rtt_s / 2)
+
+
+def cloud_load(articles: int, seed: int, questions: int, max_new: int) -> None:
+    """An equal cloud-side load for the contended device-only baseline: the cloud's work for the bench's questions
+    (its retrieval + prefill + decode) in a loop, forever. Run as a process pinned to the cloud's core; the bench
+    stops and continues it (SIGSTOP/SIGCONT) around each contended measurement."""
+    e, sp, _, cl = load_all(articles, seed)
+    rc = RagConfig(max_new=max_new, seed=seed)
+    qs = [f"What do you know about {t}?" for t, _, _ in sp.held_out[:questions]]
+    print("loaded", flush=True)
+    while True:
+        local_latency(e, [cl], qs, rc)
+
+
+def start_load(cfg: BenchConfig, core: set[int] | None) -> subprocess.Popen:
+    """Start :func:`cloud_load` (it loads while the cloud process starts); :func:`load_ready` waits for it."""
+    env = dict(os.environ, EDGECLOUD_THREADS="1")
+    pin = (lambda: os.sched_setaffinity(0, core)) if core else None
+    return subprocess.Popen([sys.executable, "-c", "import sys; from edgecloud.rag.bench import cloud_load; "
+                             "cloud_load(*map(int, sys.argv[1:]))", str(cfg.articles), str(cfg.seed),
+                             str(cfg.questions), str(cfg.max_new)], stdout=subprocess.PIPE, env=env, text=True,
+                            preexec_fn=pin)
+
+
+def load_ready(proc: subprocess.Popen) -> subprocess.Popen:
+    """Wait until the load process has loaded, then stop it until a contended measurement continues it."""
+    line = proc.stdout.readline()
+    if "loaded" not in line:
+        proc.kill()
+        raise RuntimeError(f"cloud load process did not start: {line!r}")
+    proc.send_signal(signal.SIGSTOP)
+    return proc
+
+
+def contended(load: subprocess.Popen, e, dev, questions, rc: RagConfig) -> dict:
+    """Device-only RAG (TTFT only) while the load runs on the other core."""
+    load.send_signal(signal.SIGCONT)
+    try:
+        time.sleep(0.5)  # in its loop, past any page-in
+        return local_latency(e, [dev], questions, rc, decode=False)
+    finally:
+        load.send_signal(signal.SIGSTOP)
 
 
 def latency(e, dev, cfg: BenchConfig, rc: RagConfig, questions: list[str], refs: list[list[int]],
             cloud_core: set[int] | None = None) -> dict:
-    cloud, port = start_cloud(cfg, cloud_core)
-    rows, identical, device_only = [], [], {}
+    load = start_load(cfg, cloud_core)
+    try:
+        cloud, port = start_cloud(cfg, cloud_core)
+    except BaseException:
+        load.kill()
+        raise
+    try:
+        load_ready(load)
+    except BaseException:
+        cloud.kill()
+        raise
+    rows, answers, identical, device_only, device_only_contended = [], [], [], {}, {}
     sched = Scheduler()  # one device, one scheduler, learning live as the link changes under it
     try:
         asyncio.run(_ask_all(Device(e, dev, ("127.0.0.1", port), rc, Scheduler()), questions[:1], "dragon-cloud"))
@@ -226,13 +280,18 @@ def latency(e, dev, cfg: BenchConfig, rc: RagConfig, questions: list[str], refs:
             # device-only RAG in the same cell, just before the modes: TTFT is compared with what the device does
             # alone at the same moment (on a shared machine, minutes apart can differ by 20%)
             device_only[rtt] = local_latency(e, [dev], questions, rc)
+            device_only_contended[rtt] = contended(load, e, dev, questions, rc)  # the other core busy alike
             link, lport = start_link(port, rtt, cfg.jitter if rtt else 0.0, cfg.seed)
             try:
                 for mode in MODES:
                     d = Device(e, dev, ("127.0.0.1", lport), rc, sched)
                     res = asyncio.run(_ask_all(d, questions, mode))
-                    for a, ref in zip(res, refs):
+                    for i, (a, ref) in enumerate(zip(res, refs)):
                         identical.append(a.tokens == ref)
+                        answers.append({"rtt_ms": rtt, "mode": mode, "question": i, "agg": a.agg, "rtt_s": a.rtt_s,
+                                        "dev_prefill_s": a.timeline.get("device_prefilled_s"),
+                                        "cloud_ready_s": a.timeline.get("cloud_ready_s"),
+                                        "ttft_floor_s": ttft_floor(a), "ttft_s": a.ttft_s})
                     tl = [a.timeline for a in res]
                     rows.append({"rtt_ms": rtt, "mode": mode,
                                  "per_token_s": float(np.mean([a.per_token_s for a in res])),
@@ -240,6 +299,7 @@ def latency(e, dev, cfg: BenchConfig, rc: RagConfig, questions: list[str], refs:
                                  "dev_prefill_s": _mean_of(t.get("device_prefilled_s") for t in tl),
                                  "cloud_ready_s": _mean_of(t.get("cloud_ready_s") for t in tl),
                                  "ttft_floor_s": _mean_of(ttft_floor(a) for a in res),
+                                 "cloud_bound": sum(_cloud_bound(a) for a in res),
                                  "step_dev_s": float(np.mean([a.step_s["device"] for a in res])),
                                  "step_cloud_s": float(np.mean([a.step_s["cloud"] for a in res])),
                                  "acceptance": float(np.mean([a.acceptance for a in res])),
@@ -251,10 +311,18 @@ def latency(e, dev, cfg: BenchConfig, rc: RagConfig, questions: list[str], refs:
                 link.kill()
                 link.wait()
     finally:
-        cloud.kill()
-        cloud.wait()
-    return {"rows": rows, "greedy_identical": float(np.mean(identical)) if identical else 0.0,
-            "greedy_answers": len(identical), "device_only_by_rtt": device_only}
+        for proc in (load, cloud):
+            proc.kill()
+            proc.wait()
+    return {"rows": rows, "answers": answers, "greedy_identical": float(np.mean(identical)) if identical else 0.0,
+            "greedy_answers": len(identical), "device_only_by_rtt": device_only,
+            "device_only_contended_by_rtt": device_only_contended}
+
+
+def _cloud_bound(a) -> bool:
+    """The first token waited for the cloud (its retrieval + prefill + one RTT ends after the device's prefill)."""
+    dev, cloud = a.timeline.get("device_prefilled_s"), a.timeline.get("cloud_ready_s")
+    return dev is not None and cloud is not None and cloud + a.rtt_s / 2 > dev
 
 
 async def _ask_all(d: Device, questions, mode):
@@ -269,7 +337,7 @@ async def _ask_all(d: Device, questions, mode):
     return out
 
 
-def local_latency(e, stores: list, questions: list[str], rc: RagConfig) -> dict:
+def local_latency(e, stores: list, questions: list[str], rc: RagConfig, decode: bool = True) -> dict:
     """Centralized RAG in this one process over ``stores``' documents (no link): TTFT (retrieval + one batched
     prefill + first token) and time per output token after the first. Device-only = [dev], cloud-only = [cloud]
     (its compute; over a link add the RTT to TTFT), centralized = [dev, cloud] (the union, one batch)."""
@@ -281,10 +349,12 @@ def local_latency(e, stores: list, questions: list[str], rc: RagConfig) -> dict:
         side.start([])
         draft(side.dist()[1], True, None)
         t1 = time.perf_counter()
-        toks = local_generate(side, rc.max_new, True, rc.seed)
         ttft.append(t1 - t0)
-        tpot.append((time.perf_counter() - t1) / max(1, len(toks) - 1))
-    return {"ttft_s": float(np.mean(ttft)), "per_token_s": float(np.mean(tpot))}
+        if decode:
+            toks = local_generate(side, rc.max_new, True, rc.seed)
+            tpot.append((time.perf_counter() - t1) / max(1, len(toks) - 1))
+    return {"ttft_s": float(np.mean(ttft)), "ttft_by_question_s": ttft} | (
+        {"per_token_s": float(np.mean(tpot))} if decode else {})
 
 
 def exactness(e, dev, cl, cfg: BenchConfig, rc: RagConfig, questions: list[str]) -> tuple[dict, list[dict]]:
@@ -331,11 +401,14 @@ def run(cfg: BenchConfig, part: str = "all") -> Result:
                      for name, st in (("device_only", [dev]), ("cloud_only", [cl]), ("centralized", [dev, cl]))}
             data = {"greedy_identical_to_centralized": lat["greedy_identical"],
                     "greedy_answers_compared": lat["greedy_answers"], **data,
-                    **latency_summary(lat["rows"], local, lat["device_only_by_rtt"], cfg.rtts_ms),
-                    "latency": lat["rows"]}
-            tables.append(([{"baseline (one process, no link)": k, **v} for k, v in local.items()], None))
+                    **latency_summary(lat["rows"], local, lat["device_only_by_rtt"], cfg.rtts_ms,
+                                      lat["device_only_contended_by_rtt"]),
+                    "latency": lat["rows"], "latency_answers": lat["answers"]}
+            tables.append(([{"baseline (one process, no link)": k, "ttft_s": v["ttft_s"],
+                             "per_token_s": v["per_token_s"]} for k, v in local.items()], None))
+            tables.append((data["ttft_breakdown"], None))
             tables.append((lat["rows"], ["rtt_ms", "mode", "per_token_s", "ttft_s", "ttft_floor_s", "dev_prefill_s",
-                                         "cloud_ready_s",
+                                         "cloud_ready_s", "cloud_bound",
                                          "step_dev_s", "step_cloud_s", "acceptance", "agg", "window", "bytes"]))
     finally:
         if old_aff:
@@ -351,14 +424,26 @@ def run(cfg: BenchConfig, part: str = "all") -> Result:
                  + ("" if part == "all" else f" ({part})"), started=t0)
     for rows, cols in tables:
         res.table(rows, cols)
-    res.figure = _plot(data.get("latency"), cfg.rtts_ms, ppl, data.get("ttft_device_only_by_rtt_s"))
+    res.figure = _plot(data.get("latency"), cfg.rtts_ms, ppl, data.get("ttft_device_only_by_rtt_s"),
+                       data.get("ttft_device_only_contended_by_rtt_s"))
     return res
 
 
-def latency_summary(rows: list[dict], local: dict, device_only: dict, rtts) -> dict:
+def latency_summary(rows: list[dict], local: dict, device_only: dict, rtts, contended: dict) -> dict:
     """The latency goals' ratios from the per-(RTT, mode) rows and the one-process baselines; TTFT against
-    device-only RAG measured in the same RTT cell (``device_only``), paired in time."""
+    device-only RAG measured in the same RTT cell (``device_only``: the other core idle, the asked-for baseline;
+    ``contended``: the other core running the cloud's work, as it does during a DRAGON answer), paired in time."""
     by = {(r["rtt_ms"], r["mode"]): r for r in rows}
+    breakdown = []
+    for r in rtts:
+        d = by[(r, "dragon")]
+        breakdown.append({"rtt_ms": r, "device_only_idle_s": device_only[r]["ttft_s"],
+                          "device_only_contended_s": contended[r]["ttft_s"], "dragon_dev_prefill_s": d["dev_prefill_s"],
+                          "dragon_cloud_ready_s": d["cloud_ready_s"], "dragon_floor_s": d["ttft_floor_s"],
+                          "dragon_ttft_s": d["ttft_s"], "cloud_bound": d["cloud_bound"],
+                          "vs_idle": d["ttft_s"] / device_only[r]["ttft_s"],
+                          "vs_contended": d["ttft_s"] / contended[r]["ttft_s"]})
+    ttft_con = float(np.mean([contended[r]["ttft_s"] for r in rtts]))
     top = max(rtts)
     ttft_dev = float(np.mean([device_only[r]["ttft_s"] for r in rtts]))
     best_fixed = {rtt: min(by[(rtt, "dragon-device")]["per_token_s"], by[(rtt, "dragon-cloud")]["per_token_s"])
@@ -377,6 +462,14 @@ def latency_summary(rows: list[dict], local: dict, device_only: dict, rtts) -> d
         "ttft_dragon_vs_device_only_by_rtt": {r: by[(r, "dragon")]["ttft_s"] / device_only[r]["ttft_s"]
                                               for r in rtts},
         "ttft_device_only_by_rtt_s": {r: device_only[r]["ttft_s"] for r in rtts},
+        "ttft_device_only_contended_rag_s": ttft_con,
+        "ttft_dragon_vs_device_only_contended": float(np.mean([by[(r, "dragon")]["ttft_s"] for r in rtts]))
+        / ttft_con,
+        "ttft_dragon_vs_device_only_contended_by_rtt": {r: by[(r, "dragon")]["ttft_s"] / contended[r]["ttft_s"]
+                                                        for r in rtts},
+        "ttft_device_only_contended_by_rtt_s": {r: contended[r]["ttft_s"] for r in rtts},
+        "contention_device_only_contended_vs_idle": ttft_con / ttft_dev,  # what the other core's work costs
+        "ttft_breakdown": breakdown,
         "ttft_dragon_device_vs_device_only_by_rtt": {r: by[(r, "dragon-device")]["ttft_s"] / device_only[r]["ttft_s"]
                                                      for r in rtts},
         # paired within each answer: the device's own retrieval + prefill is device-only RAG's TTFT less one argmax
@@ -390,7 +483,7 @@ def latency_summary(rows: list[dict], local: dict, device_only: dict, rtts) -> d
     }
 
 
-def _plot(rows, rtts, ppl, ttft_dev: dict | None = None):
+def _plot(rows, rtts, ppl, ttft_dev: dict | None = None, ttft_con: dict | None = None):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -407,6 +500,8 @@ def _plot(rows, rtts, ppl, ttft_dev: dict | None = None):
             t.plot(rtts, [c["ttft_s"] for c in cell], "o-", label=mode)
         if ttft_dev:
             t.plot(rtts, [ttft_dev[r] for r in rtts], "k--", lw=1, label="device-only RAG (same cell, no link)")
+        if ttft_con:
+            t.plot(rtts, [ttft_con[r] for r in rtts], "k:", lw=1, label="device-only RAG, other core loaded")
         for ax, what in ((a, "per-token latency at the device (ms)"), (t, "TTFT at the device (s)")):
             ax.set_xlabel("emulated RTT (ms, ±20% jitter)")
             ax.set_ylabel(what)

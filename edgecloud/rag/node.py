@@ -1,12 +1,13 @@
 """The two DRAGON processes: the cloud server (public documents) and the device client (private documents).
 
-Session: ``hello`` both ways (the frame header carries the protocol version; a mismatch is a ProtocolError naming
-both versions), then per question a ``ping``/``pong`` (RTT for the scheduler), ``query`` (question, roles, window),
-``ready`` from the cloud once its documents are prefilled, the drafts/verdicts of :mod:`edgecloud.rag.protocol`, and
-an ``end`` each way carrying the sides' measured decode times so no message is left in flight. The cloud answers a
-bad query (prompt over the context, bad field) with an ``error`` message and keeps serving. If the cloud is down or
-goes away mid-answer, the device finishes from the committed prefix with its own documents and says so in
-``fallback``.
+Session: ``hello`` both ways (the frame header carries the protocol version; a mismatch is a ProtocolError naming both
+versions), then per question a ``ping``/``pong`` (RTT for the scheduler), ``query`` (question, roles, window),
+``ready`` from the cloud once its documents are prefilled (when it aggregates, carrying its first-position ``(log
+W, log q)`` so the device decides the first token without a round trip), the drafts/verdicts of
+:mod:`edgecloud.rag.protocol`, and an ``end`` each way carrying the sides' measured decode times so no message is
+left in flight. The cloud answers a bad query (prompt over the context, bad field) with an ``error`` message and
+keeps serving. If the cloud is down or goes away mid-answer, the device finishes from the committed prefix with its
+own documents and says so in ``fallback``.
 """
 
 from __future__ import annotations
@@ -105,7 +106,12 @@ class CloudServer:
         except (UserError, TypeError, KeyError) as e:
             await conn.send("error_query", message=f"{type(e).__name__}: {e}")
             return
-        await conn.send("ready", docs=len(side.contexts), step_s=_mean(self.step_s[-32:]), t=time.time())
+        tensors, first = None, {}
+        if msg["agg"] == "cloud" and msg.get("first_at_device"):  # the device decides the first token itself
+            first["logw"], logq = side.dist()
+            tensors = {"logq": logq}
+        await conn.send("ready", tensors, docs=len(side.contexts), step_s=_mean(self.step_s[-32:]), t=time.time(),
+                        **first)
         inbox, out = Inbox(conn), Outcome()
         try:
             if msg["agg"] == "device":
@@ -273,7 +279,7 @@ class Device:
             if mode.startswith("dragon"):  # enough drafts in flight to cover the round trip at the measured rate
                 window = self.sched.window(rtt, cfg.window, cfg.max_new)
             await self.conn.send("query", question=question, agg=agg, window=window, sequence=mode == "sequence",
-                                 config=asdict(cfg))
+                                 config=asdict(cfg), first_at_device=agg == "cloud")
             side = make_side(self.engine, self.store, question, cfg)  # overlaps the cloud's retrieval + prefill
             t_start = t_ready = time.time()
             # the cloud's ready (or its refusal) is read by the inbox: a drafting device starts without waiting
@@ -286,14 +292,15 @@ class Device:
                     end = await _drain_until(inbox, "end")
                     await self.conn.send("end", step_s=_mean(out.step_s))
                 else:
-                    await run_drafter(side, self.conn, inbox, out, cfg.max_new, window, cfg.greedy, cfg.seed)
+                    await run_drafter(side, self.conn, inbox, out, cfg.max_new, window, cfg.greedy, cfg.seed,
+                                      first=inbox.wait_preamble)
                     await self.conn.send("end", step_s=_mean(out.step_s))
                     end = await _drain_until(inbox, "end")
             finally:
                 inbox.stop()
             cloud_ready = float((inbox.preamble_msg or {}).get("t", 0.0))
             t_start = max(t_start, cloud_ready)
-            acc = out.accepted / max(1, len(out.tokens))
+            acc = out.accepted / max(1, len(out.tokens) - out.decided)  # of the verified tokens
             cloud_step = float(end["step_s"])
             t_last = out.commit_times[-1] if out.commit_times else time.time()
             await self._ping()  # after the last token: the RTT the next question's window and scheduler use
@@ -323,5 +330,5 @@ class Device:
         after = self.trace.totals()
         return Answer(out.tokens, self.engine.decode_text(out.tokens), agg, window, (ct[0] - t0) if ct else 0.0,
                       (ct[-1] - t_start) / n if n else 0.0, (ct[-1] - t0) if ct else 0.0,
-                      out.accepted / max(1, n), rtt, fallback, {k: after[k] - before[k] for k in after},
+                      out.accepted / max(1, n - out.decided), rtt, fallback, {k: after[k] - before[k] for k in after},
                       {"device": _mean(out.step_s), "cloud": cloud_step}, breakdown)

@@ -11,6 +11,12 @@ a new epoch; drafts of the old epoch still in flight are dropped by the aggregat
 - ``window>=max_new`` and ``sequence=True``: sequence-wise aggregation (the drafter sends its whole answer, the
   aggregator verifies only after the last draft arrives; on a rejection the drafter regenerates the rest).
 - in between: DRAGON's speculative aggregation, drafts overlapping the link and the other side's compute.
+
+First token: when the aggregator has sent its own first-position distribution ahead (the cloud's ``ready`` carries
+``(log W, log q)`` once its prefill ends), the drafter forms the union mixture at position 0 itself and samples
+the first token from it (argmax when greedy): exact, and the token exists at ``max(own prefill, peer prefill +
+RTT/2)`` instead of after a draft/verdict round trip. It ships that token as a ``decided`` draft, which the
+aggregator commits without a verdict.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from edgecloud.rag.mix import Side, combine, draft, verify
 @dataclass
 class Outcome:
     tokens: list[int] = field(default_factory=list)
+    decided: int = 0  # tokens formed from both sides' distributions without a draft (the first, see above)
     commit_times: list[float] = field(default_factory=list)  # wall time each token was known on this side
     accepted: int = 0
     drafted: int = 0
@@ -50,7 +57,8 @@ class Inbox:
 
     def __init__(self, conn: Connection, preamble: str | None = None, refuse=None):
         self.q: asyncio.Queue = asyncio.Queue()
-        self.preamble, self.refuse, self.preamble_msg = preamble, refuse, None
+        self.preamble, self.refuse, self.preamble_msg, self.preamble_tensors = preamble, refuse, None, {}
+        self.seen_preamble = asyncio.Event()  # set when the preamble came, or the stream failed before it
         self.task = asyncio.create_task(self._run(conn))
 
     async def _run(self, conn):
@@ -59,19 +67,29 @@ class Inbox:
                 item = await conn.recv()
             except (PeerGone, ProtocolError) as e:
                 self.q.put_nowait(e)
+                self.seen_preamble.set()
                 return
             item[0]["recv_t"] = time.time()  # when this side knew it (a verdict's token is committed then)
             if self.preamble:
                 want, self.preamble = self.preamble, None
                 if item[0]["type"] == want:
-                    self.preamble_msg = item[0]
+                    self.preamble_msg, self.preamble_tensors = item
+                    self.seen_preamble.set()
                     continue
                 self.q.put_nowait(self.refuse(item[0]) if self.refuse else
                                   ProtocolError(f"expected {want!r}, got {item[0]['type']!r}"))
+                self.seen_preamble.set()
                 return
             self.q.put_nowait(item)
             if item[0]["type"] == "end":  # the phase's last message: stop before reading the next phase's frames
                 return
+
+    async def wait_preamble(self) -> tuple[dict, dict]:
+        """The preamble message and its tensors once they are in; the refusal or transport error if not."""
+        await self.seen_preamble.wait()
+        if self.preamble_msg is None:
+            return await self.get()  # raises what ended the stream
+        return self.preamble_msg, self.preamble_tensors
 
     def _unwrap(self, item):
         if isinstance(item, Exception):
@@ -106,9 +124,23 @@ async def _advance(side: Side, token: int, out: Outcome | None = None) -> None:
 
 
 async def run_drafter(side: Side, conn: Connection, inbox: Inbox, out: Outcome, max_new: int, window: int,
-                      greedy: bool, seed: int) -> Outcome:
+                      greedy: bool, seed: int, first=None) -> Outcome:
+    """``first``: an awaitable factory returning the aggregator's ``(msg, tensors)`` with its position-0
+    ``logw`` / ``logq`` (the cloud's ``ready``): the first token is then decided here (module docstring)."""
     gen = torch.Generator().manual_seed(seed)
     epoch, committed, pending_end = 0, 0, False
+    m, t = await first() if first is not None else ({}, {})
+    if "logq" in t:  # (a peer that sends no distribution ahead gets the first token drafted and verified)
+        logp = combine([(float(m["logw"]), t["logq"]), side.dist()])  # the aggregator's own operand order
+        tok = draft(logp, greedy, gen)  # a sample of the union mixture itself: exact without a verdict
+        last = _stop(side, tok, 0, max_new)
+        await conn.send("draft", pos=0, epoch=0, token=tok, decided=True, last=last)
+        out.commit(tok)
+        out.decided += 1
+        if last:
+            return out
+        committed = 1
+        await _advance(side, tok, out)
     while True:
         while not pending_end and side.n - committed < window and side.n < max_new:
             logw, logq = side.dist()
@@ -170,13 +202,20 @@ async def run_aggregator(side: Side, conn: Connection, inbox: Inbox, out: Outcom
             if m["epoch"] == epoch:
                 buf[m["pos"]] = (m, t)
         m, t = buf.pop(pos)
-        logw_a, logp_a = side.dist()
-        logp = combine([(logw_a, logp_a), (m["logw"], t["logq"])])
-        tok, ok = verify(logp, t["logq"], int(m["token"]), greedy, gen)
-        out.drafted += 1
-        out.accepted += ok
-        done = _stop(side, tok, pos, max_new)
-        await conn.send("verdict", pos=pos, token=tok, accepted=ok, done=done)
+        if m.get("decided"):  # formed by the drafter from both sides' distributions: no verdict (module doc)
+            if pos != 0:
+                raise ProtocolError(f"a decided token is only allowed at position 0, got one at {pos}")
+            tok, ok = int(m["token"]), True
+            out.decided += 1
+            done = _stop(side, tok, pos, max_new)
+        else:
+            logw_a, logp_a = side.dist()
+            logp = combine([(logw_a, logp_a), (m["logw"], t["logq"])])
+            tok, ok = verify(logp, t["logq"], int(m["token"]), greedy, gen)
+            out.drafted += 1
+            out.accepted += ok
+            done = _stop(side, tok, pos, max_new)
+            await conn.send("verdict", pos=pos, token=tok, accepted=ok, done=done)
         out.commit(tok)
         if not ok:
             epoch += 1
