@@ -22,6 +22,9 @@ from edgecloud.paths import REPO_ROOT
 from edgecloud.results import Result, check_out_dir
 
 OUT = REPO_ROOT / "docs" / "results"
+KEYPREP = {"": "as they are", "center": "minus their per-layer, per-KV-head channel mean (fp16, counted)",
+           "center+qscale": "minus their channel mean and scaled by the queries' RMS per RoPE pair (fp16 mean and "
+                            "pair scales counted per prompt)"}
 
 
 def result_name(model: str) -> str:
@@ -55,7 +58,7 @@ def table(res: dict) -> str:
         f"layers cut by JSD: keys {res['layer_groups']['keys']}), {cfg['calib_seqs']} x {cfg['calib_len']} "
         f"calibration tokens, early-stopped on {cfg['val_seqs']} held-out windows; main CSR setting: "
         f"{cfg['coef']} weights, {'bit-packed' if cfg['packed'] else 'int16'} indices, budget {cfg['bits']} "
-        f"bits/element; seed {cfg['seed']}.",
+        f"bits/element; keys coded pre-RoPE, {KEYPREP[cfg.get('keyprep', '')]}; seed {cfg['seed']}.",
         "",
         "| method | atoms | s keys / values per 64 ch | fp16 sink / recent tokens | bits/element | ppl | ppl / fp16 "
         "| top-1 vs fp16 | encode µs/token | decode µs/token |",

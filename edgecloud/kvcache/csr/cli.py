@@ -32,6 +32,9 @@ def csr_bench(
     qa: int = typer.Option(0, "--qa", min=0, help="Also score answer F1 on this many SQuAD and FanOutQA questions."),
     sink: int = typer.Option(-1, "--sink", min=-1, help="First tokens CSR keeps in fp16, counted in bits/element "
                              "(-1: the preset's 4)."),
+    keyprep: str = typer.Option("preset", "--keyprep", help="Keys before coding: none, center (minus the channel "
+                                "mean) or center+qscale (also weighted by the queries' RMS per RoPE pair); preset: "
+                                "none, center+qscale for gemma3-270m."),
 ) -> None:
     """Bits per KV element, perplexity, top-1 agreement with fp16, codec time: fp16, KIVI-2/4, CSR variants."""
     from edgecloud.atomic import write_text
@@ -48,6 +51,9 @@ def csr_bench(
         check_out_file(out)
     cfg = BenchConfig.quick(seed) if quick else BenchConfig(seed=seed)
     group = group or (6 if model == "gemma3-270m" else 0)
+    if keyprep == "preset":
+        keyprep = "center+qscale" if model == "gemma3-270m" else ""
+    cfg = replace(cfg, keyprep="" if keyprep == "none" else keyprep)  # a bad mode is a UserError here
     for name, val, ok in (("seq_len", seq_len, seq_len > 0), ("eval_seqs", eval_seqs, eval_seqs > 0),
                           ("atoms", atoms, atoms > 0), ("steps", steps, steps >= 0), ("bits", bits, bits > 0),
                           ("group", group, group > 0), ("sink", sink, sink >= 0)):
