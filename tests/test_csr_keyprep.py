@@ -191,3 +191,32 @@ def test_captured_queries_with_calibrated_keys_give_gemma3_attention():
             mask &= ~torch.ones(T, T).tril(-cfg.sliding_window).bool()
         w = (q @ k.T * model.model.layers[li].self_attn.scaling).masked_fill(~mask, float("-inf")).softmax(-1)
         assert torch.allclose(w, att[li][0], atol=1e-5)
+
+
+def test_gemma_preset_fits_two_bits_with_every_byte_counted():
+    """Gemma's preset (keyprep, 3 sinks) stays <= 2 bits/element at 512 tokens with the key mean and pair scales
+    counted per prompt; 4 sinks would not (why the preset keeps 3)."""
+    from dataclasses import replace
+
+    from edgecloud.kvcache.csr.bench import budget, preset
+    from edgecloud.kvcache.csr.cache import index_bits
+
+    cfg = preset(BenchConfig(), "gemma3-270m")
+    assert cfg.keyprep == "center+qscale" and preset(BenchConfig(), "smollm2-135m") == BenchConfig()
+    d, T = 256, cfg.seq_len
+
+    def bits(c):
+        sk, sv = budget(c, c.atoms)
+        codes = (sk + sv) * (index_bits(c.atoms) + 8) / (2 * c.chunk_dim)
+        return codes * (T - c.sink) / T + 16 * c.sink / T + (d + d // 2) * 16 / (2 * T * d)
+
+    assert bits(cfg) <= 2.0 < bits(replace(cfg, sink=4))
+
+
+def test_cli_refuses_a_bad_keyprep_before_loading_a_model():
+    from typer.testing import CliRunner
+
+    from edgecloud.kvcache.csr.cli import app
+
+    res = CliRunner().invoke(app, ["csr-bench", "--quick", "--keyprep", "whiten", "--model", "no-such-model"])
+    assert isinstance(res.exception, UserError) and "keyprep" in str(res.exception)

@@ -70,6 +70,17 @@ class BenchConfig:
             raise UserError(f"keyprep={self.keyprep!r}: use one of {', '.join(repr(m) for m in keyprep.MODES)}")
 
 
+# per-model settings of the measured runs (docs/csr.md): Gemma-3-270M shares a dictionary over ~6 layers, codes
+# centred, query-scaled keys (keyprep) over k-means dictionaries, and keeps 3 fp16 sinks so that codes + sinks + the
+# counted key mean/scale stay <= 2 bits/element at 512 tokens
+PRESETS: dict[str, dict] = {"gemma3-270m": {"group": 6, "keyprep": "center+qscale", "sink": 3, "steps": 0}}
+
+
+def preset(cfg: BenchConfig, model: str) -> BenchConfig:
+    """``cfg`` with ``model``'s measured settings (PRESETS); other models keep the defaults."""
+    return replace(cfg, **PRESETS.get(model, {}))
+
+
 def calibrate(engine: Engine, ids: torch.Tensor, pre_rope: bool = True) -> dict[str, torch.Tensor]:
     """Keys and values per layer exactly as the cache receives them (read back from a cache, so QK-norm and any
     per-layer RoPE are the model's own), keys un-rotated to pre-RoPE: (L, windows·kv_heads·tokens, d)."""
