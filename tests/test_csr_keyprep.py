@@ -220,3 +220,39 @@ def test_cli_refuses_a_bad_keyprep_before_loading_a_model():
 
     res = CliRunner().invoke(app, ["csr-bench", "--quick", "--keyprep", "whiten", "--model", "no-such-model"])
     assert isinstance(res.exception, UserError) and "keyprep" in str(res.exception)
+
+
+def test_diagnose_attention_kl_runs_on_a_tiny_gemma3(monkeypatch):
+    """bench/csr_diagnose.py's attn run end to end on a tiny Gemma 3 (random token windows): every variant gives a
+    KL >= 0 per layer, and the KL of exact keys is 0."""
+    import importlib.util
+    from dataclasses import replace
+    from pathlib import Path
+
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from edgecloud.kvcache.csr import bench as B
+    from edgecloud.llm import corpus
+    from edgecloud.llm.engine import Engine
+    from edgecloud.llm.models import LoadedModel
+
+    spec = importlib.util.spec_from_file_location("csr_diagnose", Path(__file__).parents[1] / "bench/csr_diagnose.py")
+    diag = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diag)
+    torch.manual_seed(0)
+    mcfg = Gemma3TextConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=8,
+                            layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64)
+    eng = Engine(LoadedModel(Gemma3ForCausalLM(mcfg).eval(), None, "tiny-gemma", "tiny-gemma", Path(".")), threads=1)
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(corpus, "token_windows", lambda tok, text, n, k: torch.randint(0, 64, (k, n), generator=g))
+    cfg = replace(BenchConfig(), calib_seqs=4, calib_len=16, seq_len=16, atoms=8, chunk_dim=16, group=1, sink=2,
+                  kmeans_sample=64, kmeans_iters=2)
+    w = torch.randint(0, 64, (1, 16), generator=g)
+    out = diag.attention_kl(eng, B, cfg, w)
+    assert set(out) == {"raw", "center", "center+qscale", "raw, global layers' own dictionary"}
+    for v in out.values():
+        assert len(v["kl"]) == 2 and all(x >= -1e-6 for x in v["kl"]) and v["err_mean"] > 0
+    with keyprep.capture_queries(eng) as qs:
+        k = B.calibrate(eng, w)["keys"][1].reshape(1, 16, 16)
+    assert abs(diag._attention_kl(eng, 1, qs[1][0], k, k.clone(), "full_attention")) < 1e-6
