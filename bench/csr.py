@@ -6,7 +6,7 @@ FanOutQA, and writes ``docs/results/csr.{json,md,png}`` (SmolLM2) or ``csr_<mode
 
     python bench/csr.py --dicts-only [--model M]       # train (or find) the dictionaries: long, once per model
     python bench/csr.py --qa 50                         # SmolLM2-135M, with 50 SQuAD + 50 FanOutQA questions
-    python bench/csr.py --model gemma3-270m --group 6 --qa 50
+    python bench/csr.py --model gemma3-270m --qa 50     # its preset: group 6, keyprep center+qscale, 3 sinks
     python bench/csr.py --from-json docs/results/csr.json   # re-render table + plot only
 """
 
@@ -22,6 +22,9 @@ from edgecloud.paths import REPO_ROOT
 from edgecloud.results import Result, check_out_dir
 
 OUT = REPO_ROOT / "docs" / "results"
+KEYPREP = {"": "as they are", "center": "minus their per-layer, per-KV-head channel mean (fp16, counted)",
+           "center+qscale": "minus their channel mean and scaled by the queries' RMS per RoPE pair (fp16 mean and "
+                            "pair scales counted per prompt)"}
 
 
 def result_name(model: str) -> str:
@@ -55,7 +58,7 @@ def table(res: dict) -> str:
         f"layers cut by JSD: keys {res['layer_groups']['keys']}), {cfg['calib_seqs']} x {cfg['calib_len']} "
         f"calibration tokens, early-stopped on {cfg['val_seqs']} held-out windows; main CSR setting: "
         f"{cfg['coef']} weights, {'bit-packed' if cfg['packed'] else 'int16'} indices, budget {cfg['bits']} "
-        f"bits/element; seed {cfg['seed']}.",
+        f"bits/element; keys coded pre-RoPE, {KEYPREP[cfg.get('keyprep', '')]}; seed {cfg['seed']}.",
         "",
         "| method | atoms | s keys / values per 64 ch | fp16 sink / recent tokens | bits/element | ppl | ppl / fp16 "
         "| top-1 vs fp16 | encode µs/token | decode µs/token |",
@@ -184,12 +187,12 @@ def main() -> None:
         render = res.pop("provenance", None)  # a re-render keeps the measuring run's provenance beside its own
         res["measured_provenance"] = res.get("measured_provenance") or render
     else:
-        from edgecloud.kvcache.csr.bench import BenchConfig, prepare, run
+        from edgecloud.kvcache.csr.bench import BenchConfig, prepare, preset, run
         from edgecloud.kvcache.csr.qa import QAConfig
         from edgecloud.llm.engine import Engine
         from edgecloud.llm.models import load_model
 
-        cfg = BenchConfig.quick(a.seed) if a.quick else BenchConfig(seed=a.seed)
+        cfg = preset(BenchConfig.quick(a.seed) if a.quick else BenchConfig(seed=a.seed), a.model)
         if a.group:
             cfg = replace(cfg, group=a.group)
         cfg = apply_overrides(cfg, a.set)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from edgecloud.errors import UserError
-from edgecloud.kvcache.csr import coding, dictionary
+from edgecloud.kvcache.csr import coding, dictionary, keyprep
 from edgecloud.kvcache.csr.cache import CacheSpec, cache_bits_per_element, cache_timing, index_bits, make_cache
 from edgecloud.kvcache.csr.coding import CODERS, QUANTS, STORE, reconstruct
 from edgecloud.kvcache.csr.dictionary import CSRDictionaries, DictConfig, chunk, learn_dictionaries, train_dictionary
@@ -52,6 +52,7 @@ class BenchConfig:
     residual: int = 32  # dense recent tokens for KIVI (its paper's design)
     group_kivi: int = 32
     sink: int = 4  # CSR: the first tokens kept fp16 (attention sinks), their bytes counted in bits/element
+    keyprep: str = ""  # keys before coding: "" as they are, "center" (- channel mean), "center+qscale" (see keyprep)
     rows: tuple[str, ...] = ()  # perplexity rows to run (names as in the table; empty: all)
     coders: bool = True  # the MP/OMP coder comparison (calibrates the held-out vectors: minutes on Gemma)
     seed: int = 0
@@ -65,6 +66,19 @@ class BenchConfig:
             raise UserError(f"bits={self.bits}, keys_share={self.keys_share}: need bits > 0 and 0 < share < 1")
         if not 0 <= self.sink < self.seq_len:
             raise UserError(f"sink={self.sink}: use 0 <= sink < seq_len ({self.seq_len})")
+        if self.keyprep not in keyprep.MODES:
+            raise UserError(f"keyprep={self.keyprep!r}: use one of {', '.join(repr(m) for m in keyprep.MODES)}")
+
+
+# per-model settings of the measured runs (docs/csr.md): Gemma-3-270M shares a dictionary over ~6 layers, codes
+# centred, query-scaled keys (keyprep) over k-means dictionaries, and keeps 3 fp16 sinks so that codes + sinks + the
+# counted key mean/scale stay <= 2 bits/element at 512 tokens
+PRESETS: dict[str, dict] = {"gemma3-270m": {"group": 6, "keyprep": "center+qscale", "sink": 3, "steps": 0}}
+
+
+def preset(cfg: BenchConfig, model: str) -> BenchConfig:
+    """``cfg`` with ``model``'s measured settings (PRESETS); other models keep the defaults."""
+    return replace(cfg, **PRESETS.get(model, {}))
 
 
 def calibrate(engine: Engine, ids: torch.Tensor, pre_rope: bool = True) -> dict[str, torch.Tensor]:
@@ -131,16 +145,19 @@ def dictionary_path(engine: Engine, cfg: BenchConfig, n_atoms: int, steps: int) 
     code version (so an edit to the code that computes dictionaries never serves an old file)."""
     ck, cv = dict_configs(cfg, head_dim(engine), n_atoms, steps)
     version = dictionary_code_version()
+    # prepared keys are other training data: their mode and code join the key (none: the key stays as before)
+    prep = (cfg.keyprep, inspect.getsource(keyprep)) if cfg.keyprep else ()
     key = code_key(engine.lm.fingerprint, asdict(ck), asdict(cv), cfg.calib_seqs, cfg.calib_len, cfg.val_seqs,
-                   version=version)
+                   *prep, version=version)
     return cache_root() / "csr" / f"dict-{key}.safetensors", version
 
 
 def get_dictionaries(engine: Engine, kv, cfg: BenchConfig, n_atoms: int, steps: int,
-                     log=print) -> tuple[CSRDictionaries, dict]:
+                     log=print, extra_meta=dict) -> tuple[CSRDictionaries, dict]:
     """Learned (or k-means when steps=0) dictionaries from the cache, else trained and saved with their training
     command, curves and layer groups in the metadata. ``kv`` is a zero-argument function returning
-    (calibration, held-out) vectors, so a cached run never calibrates."""
+    (calibration, held-out) vectors, so a cached run never calibrates; ``extra_meta()`` (called after ``kv``) adds
+    to the metadata (the key mean/scale of ``cfg.keyprep``)."""
     path, version = dictionary_path(engine, cfg, n_atoms, steps)
     hd = head_dim(engine)
     if path.exists():
@@ -153,7 +170,8 @@ def get_dictionaries(engine: Engine, kv, cfg: BenchConfig, n_atoms: int, steps: 
     d.meta = {"version": version, "command": command_line(),
               "n_layers": engine.n_layers, "head_dim": hd, "train_s": time.perf_counter() - t0,
               "calibration_vectors": int(train["keys"].shape[1]),
-              "curves": {k: v["curve"] for k, v in info.items()}, "jsd": {k: v["jsd"] for k, v in info.items()}}
+              "curves": {k: v["curve"] for k, v in info.items()}, "jsd": {k: v["jsd"] for k, v in info.items()},
+              **extra_meta()}
     path.parent.mkdir(parents=True, exist_ok=True)
     d.save(path)
     return d, {"trained": str(path), **{k: d.meta[k] for k in ("train_s", "curves", "command")}}
@@ -251,6 +269,27 @@ def size_sweep(engine: Engine, train: dict, val: dict, cfg: BenchConfig, log=pri
     return rows
 
 
+def _by_head(x: torch.Tensor, T: int, H: int) -> torch.Tensor:
+    """calibrate's (L, windows·H·T, d) rows -> (L, H, windows·T, d)."""
+    L, _, d = x.shape
+    return x.reshape(L, -1, H, T, d).transpose(1, 2).reshape(L, H, -1, d)
+
+
+def fit_keyprep(keys: torch.Tensor, queries: dict[int, list[torch.Tensor]], cfg: BenchConfig) -> keyprep.KeyPrep:
+    """The key mean/scale from the calibration windows' keys (L, windows·H·T, d) and their captured queries."""
+    H = keys.shape[1] // (cfg.calib_seqs * cfg.calib_len)
+    q = torch.stack([torch.cat(queries[li][: cfg.calib_seqs], 1) for li in range(keys.shape[0])])
+    return keyprep.fit(_by_head(keys, cfg.calib_len, H), q, cfg.keyprep)
+
+
+def prep_flat(prep: keyprep.KeyPrep, keys: torch.Tensor, T: int) -> torch.Tensor:
+    """Apply ``prep`` to calibrate-layout keys (L, windows·H·T, d), layer by layer, keeping the layout."""
+    L, M, d = keys.shape
+    H = prep.mean.shape[1]
+    x = keys.reshape(L, -1, H, T, d)
+    return ((x - prep.mean[:, None, :, None]) * prep.scale[:, None, :, None]).reshape(L, M, d)
+
+
 def prepare(engine: Engine, cfg: BenchConfig, log=print,
             dict_file: Path | None = None) -> tuple[dict[str, CSRDictionaries], dict, Callable]:
     """Every dictionary the comparison uses (from the cache, else trained): NeuralDict and its k-means start at
@@ -264,8 +303,13 @@ def prepare(engine: Engine, cfg: BenchConfig, log=print,
         if not state:
             ids = token_windows(lm.tokenizer, calib_text, cfg.calib_len, cfg.calib_seqs + cfg.val_seqs)
             t0 = time.perf_counter()
-            kv = calibrate(engine, ids)
+            with keyprep.capture_queries(engine, on="qscale" in cfg.keyprep) as queries:
+                kv = calibrate(engine, ids)
             n_val = cfg.val_seqs * cfg.calib_len * engine.config.num_key_value_heads
+            if cfg.keyprep:  # fitted on the calibration windows only, then applied to calibration and held-out keys
+                prep = fit_keyprep(kv["keys"][:, :-n_val], queries, cfg)
+                kv["keys"] = prep_flat(prep, kv["keys"], cfg.calib_len)
+                state["meta"] = prep.to_meta()
             state["train"] = {k: v[:, :-n_val] for k, v in kv.items()}
             state["val"] = {k: v[:, -n_val:] for k, v in kv.items()}
             log(f"calibrated {state['train']['keys'].shape[1]} + {n_val} held-out vectors/layer "
@@ -276,12 +320,16 @@ def prepare(engine: Engine, cfg: BenchConfig, log=print,
     plan = [("neuraldict", cfg.atoms, cfg.steps), ("kmeans", cfg.atoms, 0)]
     for name, n, steps in plan:
         log(f"dictionary {name}: N={n}")
+        if name == "kmeans" and steps == cfg.steps and dict_file is None:  # steps=0: the same file, one object
+            dicts[name], info[name] = dicts["neuraldict"], info["neuraldict"]
+            continue
         if name == "neuraldict" and dict_file is not None:  # a given file: checked like a cached one
             dicts[name] = CSRDictionaries.load(dict_file, lm.fingerprint, engine.n_layers, head_dim(engine),
                                                dictionary_code_version())
             info[name] = {"file": str(dict_file), "command": dicts[name].meta.get("command")}
             continue
-        dicts[name], info[name] = get_dictionaries(engine, vectors, cfg, n, steps, log)
+        dicts[name], info[name] = get_dictionaries(engine, vectors, cfg, n, steps, log,
+                                                   lambda: state.get("meta", {}))
     return dicts, info, vectors
 
 
@@ -324,11 +372,18 @@ def run(cfg: BenchConfig, engine: Engine, log=print, qa: QAConfig | None = None,
     named = {sp.name: (sp, d) for sp, d in settings}
     main = ("fp16", "kivi2", "kivi4", "csr", "csr-kmeans")  # the verdict and the contract keys need these
     settings = [(sp, d) for sp, d in settings if not cfg.rows or sp.name in cfg.rows or sp.name in main]
+    if cfg.keyprep:  # the same setting over dictionaries of raw keys (cached or trained): keyprep's paired effect
+        raw = prepare(engine, replace(cfg, keyprep=""), log)[0]["neuraldict"]
+        settings.append((replace(base, name="csr-rawkeys"), raw))
     windows = token_windows(lm.tokenizer, held_text, cfg.seq_len, cfg.eval_seqs)
     rows, ref = [], None
+    done: dict = {}
     for spec, d in settings:
         t0 = time.perf_counter()
-        row, top = evaluate(engine, windows, spec, d, cfg, ref)
+        same = done.get((replace(spec, name=""), id(d)))  # steps=0: NeuralDict is its k-means start, one evaluation
+        row, top = ({**same[0], "method": spec.label}, same[1]) if same else evaluate(engine, windows, spec, d, cfg,
+                                                                                       ref)
+        done[(replace(spec, name=""), id(d))] = (row, top)
         if ref is None:
             ref = top
         row["atoms"] = d.cfg_keys.n_atoms if d is not None else None

@@ -95,7 +95,7 @@ class CSRCodec:
     block = 1
 
     def __init__(self, atoms: torch.Tensor, s: int, coder: str = "mp", pre_rope: bool = True, online: int = 0,
-                 seed: int = 0, coef: str = "fp16", packed: bool = False):
+                 seed: int = 0, coef: str = "fp16", packed: bool = False, prep=None, layer: int = 0):
         if coder not in CODERS:
             raise UserError(f"coder={coder!r}: use one of {sorted(CODERS)}")
         if coef not in QUANTS:
@@ -108,6 +108,7 @@ class CSRCodec:
             raise UserError("dictionary + online atoms exceed the int16 index range; lower --online")
         self.index_bits = index_bits(n_total) if packed else 16
         self.online_atoms: torch.Tensor | None = None
+        self.prep, self.layer = prep, layer  # a keyprep.KeyPrep: centre and scale keys before coding
 
     def _add_online(self, flat: torch.Tensor) -> None:
         g = torch.Generator().manual_seed(self.seed)
@@ -117,6 +118,8 @@ class CSRCodec:
         self.atoms = torch.cat([self.atoms, new.float()], 1)
 
     def encode(self, x):
+        if self.prep is not None:
+            x = self.prep.forward(x, self.layer)
         B, H, T, d = x.shape
         s_n = self.atoms.shape[0]
         flat = x.reshape(-1, s_n, d // s_n).transpose(0, 1)  # (s_n, M, dc)
@@ -134,15 +137,18 @@ class CSRCodec:
         idx = c["idx"].long() if self.index_bits == 16 else unpack_bits(c["idx"], self.index_bits, n)
         idx = idx.reshape(-1, s_n, self.s).transpose(0, 1)
         coef = c["coef"].float().reshape(-1, s_n, self.s).transpose(0, 1)
-        x = reconstruct(self.atoms, idx, coef)  # (s_n, M, dc)
-        return x.transpose(0, 1).reshape(B, H, T, -1)
+        x = reconstruct(self.atoms, idx, coef).transpose(0, 1).reshape(B, H, T, -1)  # (s_n, M, dc) -> (B,H,T,d)
+        return x if self.prep is None else self.prep.inverse(x, self.layer)
 
     def bits_per_element(self) -> float:
         """Stored bits per coded element (no online atoms): s·(index + weight bits)/dc."""
         return self.s * (self.index_bits + 8 * STORE[self.coef].itemsize) / self.atoms.shape[-1]
 
     def extra_bytes(self) -> int:
-        return 0 if self.online_atoms is None else self.online_atoms.numel() * self.online_atoms.element_size()
+        """Per-prompt online atoms, and (conservatively, though they are model-side) the key mean and scale."""
+        prep = 0 if self.prep is None else self.prep.nbytes(self.layer)
+        online = 0 if self.online_atoms is None else self.online_atoms.numel() * self.online_atoms.element_size()
+        return prep + online
 
 
 # ---------------------------------------------------------------- the cache layer
@@ -279,10 +285,18 @@ class CacheSpec:
         return self.method
 
 
+def key_prep(dicts):
+    """The dictionaries' key mean/scale (``keyprep``), if they were learned on prepared keys."""
+    from edgecloud.kvcache.csr.keyprep import KeyPrep
+
+    return KeyPrep.from_meta(dicts.meta, dicts.meta.get("n_layers"), dicts.meta.get("head_dim"))
+
+
 def make_cache(spec: CacheSpec, n_layers: int, dicts=None, engine=None, seed: int = 0) -> Cache:
     """A transformers ``Cache`` whose layers store ``spec``'s encoding; ``engine`` (an ``edgecloud.llm`` Engine)
     supplies RoPE for pre-RoPE key codes."""
     layers = []
+    prep = key_prep(dicts) if spec.method == "csr" and dicts is not None else None
     for li in range(n_layers):
         if spec.method == "fp16":
             kc, vc = FP16Codec(), FP16Codec()
@@ -292,7 +306,7 @@ def make_cache(spec: CacheSpec, n_layers: int, dicts=None, engine=None, seed: in
             if dicts is None:
                 raise UserError("method csr needs dictionaries (run calibration first)")
             kc = CSRCodec(dicts.for_layer("keys", li), spec.s_keys, spec.coder, dicts.pre_rope, spec.online,
-                          seed + 2 * li, spec.coef, spec.packed)
+                          seed + 2 * li, spec.coef, spec.packed, prep, li)
             vc = CSRCodec(dicts.for_layer("values", li), spec.s_values, spec.coder, False, spec.online,
                           seed + 2 * li + 1, spec.coef, spec.packed)
         else:

@@ -26,12 +26,16 @@ def csr_bench(
                               "Llama-family checkpoint."),
     bits: float = typer.Option(0.0, "--bits", min=0.0, help="CSR bit budget per element, all stored bits counted "
                                "(0: the preset's 2.0)."),
-    group: int = typer.Option(0, "--group", min=0, help="Layers per shared dictionary (0: 3, or 6 for gemma3-270m)."),
+    group: int = typer.Option(0, "--group", min=0, help="Layers per shared dictionary (0: the preset's: 3, or 6 for "
+                              "gemma3-270m)."),
     dictionaries: Path | None = typer.Option(None, "--dictionaries", help="Use this dictionary file (safetensors) "
                                              "for CSR instead of the cache; refused if for another model/shape."),
     qa: int = typer.Option(0, "--qa", min=0, help="Also score answer F1 on this many SQuAD and FanOutQA questions."),
     sink: int = typer.Option(-1, "--sink", min=-1, help="First tokens CSR keeps in fp16, counted in bits/element "
-                             "(-1: the preset's 4)."),
+                             "(-1: the preset's 4, or 3 for gemma3-270m)."),
+    keyprep: str = typer.Option("preset", "--keyprep", help="Keys before coding: none, center (minus the channel "
+                                "mean) or center+qscale (also weighted by the queries' RMS per RoPE pair); preset: "
+                                "none, center+qscale for gemma3-270m (with 3 sinks, k-means dictionaries)."),
 ) -> None:
     """Bits per KV element, perplexity, top-1 agreement with fp16, codec time: fp16, KIVI-2/4, CSR variants."""
     from edgecloud.atomic import write_text
@@ -46,8 +50,11 @@ def csr_bench(
         raise UserError(f"--threads={threads}: use 1 or more")
     if out is not None:
         check_out_file(out)
-    cfg = BenchConfig.quick(seed) if quick else BenchConfig(seed=seed)
-    group = group or (6 if model == "gemma3-270m" else 0)
+    from edgecloud.kvcache.csr.bench import preset
+
+    cfg = preset(BenchConfig.quick(seed) if quick else BenchConfig(seed=seed), model)
+    if keyprep != "preset":
+        cfg = replace(cfg, keyprep="" if keyprep == "none" else keyprep)  # a bad mode is a UserError here
     for name, val, ok in (("seq_len", seq_len, seq_len > 0), ("eval_seqs", eval_seqs, eval_seqs > 0),
                           ("atoms", atoms, atoms > 0), ("steps", steps, steps >= 0), ("bits", bits, bits > 0),
                           ("group", group, group > 0), ("sink", sink, sink >= 0)):
