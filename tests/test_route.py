@@ -147,6 +147,9 @@ def test_cli_bad_input_is_one_user_error(tmp_path):
     assert isinstance(r.exception, UserError) and "Mannerheimintie" in str(r.exception)
     r = CliRunner().invoke(app, ["recommend", "--from", "Mannerheimintie", "--to", "Fabianinkatu", "--method", "x"])
     assert isinstance(r.exception, UserError) and "--method" in str(r.exception)
+    r = CliRunner().invoke(app, ["recommend", "--from", "Mannerheimintie", "--to", "Fabianinkatu", "--driver", "22",
+                                 "--method", "retrieval_anchors"])   # a held-out (scenic) driver: no history
+    assert isinstance(r.exception, UserError) and "--driver 22 has no past trips" in str(r.exception)
 
 
 def test_preference_probe_scores_the_models_choice():
@@ -202,6 +205,7 @@ def test_personal_retrieval_and_pathgpt_anchors(g, trips):
     LLM kept (a fake LLM keeping the first-ranked roads), and the answer is a valid path."""
     from edgecloud.route.evaluate import request_of
     from edgecloud.route.recommend import Recommender, TripIndex
+    from edgecloud.route.trips import request_text
 
     train = [t for t in trips if t.split == "train"]
     idx = TripIndex(train, dense=False)
@@ -222,12 +226,13 @@ def test_personal_retrieval_and_pathgpt_anchors(g, trips):
 
     rec = FirstRoads(g, idx, FakeEngine())
     req = request_of(t)
+    assert req.query(g) == request_text(g, t.driver, t.pref, t.origin, t.dest)   # the trips' own text form
     a = rec.run("pathgpt", req)
     full = rec.run("retrieval_anchors", req)
     assert g.is_path(a.edges, t.origin, t.dest) and g.is_path(full.edges, t.origin, t.dest)
     prompt, cands = rec.seen
     assert cands == full.roads and "Past trips:" in prompt
-    assert prompt.count("\n") >= len(mine)  # k = 0: every past trip of the driver is in the prompt
+    assert prompt.count("\n") >= len(mine)  # k = 5 >= this driver's 3 past trips: all of them are in the prompt
     assert len(a.roads) == max(1, round(rec.cfg.keep * len(cands))) and set(a.roads) <= set(cands)
     # no history and k_open = 0: no anchors, so PathGPT is Dijkstra over travel time and the LLM is not asked
     rec.seen = None
@@ -240,7 +245,7 @@ def test_anchor_rule_hand_cases(g):
     from edgecloud.route.trips import Trip
 
     a, b = Trip(0, "fastest", 0, 1, [5, 6, 7], "train"), Trip(0, "fastest", 0, 1, [7, 8, 5], "train")
-    rec = Recommender(g, TripIndex([], dense=False))
+    rec = Recommender(g, TripIndex([], dense=False), cfg=RecConfig(min_uses=1))
     assert rec.anchor_edges(0, 1, [a, b]) == [5, 6, 7, 8]            # every segment, in order of first use
     rec2 = Recommender(g, TripIndex([], dense=False), cfg=RecConfig(min_uses=2))
     assert rec2.anchor_edges(0, 1, [a, b]) == [5, 7]                 # used by both trips
@@ -248,7 +253,7 @@ def test_anchor_rule_hand_cases(g):
     c = Trip(0, "fastest", 0, 0, [far], "train")
     o = int(g.u[5])
     t = int(g.v[7])
-    scoped = Recommender(g, TripIndex([], dense=False), cfg=RecConfig(scope=1.5)).anchor_edges(o, t, [a, c])
+    scoped = Recommender(g, TripIndex([], dense=False), cfg=RecConfig(scope=1.5, min_uses=1)).anchor_edges(o, t, [a, c])
     assert far not in scoped and far in rec.anchor_edges(o, t, [a, c])
     for bad in ({"k": -1}, {"min_uses": 0}, {"discount": 0.0}, {"keep": 1.5}):
         with pytest.raises(UserError, match=f"RecConfig.{next(iter(bad))}"):

@@ -1,14 +1,14 @@
 """The recommender (PathGPT, anchor version) and its baselines. Every method but ``names_v1`` returns a valid path.
 
-PathGPT: the retrieval stage takes a known driver's own past trips (all of them by default: per-user history is the
-strongest signal found) or, for a request with no history, the top-``k_open`` trips of everyone (BM25 + MiniLM,
-reciprocal-rank fusion); their segments are the anchors. The prompt shows those trips (each by its anchor roads) with
-the origin, destination and preference words, and the LLM ranks the anchor roads by constrained choice: each
-candidate's mean token log-probability as the answer's continuation. The ``keep`` best-ranked share of the roads stay
-anchors; Dijkstra over travel time with the anchors discounted connects origin and destination, so the answer is
-always a path. ``retrieval_anchors`` is the same stage with every anchor kept: the LLM's contribution is the
-difference between the two rows. The retrieval knobs are tuned on a validation split of the training trips
-(``tune.py``).
+PathGPT: the retrieval stage takes a known driver's own past trips (the top ``k`` = 5 of their history by the fused
+BM25 + MiniLM rank; per-user history is the strongest signal found) and anchors on the segments at least
+``min_uses`` = 2 of them share; a request with no history takes the top-``k_open`` trips of everyone (0 by the
+validation: none, so Dijkstra over travel time). The prompt shows those trips (each by its anchor roads) with the
+origin, destination and preference words, and the LLM ranks the anchor roads by constrained choice: each candidate's
+mean token log-probability as the answer's continuation. The ``keep`` best-ranked share of the roads stay anchors;
+Dijkstra over travel time with the anchors discounted connects origin and destination, so the answer is always a
+path. ``retrieval_anchors`` is the same stage with every anchor kept: the LLM's contribution is the difference
+between the two rows. The retrieval knobs are chosen on a validation split of the training trips (``tune.py``).
 ``names_v1`` is the public v1 style: free-text road names, checked (not repaired) for forming a path.
 """
 
@@ -23,7 +23,7 @@ import torch
 
 from edgecloud.errors import UserError
 from edgecloud.route.graph import RoadGraph
-from edgecloud.route.trips import PREFS, Trip, request_text, roads_of
+from edgecloud.route.trips import PREFS, Trip, roads_of
 
 METHODS = ["dijkstra_fastest", "dijkstra_shortest", "retrieval_only", "retrieval_anchors", "llm_no_context",
            "pathgpt"]
@@ -35,14 +35,14 @@ class RecConfig:
     """Retrieval-stage knobs (``k``, ``k_open``, ``scope``, ``min_uses``, ``discount``) are chosen on a validation
     split of the training trips (``edgecloud.route.tune``), never on test requests; the defaults are that choice."""
 
-    k: int = 0                # a known driver's past trips retrieved as anchors (0: all of their history)
+    k: int = 5                # a known driver's past trips retrieved as anchors (0: all of their history)
     k_open: int = 0           # trips retrieved for a request without history (0: none -> Dijkstra over time)
     scope: float = 0.0        # anchor only segments inside this detour ellipse around o/d (0: every segment)
-    min_uses: int = 1         # anchor segments used by at least this many retrieved trips
+    min_uses: int = 2         # anchor segments used by at least this many retrieved trips
     picks: int = 3            # roads the no-context LLM chooses
     keep: float = 0.7         # PathGPT: share of the anchor roads (LLM-ranked) whose segments stay anchors
     personal: bool = True     # a request with a known driver retrieves from that driver's own trips
-    discount: float = 0.3     # cost factor on anchor edges
+    discount: float = 0.5     # cost factor on anchor edges
     detour: float = 1.5       # candidate roads: edge midpoints inside this ellipse around origin/destination
     v1_tokens: int = 16       # free-text tokens for names_v1
     v1_k: int = 5             # retrieved trips in the names_v1 prompt (the public v1's top-k context)
@@ -67,13 +67,9 @@ class Request:
     driver: int | None = None
 
     def query(self, g: RoadGraph) -> str:
-        if self.driver is None:
-            return f"wants to {self.pref_text}. from {g.describe_node(self.origin)} to {g.describe_node(self.dest)}"
-        return request_text(g, self.driver, _pref_key(self.pref_text), self.origin, self.dest)
-
-
-def _pref_key(text: str) -> str:
-    return next((k for k, v in PREFS.items() if v == text), "fastest")
+        """The trips' own text form (``trips.request_text``), with the request's preference words as given."""
+        who = "" if self.driver is None else f"driver {self.driver} "
+        return f"{who}wants to {self.pref_text}. from {g.describe_node(self.origin)} to {g.describe_node(self.dest)}"
 
 
 @dataclass
