@@ -40,7 +40,7 @@ class RecConfig:
     scope: float = 0.0        # anchor only segments inside this detour ellipse around o/d (0: every segment)
     min_uses: int = 2         # anchor segments used by at least this many retrieved trips
     picks: int = 3            # roads the no-context LLM chooses
-    keep: float = 0.7         # PathGPT: share of the anchor roads (LLM-ranked) whose segments stay anchors
+    keep: float = 0.5         # PathGPT: share of the anchor roads (LLM-ranked) whose segments stay anchors
     personal: bool = True     # a request with a known driver retrieves from that driver's own trips
     discount: float = 0.5     # cost factor on anchor edges
     detour: float = 1.5       # candidate roads: edge midpoints inside this ellipse around origin/destination
