@@ -147,6 +147,9 @@ def test_cli_bad_input_is_one_user_error(tmp_path):
     assert isinstance(r.exception, UserError) and "Mannerheimintie" in str(r.exception)
     r = CliRunner().invoke(app, ["recommend", "--from", "Mannerheimintie", "--to", "Fabianinkatu", "--method", "x"])
     assert isinstance(r.exception, UserError) and "--method" in str(r.exception)
+    r = CliRunner().invoke(app, ["recommend", "--from", "Mannerheimintie", "--to", "Fabianinkatu", "--driver", "22",
+                                 "--method", "retrieval_anchors"])   # a held-out (scenic) driver: no history
+    assert isinstance(r.exception, UserError) and "--driver 22 has no past trips" in str(r.exception)
 
 
 def test_preference_probe_scores_the_models_choice():
@@ -202,6 +205,7 @@ def test_personal_retrieval_and_pathgpt_anchors(g, trips):
     LLM kept (a fake LLM keeping the first-ranked roads), and the answer is a valid path."""
     from edgecloud.route.evaluate import request_of
     from edgecloud.route.recommend import Recommender, TripIndex
+    from edgecloud.route.trips import request_text
 
     train = [t for t in trips if t.split == "train"]
     idx = TripIndex(train, dense=False)
@@ -222,9 +226,87 @@ def test_personal_retrieval_and_pathgpt_anchors(g, trips):
 
     rec = FirstRoads(g, idx, FakeEngine())
     req = request_of(t)
+    assert req.query(g) == request_text(g, t.driver, t.pref, t.origin, t.dest)   # the trips' own text form
     a = rec.run("pathgpt", req)
-    full = rec.run("retrieval_topk", req)
+    full = rec.run("retrieval_anchors", req)
     assert g.is_path(a.edges, t.origin, t.dest) and g.is_path(full.edges, t.origin, t.dest)
     prompt, cands = rec.seen
     assert cands == full.roads and "Past trips:" in prompt
+    assert prompt.count("\n") >= len(mine)  # k = 5 >= this driver's 3 past trips: all of them are in the prompt
     assert len(a.roads) == max(1, round(rec.cfg.keep * len(cands))) and set(a.roads) <= set(cands)
+    # no history and k_open = 0: no anchors, so PathGPT is Dijkstra over travel time and the LLM is not asked
+    rec.seen = None
+    held = next(x for x in trips if x.pref == "scenic")
+    assert rec.run("pathgpt", request_of(held)).edges == g.route(held.origin, held.dest, g.time) and rec.seen is None
+
+
+def test_anchor_rule_hand_cases(g):
+    from edgecloud.route.recommend import RecConfig, Recommender, TripIndex
+    from edgecloud.route.trips import Trip
+
+    a, b = Trip(0, "fastest", 0, 1, [5, 6, 7], "train"), Trip(0, "fastest", 0, 1, [7, 8, 5], "train")
+    rec = Recommender(g, TripIndex([], dense=False), cfg=RecConfig(min_uses=1))
+    assert rec.anchor_edges(0, 1, [a, b]) == [5, 6, 7, 8]            # every segment, in order of first use
+    rec2 = Recommender(g, TripIndex([], dense=False), cfg=RecConfig(min_uses=2))
+    assert rec2.anchor_edges(0, 1, [a, b]) == [5, 7]                 # used by both trips
+    far = int(np.argmax(np.hypot(g.x[g.u] - g.x[0], g.y[g.u] - g.y[0])))
+    c = Trip(0, "fastest", 0, 0, [far], "train")
+    o = int(g.u[5])
+    t = int(g.v[7])
+    scoped = Recommender(g, TripIndex([], dense=False), cfg=RecConfig(scope=1.5, min_uses=1)).anchor_edges(o, t, [a, c])
+    assert far not in scoped and far in rec.anchor_edges(o, t, [a, c])
+    for bad in ({"k": -1}, {"min_uses": 0}, {"discount": 0.0}, {"keep": 1.5}):
+        with pytest.raises(UserError, match=f"RecConfig.{next(iter(bad))}"):
+            RecConfig(**bad)
+
+
+def test_validation_split_and_tuning_never_touch_test_trips(g, trips):
+    """The validation split is carved from the training trips; the chosen config is the best row of the grid, and
+    that row's F1 equals the chosen config's F1 recomputed directly through the recommender (an oracle)."""
+    from edgecloud.route.metrics import prf
+    from edgecloud.route.recommend import Recommender, TripIndex
+    from edgecloud.route.tune import TuneConfig, request, split, tune_retrieval
+
+    index_trips, val = split(trips, 1)
+    train = [t for t in trips if t.split == "train"]
+    assert all(t.split == "train" for t in index_trips + val) and len(index_trips) + len(val) == len(train)
+    assert {id(t) for t in index_trips}.isdisjoint({id(t) for t in val})
+    assert len(val) == len({t.driver for t in train})                   # one per seen driver: their last trip
+    cfg = TuneConfig(val_per_driver=1, ks=(1, 0), discounts=(0.2, 0.5), scopes=(0.0,), min_uses=(1,),
+                     k_opens=(0, 1), dense=False)
+    chosen, rep = tune_retrieval(g, trips, cfg)
+    best = max(rep["seen"], key=lambda r: r["f1"])
+    assert (chosen.k, chosen.discount) == (best["k"], best["discount"]) and len(rep["seen"]) == 4
+    rec = Recommender(g, TripIndex(index_trips, dense=False), None, chosen)
+    direct = np.mean([prf(rec.run("retrieval_anchors", request(t)).edges, t.edges)[2] for t in val])
+    assert direct == pytest.approx(best["f1"])
+    assert chosen.k_open == max(rep["open"], key=lambda r: r["f1"])["k_open"]
+
+
+def test_keep_tuning_row_one_is_the_no_llm_row(g, trips):
+    from edgecloud.route.metrics import prf
+    from edgecloud.route.recommend import RecConfig, Recommender, TripIndex
+    from edgecloud.route.tune import TuneConfig, request, split, tune_keep
+
+    class FakeEngine:  # ranks candidates in the order given (the retrieval order)
+        def chat_prompt(self, system, user):
+            return user
+
+    class Ordered(Recommender):
+        def llm_choose(self, prompt, cands, free_tokens=0, picks=None):
+            return list(cands[: picks or 1]), ""
+
+    import edgecloud.route.tune as tune
+
+    cfg = TuneConfig(val_per_driver=1, keeps=(0.5, 1.0), dense=False)
+    orig = tune.Recommender
+    tune.Recommender = Ordered
+    try:
+        chosen, rep = tune_keep(g, trips, RecConfig(), FakeEngine(), cfg)
+    finally:
+        tune.Recommender = orig
+    index_trips, val = split(trips, 1)
+    rec = Recommender(g, TripIndex(index_trips, dense=False), None, RecConfig())
+    no_llm = np.mean([prf(rec.run("retrieval_anchors", request(t)).edges, t.edges)[2] for t in val])
+    rows = {r["keep"]: r for r in rep["keep"]}
+    assert rows[1.0]["f1"] == pytest.approx(no_llm) and chosen.keep == 0.5 == rep["chosen_keep"]

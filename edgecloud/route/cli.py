@@ -56,6 +56,8 @@ def recommend_cmd(origin: str = typer.Option(..., "--from", help="street, 'stree
                   prefer: str = typer.Option("get there as fast as possible", "--prefer"),
                   method: str = typer.Option("pathgpt", "--method"),
                   map_out: str = typer.Option(None, "--map", help="write a PNG map of the route"),
+                  driver: int = typer.Option(None, "--driver", min=0,
+                                             help="a driver with history (their past trips become the anchors)"),
                   seed: int = typer.Option(0, "--seed", help="seed of the historical trips"),
                   model: str = typer.Option("smollm2-135m", "--model")) -> None:
     """Recommend a route (always a valid path) and print its roads."""
@@ -77,9 +79,12 @@ def recommend_cmd(origin: str = typer.Option(..., "--from", help="street, 'stree
     if o == t:
         raise UserError("--from and --to are the same node; pick two different places")
     _, trips = generate(g, seed=seed)
+    known = sorted({x.driver for x in trips if x.split == "train"})
+    if driver is not None and driver not in known:
+        raise UserError(f"--driver {driver} has no past trips; drivers with history are {known[0]}..{known[-1]}")
     rec = Recommender(g, TripIndex([x for x in trips if x.split == "train"]),
                       _engine(model) if method in ("pathgpt", "llm_no_context", "names_v1") else None)
-    a = rec.run(method, Request(o, t, prefer.strip()))
+    a = rec.run(method, Request(o, t, prefer.strip(), driver))
     km = g.length[a.edges].sum() / 1000
     print(f"{method}: {g.describe_node(o)} -> {g.describe_node(t)}: {' -> '.join(roads_of(g, a.edges))}")
     print(f"{km:.2f} km, {g.time[a.edges].sum() / 60:.1f} min, {len(a.edges)} edges, valid path: "

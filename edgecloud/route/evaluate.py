@@ -97,27 +97,39 @@ def paired_ci(a, b, boot: int = 2000, seed: int = 0, level: float = 0.95) -> dic
             "n": int(len(d))}
 
 
-def comparisons(rows: dict, boot: int, seed: int) -> dict:
-    """PathGPT against the goal baselines (+20 over no context, +5 over the better Dijkstra), and the LLM's own
-    contribution (PathGPT vs the same retrieval without the LLM), on all requests and on the held-out preference."""
+DIJKSTRA = ("dijkstra_fastest", "dijkstra_shortest")
+GOALS = {"llm_no_context": 0.20, "dijkstra": 0.05}   # the issue's goals, in edge-F1 points
+
+
+def part_of(r: dict, part: str) -> bool:
+    return part == "all" or r["pref"] == part or (part == "seen" and r["pref"] != HELDOUT)
+
+
+def comparisons(rows: dict, boot: int, seed: int, subject: str = "pathgpt",
+                bases: tuple[str, ...] = ("llm_no_context", "retrieval_anchors", "retrieval_only")) -> dict:
+    """``subject`` against the goal baselines (+20 over no context, +5 over the better Dijkstra on the same requests)
+    and the ablations (PathGPT vs the same retrieval stage without the LLM: the LLM's own contribution), paired on
+    the requests both answered, on all requests, the seen preferences and the held-out preference."""
     out = {}
-    for part in ("all", HELDOUT):
-        rs = {m: [r for r in rows[m] if part == "all" or r["pref"] == part] for m in rows}
-        if not rs["pathgpt"]:
+    for part in ("all", "seen", HELDOUT):
+        f = {m: {r["i"]: r["f1"] for r in v if part_of(r, part)} for m, v in rows.items()}
+        on = set(f[subject])
+        if not on:
             continue
-        f = {m: {r["i"]: r["f1"] for r in v} for m, v in rs.items()}
-        best = max(("dijkstra_fastest", "dijkstra_shortest"), key=lambda m: np.mean(list(f[m].values())))
-        for base, goal in (("llm_no_context", 0.20), (best, 0.05), ("retrieval_topk", None),
-                           ("retrieval_only", None)):
-            both = sorted(set(f["pathgpt"]) & set(f[base]))  # paired: the requests both methods answered
-            c = paired_ci([f["pathgpt"][i] for i in both], [f[base][i] for i in both], boot, seed)
-            out[f"{part}: pathgpt - {base}"] = {**c, "goal": goal,
-                                                 "met": None if goal is None or c["diff"] is None
-                                                 else bool(c["diff"] >= goal)}
+        best = max(DIJKSTRA, key=lambda m: np.mean([f[m][i] for i in on if i in f[m]] or [0.0]))
+        for base in (*bases, best):
+            if base == subject or not f.get(base):
+                continue
+            goal = GOALS.get("dijkstra" if base in DIJKSTRA else base)
+            both = sorted(on & set(f[base]))
+            c = paired_ci([f[subject][i] for i in both], [f[base][i] for i in both], boot, seed)
+            out[f"{part}: {subject} - {base}"] = {**c, "goal": goal, "met": None if goal is None or c["diff"] is None
+                                                  else bool(c["diff"] >= goal)}
     return out
 
 
-def build(cfg: BenchConfig, seed: int = 0, engine=None) -> tuple[RoadGraph, list[Trip], Recommender]:
+def build(cfg: BenchConfig, seed: int = 0, engine=None,
+          rec_cfg: RecConfig = RecConfig()) -> tuple[RoadGraph, list[Trip], Recommender]:
     """The graph, the seed's trips and a recommender over the training trips (shared by the bench's map)."""
     from edgecloud.llm.engine import Engine
     from edgecloud.llm.models import load_model
@@ -125,7 +137,7 @@ def build(cfg: BenchConfig, seed: int = 0, engine=None) -> tuple[RoadGraph, list
     g = load_helsinki()
     _, trips = generate(g, TripConfig(), seed)
     index = TripIndex([t for t in trips if t.split == "train"])
-    return g, trips, Recommender(g, index, engine or Engine(load_model(cfg.model)), RecConfig())
+    return g, trips, Recommender(g, index, engine or Engine(load_model(cfg.model)), rec_cfg)
 
 
 def run(cfg: BenchConfig, seed: int = 0, engine=None, progress=None, built=None) -> dict:
@@ -135,8 +147,10 @@ def run(cfg: BenchConfig, seed: int = 0, engine=None, progress=None, built=None)
     tests = pick_tests(trips, cfg.requests_per_pref or (2 if cfg.quick else 0))
     rows = {m: [] for m in ALL}
     for i, t in enumerate(tests):  # the graph-only rows: every request, cheap
-        for m in CHEAP:
+        # PathGPT with no anchor road to rank (no history, k_open = 0) asks no LLM: it is graph-only there too
+        for m in CHEAP + ([] if rec.needs_llm(request_of(t)) else ["pathgpt"]):
             rows[m].append({"i": i, "pref": t.pref, **score(g, rec.run(m, request_of(t)), t)})
+    answered = {r["i"] for r in rows["pathgpt"]}
     # the LLM rows: requests taken round-robin over the preferences, so a time-capped run stays balanced
     llm = [i for i in round_robin(tests) if cfg.llm_per_pref == 0 or
            sum(tests[j].pref == tests[i].pref for j in range(i)) < cfg.llm_per_pref]
@@ -146,7 +160,7 @@ def run(cfg: BenchConfig, seed: int = 0, engine=None, progress=None, built=None)
             break
         t = tests[i]
         for m in LLM:
-            if m != "names_v1" or len(rows[m]) < cfg.v1_requests:
+            if (m != "names_v1" or len(rows[m]) < cfg.v1_requests) and not (m == "pathgpt" and i in answered):
                 rows[m].append({"i": i, "pref": t.pref, **score(g, rec.run(m, request_of(t)), t)})
         if progress:
             progress(n + 1, len(llm))
@@ -154,23 +168,25 @@ def run(cfg: BenchConfig, seed: int = 0, engine=None, progress=None, built=None)
     keys = ["precision", "recall", "f1", "name_f1", "len_jaccard", "valid", "latency_s"]
     for m in ALL:
         for p in [*PREFS, "all", "seen"]:
-            rs = [r for r in rows[m] if p == "all" or r["pref"] == p or (p == "seen" and r["pref"] != HELDOUT)]
+            rs = [r for r in rows[m] if part_of(r, p)]
             if rs:
                 table.append({"method": m, "pref": p + (" (held out)" if p == HELDOUT else ""), "n": len(rs),
                               **{k: float(np.mean([r[k] for r in rs])) for k in keys},
                               "unknown_names": int(sum(r["unknown"] for r in rs))})
     f1 = {m: float(np.mean([r["f1"] for r in rows[m]])) if rows[m] else None for m in ALL}
+    paired = {m: v for m, v in rows.items() if m != "names_v1"}
     on_llm = {r["i"] for r in rows["pathgpt"]}
     held = [r["f1"] for r in rows["pathgpt"] if r["pref"] == HELDOUT]
     return {
         "f1_dijkstra_fastest": f1["dijkstra_fastest"], "f1_dijkstra_shortest": f1["dijkstra_shortest"],
         "f1_llm_no_context": f1["llm_no_context"], "f1_retrieval_only": f1["retrieval_only"],
-        "f1_pathgpt": f1["pathgpt"], "f1_retrieval_topk": f1["retrieval_topk"],
+        "f1_pathgpt": f1["pathgpt"], "f1_retrieval_anchors": f1["retrieval_anchors"],
         "f1_heldout_preference": float(np.mean(held)) if held else None,
         "validity_rate": float(np.mean([r["valid"] for r in rows["pathgpt"]])) if rows["pathgpt"] else None,
         "names_v1_not_a_path": float(1 - np.mean([r["valid"] for r in rows["names_v1"]])) if rows["names_v1"] else None,
         "requests": len(tests), "llm_requests": len(rows["pathgpt"]), "names_v1_requests": len(rows["names_v1"]),
-        "paired_bootstrap_95ci": comparisons({m: v for m, v in rows.items() if m != "names_v1"}, cfg.boot, seed),
+        "paired_bootstrap_95ci": {**comparisons(paired, cfg.boot, seed),
+                                  **comparisons(paired, cfg.boot, seed, "retrieval_anchors", ("retrieval_only",))},
         "f1_on_llm_requests": {m: float(np.mean([r["f1"] for r in rows[m] if r["i"] in on_llm])) if on_llm else None
                                for m in ALL if m != "names_v1"},
         "rec_config": asdict(rec.cfg), "heldout_preference": HELDOUT, "graph": {"nodes": g.n_nodes, "edges": g.n_edges,

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import networkx as nx
 import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import dijkstra
 
 from edgecloud.errors import UserError
 
@@ -62,9 +64,11 @@ class RoadGraph:
         self.edges_named: dict[str, np.ndarray] = {
             n: np.array([i for i, m in enumerate(self.name) if m == n]) for n in self.names}
         self._lower = {n.lower(): n for n in self.names}
-        self.G = nx.DiGraph()
-        self.G.add_nodes_from(range(self.n_nodes))
-        self.G.add_edges_from((int(a), int(b), {"e": i}) for i, (a, b) in enumerate(zip(self.u, self.v)))
+        # CSR adjacency whose data slot j holds edge ``self._csr_edge[j]``: a new weight vector is one gather
+        order = np.lexsort((self.v, self.u))
+        self._csr_edge = order
+        self._indptr = np.searchsorted(self.u[order], np.arange(self.n_nodes + 1)).astype(np.int32)
+        self._indices = self.v[order].astype(np.int32)
 
     @property
     def n_nodes(self) -> int:
@@ -79,13 +83,16 @@ class RoadGraph:
         """Edge indices of the min-``weight`` path s -> t (Dijkstra); UserError when t is unreachable."""
         if s == t:
             return []
-        w = np.asarray(weight, dtype=float)
-        try:
-            nodes = nx.dijkstra_path(self.G, s, t, weight=lambda a, b, d: w[d["e"]])
-        except nx.NetworkXNoPath:
+        w = np.asarray(weight, dtype=float)[self._csr_edge]
+        adj = csr_matrix((w, self._indices, self._indptr), shape=(self.n_nodes, self.n_nodes))
+        pred = dijkstra(adj, indices=s, return_predecessors=True)[1]
+        if pred[t] < 0:
             raise UserError(f"node {self.osm_id[t]} is unreachable from node {self.osm_id[s]} on the driving graph; "
-                            f"pick another pair") from None
-        return [self.edge_of[(a, b)] for a, b in zip(nodes[:-1], nodes[1:])]
+                            f"pick another pair")
+        nodes = [t]
+        while nodes[-1] != s:
+            nodes.append(int(pred[nodes[-1]]))
+        return [self.edge_of[(a, b)] for a, b in zip(nodes[:0:-1], nodes[-2::-1])]
 
     def is_path(self, edges: list[int], s: int, t: int) -> bool:
         """True when ``edges`` is a connected walk from s to t on the graph."""

@@ -1,13 +1,14 @@
 """The recommender (PathGPT, anchor version) and its baselines. Every method but ``names_v1`` returns a valid path.
 
-PathGPT: retrieve the top-k historical trips for the request (BM25 + MiniLM, reciprocal-rank fusion; a request
-that names a known driver searches that driver's own history, as PathGPT's per-user retrieval does), put them in the
-prompt (compactly: each trip's roads near this request) with the origin, destination and preference words, and let
-the LLM rank those roads by constrained choice: each candidate's mean token log-probability as the answer's
-continuation. The ``keep`` best-ranked share of the roads is kept, and the retrieved trips' own segments on them are
-the anchors; Dijkstra over travel time with the anchors discounted connects origin and destination, so the answer is
-always a path. ``retrieval_topk`` is the same with every retrieved road kept: the LLM's contribution is the
-difference between the two rows.
+PathGPT: the retrieval stage takes a known driver's own past trips (the top ``k`` = 5 of their history by the fused
+BM25 + MiniLM rank; per-user history is the strongest signal found) and anchors on the segments at least
+``min_uses`` = 2 of them share; a request with no history takes the top-``k_open`` trips of everyone (0 by the
+validation: none, so Dijkstra over travel time). The prompt shows those trips (each by its anchor roads) with the
+origin, destination and preference words, and the LLM ranks the anchor roads by constrained choice: each candidate's
+mean token log-probability as the answer's continuation. The ``keep`` best-ranked share of the roads stay anchors;
+Dijkstra over travel time with the anchors discounted connects origin and destination, so the answer is always a
+path. ``retrieval_anchors`` is the same stage with every anchor kept: the LLM's contribution is the difference
+between the two rows. The retrieval knobs are chosen on a validation split of the training trips (``tune.py``).
 ``names_v1`` is the public v1 style: free-text road names, checked (not repaired) for forming a path.
 """
 
@@ -20,23 +21,42 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from edgecloud.errors import UserError
 from edgecloud.route.graph import RoadGraph
-from edgecloud.route.trips import PREFS, Trip, request_text, roads_of
+from edgecloud.route.trips import PREFS, Trip, roads_of
 
-METHODS = ["dijkstra_fastest", "dijkstra_shortest", "retrieval_only", "retrieval_topk", "llm_no_context", "pathgpt"]
+METHODS = ["dijkstra_fastest", "dijkstra_shortest", "retrieval_only", "retrieval_anchors", "llm_no_context",
+           "pathgpt"]
 SYSTEM = "You recommend driving routes in central Helsinki. Answer with road names separated by commas."
 
 
 @dataclass(frozen=True)
 class RecConfig:
-    k: int = 5                # retrieved trips in the prompt
+    """Retrieval-stage knobs (``k``, ``k_open``, ``scope``, ``min_uses``, ``discount``) are chosen on a validation
+    split of the training trips (``edgecloud.route.tune``), never on test requests; the defaults are that choice."""
+
+    k: int = 5                # a known driver's past trips retrieved as anchors (0: all of their history)
+    k_open: int = 0           # trips retrieved for a request without history (0: none -> Dijkstra over time)
+    scope: float = 0.0        # anchor only segments inside this detour ellipse around o/d (0: every segment)
+    min_uses: int = 2         # anchor segments used by at least this many retrieved trips
     picks: int = 3            # roads the no-context LLM chooses
-    keep: float = 0.7         # PathGPT: share of the retrieved roads (LLM-ranked) whose segments anchor the route
+    keep: float = 0.5         # PathGPT: share of the anchor roads (LLM-ranked) whose segments stay anchors
     personal: bool = True     # a request with a known driver retrieves from that driver's own trips
-    discount: float = 0.3     # cost factor on chosen roads' edges
+    discount: float = 0.5     # cost factor on anchor edges
     detour: float = 1.5       # candidate roads: edge midpoints inside this ellipse around origin/destination
     v1_tokens: int = 16       # free-text tokens for names_v1
+    v1_k: int = 5             # retrieved trips in the names_v1 prompt (the public v1's top-k context)
     rrf: float = 60.0         # reciprocal-rank-fusion constant
+
+    def __post_init__(self):
+        for f in ("k", "k_open", "scope"):
+            if getattr(self, f) < 0:
+                raise UserError(f"RecConfig.{f} = {getattr(self, f)} is negative; use 0 or more")
+        if self.min_uses < 1:
+            raise UserError(f"RecConfig.min_uses = {self.min_uses}; use 1 or more")
+        for f in ("discount", "keep"):
+            if not 0 < getattr(self, f) <= 1:
+                raise UserError(f"RecConfig.{f} = {getattr(self, f)} must be in (0, 1]")
 
 
 @dataclass
@@ -47,13 +67,9 @@ class Request:
     driver: int | None = None
 
     def query(self, g: RoadGraph) -> str:
-        if self.driver is None:
-            return f"wants to {self.pref_text}. from {g.describe_node(self.origin)} to {g.describe_node(self.dest)}"
-        return request_text(g, self.driver, _pref_key(self.pref_text), self.origin, self.dest)
-
-
-def _pref_key(text: str) -> str:
-    return next((k for k, v in PREFS.items() if v == text), "fastest")
+        """The trips' own text form (``trips.request_text``), with the request's preference words as given."""
+        who = "" if self.driver is None else f"driver {self.driver} "
+        return f"{who}wants to {self.pref_text}. from {g.describe_node(self.origin)} to {g.describe_node(self.dest)}"
 
 
 @dataclass
@@ -84,16 +100,25 @@ class TripIndex:
         self.bm25 = BM25(texts)
         self.dense = Dense(texts) if dense and texts else None
         self.rrf = rrf
+        self._fused: dict[str, np.ndarray] = {}
+
+    def fused(self, query: str) -> np.ndarray:
+        """Reciprocal-rank-fused score of every trip for ``query`` (cached: tuning asks the same query often)."""
+        if query not in self._fused:
+            n = len(self.trips)
+            score = np.zeros(n)
+            for ranking in (self.bm25.top(query, n), self.dense.top(query, n) if self.dense else []):
+                for r, i in enumerate(ranking):
+                    score[i] += 1.0 / (self.rrf + r + 1)
+            self._fused[query] = score
+        return self._fused[query].copy()
 
     def top(self, query: str, k: int, driver: int | None = None) -> list[Trip]:
         """Top-``k`` by fused rank; with ``driver`` (and history for them), only that driver's own trips."""
         if not self.trips:
             return []
         n = len(self.trips)
-        score = np.zeros(n)
-        for ranking in (self.bm25.top(query, n), self.dense.top(query, n) if self.dense else []):
-            for r, i in enumerate(ranking):
-                score[i] += 1.0 / (self.rrf + r + 1)
+        score = self.fused(query)
         mine = np.array([t.driver == driver for t in self.trips])
         if driver is not None and mine.any():
             score[~mine] = -np.inf
@@ -105,12 +130,15 @@ class Recommender:
         self.g, self.index, self.engine, self.cfg = g, index, engine, cfg
 
     # ------------------------------------------------------------- pieces
-    def candidates(self, o: int, t: int) -> list[str]:
+    def inside(self, o: int, t: int, factor: float) -> np.ndarray:
+        """Edges whose midpoint lies inside the ``factor`` detour ellipse around origin and destination."""
         g = self.g
         mx, my = (g.x[g.u] + g.x[g.v]) / 2, (g.y[g.u] + g.y[g.v]) / 2
         d = np.hypot(mx - g.x[o], my - g.y[o]) + np.hypot(mx - g.x[t], my - g.y[t])
-        inside = d <= self.cfg.detour * max(g.dist_m(o, t), 200.0)
-        return sorted({g.name[e] for e in np.flatnonzero(inside) if g.name[e]})
+        return d <= factor * max(g.dist_m(o, t), 200.0)
+
+    def candidates(self, o: int, t: int) -> list[str]:
+        return sorted({self.g.name[e] for e in np.flatnonzero(self.inside(o, t, self.cfg.detour)) if self.g.name[e]})
 
     def connect(self, o: int, t: int, edges) -> list[int]:
         """Dijkstra over travel time with ``edges`` discounted: a valid path through (or near) the anchors."""
@@ -132,13 +160,25 @@ class Recommender:
         edges = [int(e) for r in known for e in self.g.edges_named[r]]
         return known, edges, unknown
 
-    def retrieve(self, req: Request, k: int) -> list[Trip]:
-        return self.index.top(req.query(self.g), k, req.driver if self.cfg.personal else None)
+    def retrieve(self, req: Request, k: int | None = None) -> list[Trip]:
+        """The retrieval stage: a driver with history gets their own top-``k`` trips (``k`` = 0: all of them);
+        a request without history gets the top-``k_open`` trips of everyone (0: none)."""
+        driver = req.driver if self.cfg.personal else None
+        if k is None:
+            own = driver is not None and any(t.driver == driver for t in self.index.trips)
+            k = (self.cfg.k or len(self.index.trips)) if own else self.cfg.k_open
+        return self.index.top(req.query(self.g), k, driver) if k else []
 
-    def near_edges(self, o: int, t: int, trips: list[Trip]) -> list[int]:
-        """The retrieved trips' segments whose road is a candidate for this request (inside the detour ellipse)."""
-        cands = set(self.candidates(o, t))
-        return list(dict.fromkeys(e for c in trips for e in c.edges if self.g.name[e] in cands))
+    def anchor_edges(self, o: int, t: int, trips: list[Trip]) -> list[int]:
+        """Segments of the retrieved trips used by >= ``min_uses`` of them (inside the ``scope`` ellipse if set),
+        in order of first use."""
+        uses: dict[int, int] = {}
+        for tr in trips:
+            for e in set(tr.edges):
+                uses[e] = uses.get(e, 0) + 1
+        near = self.inside(o, t, self.cfg.scope) if self.cfg.scope else None
+        first = dict.fromkeys(e for tr in trips for e in tr.edges)
+        return [e for e in first if uses[e] >= self.cfg.min_uses and (near is None or near[e])]
 
     def prompt(self, req: Request, context: list[Trip], near: list[int] | None = None) -> str:
         """``near``: each past trip is shown by its roads among these edges only (short prompt, relevant roads)."""
@@ -187,6 +227,24 @@ class Recommender:
         order = np.argsort(-scores, kind="stable")
         return [cands[i] for i in order[: picks or self.cfg.picks]], free
 
+    def needs_llm(self, req: Request) -> bool:
+        """PathGPT asks the LLM only when the retrieval stage found anchor roads to rank."""
+        anchors = self.anchor_edges(req.origin, req.dest, self.retrieve(req))
+        return any(self.g.name[e] for e in anchors)
+
+    def rank_anchor_roads(self, req: Request, ctx: list[Trip], anchors: list[int], roads: list[str]) -> list[str]:
+        """The LLM's role: rank the anchor roads for this request's stated preference, seeing the retrieved trips."""
+        ranked, _ = self.llm_choose(self.prompt(req, ctx, anchors), roads, picks=len(roads))
+        return ranked
+
+    def kept(self, n_roads: int, keep: float | None = None) -> int:
+        return max(1, round((self.cfg.keep if keep is None else keep) * n_roads))
+
+    def filter_anchors(self, anchors: list[int], roads: list[str]) -> list[int]:
+        """Anchors on the kept roads; unnamed segments (which no answer can name) stay."""
+        kept = set(roads)
+        return [e for e in anchors if not self.g.name[e] or self.g.name[e] in kept]
+
     # ------------------------------------------------------------- methods
     def run(self, method: str, req: Request) -> Answer:
         t0 = time.perf_counter()
@@ -204,21 +262,20 @@ class Recommender:
             top = self.retrieve(req, 1)
             anchors = top[0].edges if top else []
             return Answer(self.connect(o, t, anchors), roads_of(g, anchors))
-        if method in ("retrieval_topk", "pathgpt"):
-            ctx = self.retrieve(req, self.cfg.k)
-            near = self.near_edges(o, t, ctx)
-            roads = list(dict.fromkeys(g.name[e] for e in near))
+        if method in ("retrieval_anchors", "pathgpt"):
+            ctx = self.retrieve(req)
+            anchors = self.anchor_edges(o, t, ctx)
+            roads = list(dict.fromkeys(g.name[e] for e in anchors if g.name[e]))
             if method == "pathgpt" and roads:
-                roads, _ = self.llm_choose(self.prompt(req, ctx, near), roads,
-                                           picks=max(1, round(self.cfg.keep * len(roads))))
-                kept = set(roads)
-                near = [e for e in near if g.name[e] in kept]
-            return Answer(self.connect(o, t, near), roads)
+                ranked = self.rank_anchor_roads(req, ctx, anchors, roads)
+                roads = ranked[: self.kept(len(roads))]
+                anchors = self.filter_anchors(anchors, roads)
+            return Answer(self.connect(o, t, anchors), roads)
         cands = self.candidates(o, t)
         if method == "llm_no_context":
             chosen, _ = self.llm_choose(self.prompt(req, []), cands)
         elif method == "names_v1":
-            _, free = self.llm_choose(self.prompt(req, self.retrieve(req, self.cfg.k)), [], self.cfg.v1_tokens)
+            _, free = self.llm_choose(self.prompt(req, self.retrieve(req, self.cfg.v1_k)), [], self.cfg.v1_tokens)
             return self.names_v1(o, t, free)
         else:
             raise ValueError(method)
