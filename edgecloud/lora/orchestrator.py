@@ -49,10 +49,11 @@ class Policy:
     unmerge_at: float = 0.25
     starve_s: float = 2.0
     max_batch: int = 16
-    # valora's cost model, in units of one step's unmerged side path (measured under `timed`, 16 rows, rank 8,
-    # SmolLM2-135M: side path 17 ms, mixture's two paths 27 ms, one merge or unmerge of 60 layers 24 ms)
-    mixture_cost: float = 1.6
-    switch_cost: float = 1.4
+    # valora's cost model, in units of one step's unmerged side path. Defaults measured under `timed` (16 rows at
+    # s≈0.8, rank 4, SmolLM2-135M: no side path 164 ms, unmerged 181, mixture's one rank-2r path 177, merge or
+    # unmerge ~11 ms); the bench re-measures them at start-up (bench.mode_step_costs)
+    mixture_cost: float = 0.74
+    switch_cost: float = 0.66
 
 
 def _hot(reqs) -> tuple[str | None, float]:
