@@ -49,21 +49,33 @@ def test_closed_loop_keeps_clients_outstanding():
 
 
 def test_rate_is_load_times_unmerged_saturation(monkeypatch):
-    """The offered rate = load × closed-loop capacity of the *unmerged batched* engine (S-LoRA-like, `clients`
-    outstanding) on a uniform mix over every adapter — not of a single batch, not of sequential serving."""
-    seen = {}
+    """Per skew, the offered rate = load × the closed-loop capacity of the *unmerged batched* engine (S-LoRA-like,
+    `clients` outstanding) on that skew's request mix, measured first — not of a single batch or of sequential."""
+    seen = []
 
-    def fake(engine, lora, reqs, policy, table, clients):
-        seen.update(policy=policy.name, clients=clients, n=len(reqs), adapters={r.adapter for r in reqs},
-                    fixed=all(r.ignore_eos and r.max_new_tokens == 16 for r in reqs))
-        return {"tok_s": 80.0, "req_s": 5.0, "wall_s": 9.6, "requests": len(reqs), "mode_steps": {}}
+    def fake_sat(engine, lora, reqs, policy, table, clients):
+        seen.append((policy.name, clients, len(reqs)))
+        rps = {"slora": 5.0, "sequential": 1.0}.get(policy.name, 4.0)
+        return {"tok_s": 16 * rps, "req_s": rps, "wall_s": len(reqs) / rps, "requests": len(reqs), "mode_steps": {}}
 
-    monkeypatch.setattr(bench, "saturation", fake)
-    names = [f"n{i}" for i in range(16)]
-    cal = bench.calibrate(bench.BenchConfig(load=0.7), SimpleNamespace(encode=lambda s: [1, len(s)]), None, names,
-                          None)
-    assert cal["rate_req_s"] == pytest.approx(3.5) and cal["capacity_req_s"] == 5.0
-    assert seen == {"policy": "slora", "clients": 16, "n": 48, "adapters": set(names), "fixed": True}
+    rates = []
+
+    def fake_serve(engine, lora, reqs, policy, table=None, clients=None):
+        assert clients is None and all(r.ignore_eos and r.max_new_tokens == 16 for r in reqs)
+        rates.append(len(reqs) / reqs[-1].arrival)
+        for r in reqs:
+            r.latency, r.tokens = 1.0, [0] * 16
+        return {"wall_s": 10.0, "requests": reqs, "switch_s": [], "mode_steps": {}}
+
+    monkeypatch.setattr(bench, "saturation", fake_sat)
+    monkeypatch.setattr(bench, "serve", fake_serve)
+    monkeypatch.setattr("edgecloud.llm.batch.generate_batch", lambda *a, **k: None)
+    cfg = bench.BenchConfig(load=0.7, requests=400, skews=(0.8,))
+    out = bench.run(cfg, SimpleNamespace(encode=lambda s: [1, len(s)]), SimpleNamespace(seq_adapter={}),
+                    [f"n{i}" for i in range(16)], None, log=lambda s: None)
+    assert seen[0] == ("slora", 16, 48) and len(seen) == 5  # the unmerged engine first, then every policy
+    assert out["calibration"]["0.8"]["rate_req_s"] == pytest.approx(3.5)
+    assert len(rates) == 5 and all(r == pytest.approx(3.5, rel=0.15) for r in rates)  # Poisson at that rate
 
 
 def test_saturation_counts_every_token():
@@ -119,3 +131,11 @@ def bench_rows(batch, rows):
     from edgecloud.llm import batch as batch_mod
 
     return batch_mod._rows(rows)
+
+
+def test_mode_step_costs_runs_every_mode_and_restores():
+    e, lm, names = _lora()
+    e.encode = lambda s: [3, 4, 5, len(s) % 50]
+    c = bench.mode_step_costs(bench.BenchConfig(clients=5), e, lm, names, None, rounds=2)
+    assert set(c) == {"none_step_ms", "unmerged_step_ms", "mixture_step_ms"} and min(c.values()) > 0
+    assert lm.merged is None and not lm.original and lm.seq_adapter == {}

@@ -3,9 +3,9 @@
 Adapters: the trained ones found under ``adapters_dir`` (peft format), topped up to ``n_adapters`` with random-init
 variants of the same rank and targets (same serving cost) so that every run has 16; the report says how many are
 trained. Every request generates exactly ``max_new_tokens`` tokens (EOS ignored, as serving benchmarks do), so all
-policies face the same work. The arrival rate is ``load`` × the closed-loop saturation throughput of the unmerged
-batched engine, measured at start-up on the bench's request mix: per-adapter sequential serving is then overloaded
-and the batched policies run at ~``load``. Every policy's saturation throughput (closed loop) is reported too.
+policies face the same work. Per skew, every policy's closed-loop saturation throughput is measured first; the arrival
+rate is ``load`` × the unmerged batched engine's (S-LoRA-like) saturation on that skew's request mix, so the batched
+policies run at ~``load`` of their capacity and per-adapter sequential serving is overloaded.
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ class BenchConfig:
     skews: tuple = (0.2, 0.5, 0.8, "zipf")
     max_new_tokens: int = 16  # every request generates exactly this many tokens (EOS ignored)
     load: float = 0.7  # offered load as a share of the unmerged batched engine's measured capacity
-    calib_requests: int = 48  # closed-loop calibration run (uniform adapter mix)
-    sat_requests: int = 32  # per (skew, policy), closed loop: saturation throughput
+    sat_requests: int = 48  # per (skew, policy), closed loop: saturation throughput (S-LoRA-like's sets the rate)
     clients: int = 16  # closed-loop concurrency = the engine's max batch
     slo_factor: float = 5.0  # SLO = factor × unloaded single-request latency
     seed: int = 0
@@ -42,7 +41,7 @@ class BenchConfig:
     def __post_init__(self):
         if not 0 < self.load < 1:
             raise UserError(f"load must be in (0, 1) (a share of the engine's capacity), got {self.load}")
-        for f in ("requests", "max_new_tokens", "calib_requests", "sat_requests", "clients"):
+        for f in ("requests", "max_new_tokens", "sat_requests", "clients"):
             if getattr(self, f) < 1:
                 raise UserError(f"{f} must be >= 1, got {getattr(self, f)}")
 
@@ -75,47 +74,48 @@ def saturation(engine, lora, reqs: list[Request], policy: Policy, table: dict | 
             "requests": len(res["requests"]), "mode_steps": res["mode_steps"]}
 
 
-def calibrate(cfg: BenchConfig, engine, lora, names: list[str], table: dict | None) -> dict:
-    """The offered rate: ``load`` × the closed-loop saturation throughput (req/s) of the unmerged batched engine
-    (S-LoRA-like) on the bench's prompt mix over all adapters uniformly. With fixed output lengths every request
-    is the same work, so this is the engine's capacity in requests/s for every skew."""
-    mix = workload(cfg, names, 1 / len(names), 1.0, engine, cfg.calib_requests)
-    cap = saturation(engine, lora, mix, Policy("slora", max_batch=cfg.clients), table, cfg.clients)
-    return {"capacity_req_s": cap["req_s"], "capacity_tok_s": cap["tok_s"], "rate_req_s": cfg.load * cap["req_s"],
-            "calibration_wall_s": cap["wall_s"], "calibration_requests": cap["requests"]}
+def calibrate(cfg: BenchConfig, sat_unmerged: dict) -> dict:
+    """The offered rate for one skew: ``load`` × the closed-loop saturation throughput (req/s) of the unmerged
+    batched engine (S-LoRA-like, ``clients`` outstanding) on that skew's own request mix, measured just before.
+    With fixed output lengths every request is the same work, so this is the engine's capacity in requests/s."""
+    return {"capacity_req_s": sat_unmerged["req_s"], "capacity_tok_s": sat_unmerged["tok_s"],
+            "rate_req_s": cfg.load * sat_unmerged["req_s"], "calibration_wall_s": sat_unmerged["wall_s"],
+            "calibration_requests": sat_unmerged["requests"]}
 
 
 @torch.inference_mode()
-def mode_step_costs(cfg: BenchConfig, engine, lora, names: list[str], table: dict | None, steps: int = 4) -> dict:
+def mode_step_costs(cfg: BenchConfig, engine, lora, names: list[str], table: dict | None, rounds: int = 6) -> dict:
     """Thread CPU time of one decode step of ``clients`` rows at an s≈0.8 mix: no side path (every row hot,
-    merged), unmerged, and mixture (hot merged, the others corrected); VaLoRA's cost model in units of one
-    unmerged side path is derived from them (measured here, on this machine, at start-up)."""
+    merged), unmerged, and mixture (hot merged, the others corrected); the modes alternate step by step and each
+    keeps its fastest of ``rounds`` steps, so machine drift hits all three alike. VaLoRA's cost model in units of
+    one unmerged side path is derived from them (measured here, on this machine, at start-up)."""
     from edgecloud.llm.batch import Batch
     from edgecloud.lora.atmm import Dispatch
 
     clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     n = cfg.clients
     others = max(1, round(0.2 * n))
-    mixes = {"hot": [names[0]] * n, "mix": [names[0]] * (n - others) + [names[1 + i % (len(names) - 1)]
-                                                                          for i in range(others)]}
+    mix = [names[0]] * (n - others) + [names[1 + i % (len(names) - 1)] for i in range(others)]
+    modes = {"none": ([names[0]] * n, names[0]), "unmerged": (mix, None), "mixture": (mix, names[0])}
     lora.dispatch = Dispatch(table)
     prompt = engine.encode(PROMPTS[0].format(a=11, b=22, c=1))
-    out = {}
-    for key, mix, merged in (("none", "hot", names[0]), ("unmerged", "mix", None), ("mixture", "mix", names[0])):
+    lora.seq_adapter = {(k, i): a for k, (ads, _) in modes.items() for i, a in enumerate(ads)}
+    batches, ts = {}, {k: [] for k in modes}
+    for k, (_, merged) in modes.items():
         lora.merge(merged)
-        lora.seq_adapter = {("c", i): a for i, a in enumerate(mixes[mix])}
-        b = Batch(engine)
-        b.add({("c", i): prompt for i in range(n)}, steps + 2)
-        ts = []
-        for _ in range(steps):
+        batches[k] = Batch(engine)
+        batches[k].add({(k, i): prompt for i in range(n)}, rounds + 2)
+    for _ in range(rounds):
+        for k, (_, merged) in modes.items():
+            lora.merge(merged)
+            b = batches[k]
             tok = {s.id: s.choose() for s in b.active}
             t = clock()
             b.step(tok)
-            ts.append(clock() - t)
-        out[f"{key}_step_ms"] = 1e3 * min(ts)
+            ts[k].append(clock() - t)
     lora.merge(None)
     lora.seq_adapter = {}
-    return out
+    return {f"{k}_step_ms": 1e3 * min(v) for k, v in ts.items()}
 
 
 def policy_costs(costs: dict, switch_ms: float) -> dict:
@@ -127,31 +127,33 @@ def policy_costs(costs: dict, switch_ms: float) -> dict:
 
 
 def run(cfg: BenchConfig, engine, lora, names: list[str], table: dict | None, log=print, policy_kw=None) -> dict:
+    """Per skew: every policy's closed-loop saturation first; the offered rate = load × the unmerged (S-LoRA-like)
+    saturation on that mix; then every policy open loop (Poisson) at that rate."""
     from edgecloud.llm.batch import generate_batch
 
-    cal = calibrate(cfg, engine, lora, names, table)
     lora.seq_adapter = {0: names[0]}
     t = time.perf_counter()
     generate_batch(engine, [engine.encode(PROMPTS[0].format(a=11, b=22, c=1))], cfg.max_new_tokens)
     single = time.perf_counter() - t
     lora.seq_adapter = {}
-    rate = cal["rate_req_s"]
-    log(f"capacity {cal['capacity_req_s']:.2f} req/s ({cal['capacity_tok_s']:.1f} tok/s, closed loop, "
-        f"{cfg.clients} clients, unmerged), rate {rate:.2f} req/s, single-request latency {single:.2f}s")
-    out = {**cal, "single_latency_s": single, "runs": {}, "saturation": {}}
+    out = {"single_latency_s": single, "runs": {}, "saturation": {}, "calibration": {}}
     kw = policy_kw or {}
     for skew in cfg.skews:
-        reqs = workload(cfg, names, skew, rate, engine)
+        pols = {p: Policy(p, max_batch=cfg.clients, **(kw if p == "valora" else {})) for p in POLICIES}
+        sat_mix = workload(cfg, names, skew, 1.0, engine, cfg.sat_requests)
+        for p in ("slora",) + tuple(q for q in POLICIES if q != "slora"):
+            out["saturation"][f"{skew}/{p}"] = saturation(engine, lora, sat_mix, pols[p], table, cfg.clients)
+        cal = out["calibration"][str(skew)] = calibrate(cfg, out["saturation"][f"{skew}/slora"])
+        log(f"s={skew}: capacity {cal['capacity_req_s']:.2f} req/s ({cal['capacity_tok_s']:.1f} tok/s, closed loop, "
+            f"{cfg.clients} clients, unmerged) -> rate {cal['rate_req_s']:.2f} req/s; single request {single:.2f}s")
+        reqs = workload(cfg, names, skew, cal["rate_req_s"], engine)
         for p in POLICIES:
-            pol = Policy(p, max_batch=cfg.clients, **(kw if p == "valora" else {}))
-            res = serve(engine, lora, _copy(reqs), pol, table)
+            res = serve(engine, lora, _copy(reqs), pols[p], table)
             s = summarize(res, cfg.slo_factor * single)
             out["runs"][f"{skew}/{p}"] = s
-            sat = saturation(engine, lora, reqs[:cfg.sat_requests], pol, table, cfg.clients)
-            out["saturation"][f"{skew}/{p}"] = sat
             log(f"s={skew} {p}: {s['throughput_tok_s']:.1f} tok/s mean {s['mean_latency_s']:.2f}s "
                 f"p99 {s['p99_latency_s']:.2f}s switches {s['switches']} modes {s['mode_steps']}; "
-                f"saturation {sat['tok_s']:.1f} tok/s")
+                f"saturation {out['saturation'][f'{skew}/{p}']['tok_s']:.1f} tok/s")
     return out
 
 
@@ -259,7 +261,7 @@ def bench_data(quick: bool, adapters: Path | None, table: Path, seed: int = 0, b
         from edgecloud.paths import cache_root
 
         adapters = cache_root() / "lora" / "adapters"  # the trained ones, when bench/valora_adapters.py has run
-    quick_kw = {"requests": 12, "skews": (0.2, 0.8), "max_new_tokens": 8, "calib_requests": 16, "sat_requests": 16}
+    quick_kw = {"requests": 12, "skews": (0.2, 0.8), "max_new_tokens": 8, "sat_requests": 16}
     cfg = BenchConfig(seed=seed, **({**(quick_kw if quick else {}), **({"requests": requests} if requests else {}),
                                      **({"skews": tuple(skews)} if skews else {})}))
     tab = None
@@ -281,10 +283,8 @@ def bench_data(quick: bool, adapters: Path | None, table: Path, seed: int = 0, b
             "adapters": {"total": len(names), "trained": trained, "random_init": len(names) - trained},
             "requests": cfg.requests, "skews": [str(s) for s in cfg.skews], "runs": out["runs"],
             "saturation": out["saturation"], "load": cfg.load, "clients": cfg.clients,
-            "sat_requests": cfg.sat_requests, "calibration": {k: out[k] for k in (
-                "capacity_req_s", "capacity_tok_s", "rate_req_s", "calibration_wall_s", "calibration_requests")},
+            "sat_requests": cfg.sat_requests, "calibration": out["calibration"],
             "mode_step_ms": steps, "valora_cost_model": pk,
-            "rate_req_s": out["rate_req_s"], "capacity_req_s": out["capacity_req_s"],
             "single_latency_s": out["single_latency_s"], "slo_s": cfg.slo_factor * out["single_latency_s"],
             "max_new_tokens": cfg.max_new_tokens, "adapter_names": names, "switch_cost": switch,
             "paper_latency_ratio_vs_baselines": list(PAPER_LATENCY_RATIO),
