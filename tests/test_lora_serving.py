@@ -72,7 +72,7 @@ def test_valora_picks_cheapest_mode():
     its tokens left, mixture when the other row is about to end (cheaper than two switches)."""
     from edgecloud.lora.orchestrator import mode_costs
 
-    p = Policy("valora")
+    p = Policy("valora", mixture_cost=1.6, switch_cost=1.4)  # mixture dearer than unmerged (two side paths)
 
     def req(a, left):
         return Request(0, a, [1], 0.0, max_new_tokens=8, tokens=[0] * (8 - left))
@@ -88,3 +88,11 @@ def test_valora_picks_cheapest_mode():
     assert pick(hot + [req("x", 1)], "h") == "h"    # the other row ends next step: stay in mixture
     c = mode_costs(hot + [req("x", 3)], "h", "h", p)
     assert c == {None: 8 + p.switch_cost, "h": p.mixture_cost * 3}
+    cheap = Policy("valora", mixture_cost=0.74, switch_cost=0.66)  # one rank-2r path, cheaper than unmerged
+
+    def pick2(rows, merged):
+        c = mode_costs(rows, merged, "h", cheap)
+        return min(c, key=lambda m: (c[m], m != merged))
+
+    assert pick2(hot + [req("x", 8)], None) == "h"   # merge and serve x in mixture: 0.74 × 8 + 0.66 < 8
+    assert pick2(hot + [req("x", 8)], "h") == "h"

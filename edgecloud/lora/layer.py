@@ -6,9 +6,10 @@ The batched engine (``edgecloud.llm.batch``) publishes which sequence each batch
 
 - ``unmerged``: W untouched, every adapter on the side.
 - ``merged`` / ``mixture``: the hot adapter m folded into W (W + A_m B_m); its rows need no side path; any other
-  row is corrected by ``x(ΔW_i − ΔW_m)``, computed in low rank as its own ``x A_i B_i`` (ATMM over the adapter
-  stack) minus ``x A_m B_m`` (one product over those rows). ``merged`` is the case where every row uses m (both
-  side paths skipped).
+  row i is corrected by ``x(ΔW_i − ΔW_m) = x [A_i | A_m] [B_i ; −B_m]``: one ATMM call over a rank-2r "mixture
+  stack" built once per merged adapter (a row without adapter uses [0 | A_m] [0 ; −B_m]), so mixture pays one
+  side path over the non-hot rows only — not two calls per layer, which made it slower than unmerged. ``merged``
+  is the case where every row uses m (the side path skipped).
 
 Switching folds ΔW = A B for all layers at once: the wrapped weights of one shape are views into one stacked
 tensor, so a merge is one ``baddbmm`` per weight shape (W = W0 + Bᵀ Aᵀ, written from the pristine stack) and an
@@ -48,17 +49,13 @@ class LoRALinear(torch.nn.Module):
         plan = o.row_index(rows if rows is not None else [None] * x.shape[0])
         if plan is None:
             return y
-        idx, corr, distinct = o.expand(plan, x.shape[-2] if x.dim() == 3 else 1)
+        idx, distinct = o.expand(plan, x.shape[-2] if x.dim() == 3 else 1)
         xf = x.reshape(-1, x.shape[-1])
         yf = y.reshape(-1, y.shape[-1])  # a view: the side paths add into y in place (no copy of the output)
-        A, B = stack
-        if idx is not None:
-            impl, block = o.dispatch.choose(xf.shape[0], distinct, A.shape[2])
-            o.calls[impl] = o.calls.get(impl, 0) + 1
-            yf.add_(delta(xf.to(A.dtype), A, B, idx, impl, block).to(y.dtype))
-        m = o.adapters[o.merged].weights.get(self.name) if corr is not None else None
-        if m is not None:  # mixture: rows of other adapters (or none) take ΔW_m back out
-            yf.index_add_(0, corr, ((xf[corr].to(m[0].dtype) @ m[0]) @ m[1]).to(y.dtype), alpha=-1.0)
+        A, B = o.mix_stack(self.name) if o.merged is not None else stack
+        impl, block = o.dispatch.choose(xf.shape[0], distinct, A.shape[2])
+        o.calls[impl] = o.calls.get(impl, 0) + 1
+        yf.add_(delta(xf.to(A.dtype), A, B, idx, impl, block).to(y.dtype))
         return yf.reshape(y.shape)
 
 
@@ -104,6 +101,7 @@ class LoRAModel:
                 self.wstack[shape], self.pstack[shape] = W, W.clone()
         self.pristine = {n: self.pstack[s][i] for s, names in self.groups.items() for i, n in enumerate(names)}
         self._delta_stacks: dict[str, dict[tuple, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._mix: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}
 
     # ---------------------------------------------------------------- adapters
     def add(self, ad: Adapter) -> None:
@@ -120,6 +118,7 @@ class LoRAModel:
         """Per layer, A (K+1, d_in, r) and B (K+1, r, d_out) over every adapter (zero-padded to the largest rank:
         exact); slot K = 'no adapter' (zeros). Independent of the mode, so only adding an adapter rebuilds it."""
         self.stacks = {}
+        self._mix = {}
         self._plan = None
         if not self.adapters:
             return
@@ -136,9 +135,10 @@ class LoRAModel:
             self.stacks[lname] = (A, B)
 
     def row_index(self, rows):
-        """(stack slot per row or None, rows needing the −ΔW_m correction or None, distinct adapters), or None when
-        no row needs a side path. Slot -1 = nothing to add (no adapter, or the merged one). Cached for the
-        forward pass: every wrapped layer asks with the same rows."""
+        """(stack slot per row, distinct adapters, cache), or None when no row needs a side path. Slot -1 = nothing
+        to add (no adapter unmerged, or the merged adapter); in mixture a row without adapter takes slot K (the
+        stack's zero slot, whose mixture entry is −ΔW_m). Cached for the forward pass: every wrapped layer asks with
+        the same rows."""
         names = tuple(self.default if r is None else self.seq_adapter.get(r) for r in rows)
         key = (names, self.merged, len(self.adapters))
         if self._plan is not None and self._plan[0] == key:
@@ -146,25 +146,40 @@ class LoRAModel:
         for a in names:
             if a is not None and a not in self.slot:
                 raise UserError(f"unknown adapter {a!r}; loaded: {sorted(self.adapters)}")
-        idx = torch.tensor([-1 if a is None or a == self.merged else self.slot[a] for a in names])
-        own = None if bool((idx < 0).all()) else idx
-        corr = None
-        if self.merged is not None:
-            c = torch.tensor([a != self.merged for a in names])
-            corr = c if bool(c.any()) else None
-        distinct = len({a for a in names if a is not None and a != self.merged})
-        plan = None if own is None and corr is None else (own, corr, distinct, {})
+        none = -1 if self.merged is None else len(self.slot)
+        idx = torch.tensor([-1 if a == self.merged else none if a is None else self.slot[a] for a in names])
+        distinct = len({a for a in names if a != self.merged})
+        plan = None if bool((idx < 0).all()) else (idx, distinct, {})
         self._plan = (key, plan)
         return plan
 
     @staticmethod
     def expand(plan, t: int):
-        """Per-token slots and correction rows for ``t`` tokens per row, built once per plan (not per layer)."""
-        own, corr, distinct, cache = plan
+        """Per-token slots for ``t`` tokens per row, built once per plan (not per layer)."""
+        idx, distinct, cache = plan
         if t not in cache:
-            cache[t] = (None if own is None else own.repeat_interleave(t),
-                        None if corr is None else corr.repeat_interleave(t).nonzero().flatten(), distinct)
+            cache[t] = (idx.repeat_interleave(t), distinct)
         return cache[t]
+
+    def mix_stack(self, lname: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``lname``'s mixture stack for the merged adapter m: A' = [A_k | A_m], B' = [B_k ; −B_m] for every
+        slot k, so x A'_k B'_k = x(ΔW_k − ΔW_m) in one low-rank product. Built on first use for m (one cat per
+        layer), kept for the last two merged adapters; layers m leaves alone use the plain stack."""
+        m = self.merged
+        if m not in self._mix:
+            if len(self._mix) >= 2:
+                self._mix.pop(next(iter(self._mix)))
+            out = {}
+            for n, (A, B) in self.stacks.items():
+                w = self.adapters[m].weights.get(n)
+                if w is not None:
+                    k = A.shape[0]
+                    out[n] = (torch.cat([A, w[0].to(A.dtype).expand(k, *w[0].shape)], 2),
+                              torch.cat([B, -w[1].to(B.dtype).expand(k, *w[1].shape)], 1))
+            self._mix[m] = out
+        else:
+            self._mix[m] = self._mix.pop(m)  # most recently used last
+        return self._mix[m].get(lname) or self.stacks[lname]
 
     # ---------------------------------------------------------------- modes
     def _deltas(self, name: str) -> dict[tuple, tuple[torch.Tensor, torch.Tensor]]:

@@ -36,6 +36,7 @@ class Request:
     prompt: list[int]
     arrival: float
     max_new_tokens: int = 8
+    ignore_eos: bool = False  # fixed output length (as serving benchmarks do): the load is the same for every policy
     tokens: list[int] = field(default_factory=list)
     ttft: float = 0.0
     latency: float = 0.0
@@ -48,10 +49,11 @@ class Policy:
     unmerge_at: float = 0.25
     starve_s: float = 2.0
     max_batch: int = 16
-    # valora's cost model, in units of one step's unmerged side path (measured under `timed`, 16 rows, rank 8,
-    # SmolLM2-135M: side path 17 ms, mixture's two paths 27 ms, one merge or unmerge of 60 layers 24 ms)
-    mixture_cost: float = 1.6
-    switch_cost: float = 1.4
+    # valora's cost model, in units of one step's unmerged side path. Defaults measured under `timed` (16 rows at
+    # s≈0.8, rank 4, SmolLM2-135M: no side path 164 ms, unmerged 181, mixture's one rank-2r path 177, merge or
+    # unmerge ~11 ms); the bench re-measures them at start-up (bench.mode_step_costs)
+    mixture_cost: float = 0.74
+    switch_cost: float = 0.66
 
 
 def _hot(reqs) -> tuple[str | None, float]:
@@ -62,18 +64,32 @@ def _hot(reqs) -> tuple[str | None, float]:
     return a, n / sum(c.values())
 
 
-def serve(engine, lora, requests: list[Request], policy: Policy, table: dict | None = None) -> dict:
-    """Run ``requests`` (arrival offsets in seconds) in real time; returns per-request results and switch costs."""
+def serve(engine, lora, requests: list[Request], policy: Policy, table: dict | None = None,
+          clients: int | None = None) -> dict:
+    """Run ``requests`` (arrival offsets in seconds) in real time; returns per-request results and switch costs.
+
+    ``clients``: a closed loop instead (saturation): the arrival offsets are ignored, ``clients`` requests arrive
+    at 0 and each completion releases the next request in list order at that moment, so the engine never waits for
+    work and throughput = tokens / wall time is the policy's capacity on this request mix."""
     fixed = {"slora": "gather/64", "punica": "segmented/0", "dlora": "segmented/0", "sequential": "segmented/0"}
     lora.dispatch = Dispatch(table) if policy.name == "valora" else Dispatch(fixed=fixed[policy.name])
     lora.merge(None)
     lora.switch_s = []
+    held: list[Request] = []
+    if clients is not None:
+        if clients < 1:
+            raise ValueError(f"clients must be >= 1, got {clients}")
+        held = list(requests[clients:])
+        requests = requests[:clients]
+        for r in requests:
+            r.arrival = 0.0
     pending = sorted(requests, key=lambda r: r.arrival)
     queue: list[Request] = []
     running: dict[int, Request] = {}
     batch = Batch(engine)
     t0 = time.perf_counter()
     done: list[Request] = []
+    modes = Counter({"unmerged": 0, "mixture": 0, "merged": 0})  # decode steps run in each mode
     while pending or queue or running:
         now = time.perf_counter() - t0
         while pending and pending[0].arrival <= now:
@@ -96,7 +112,7 @@ def serve(engine, lora, requests: list[Request], policy: Policy, table: dict | N
             tok = s.choose()
             r = running[s.id]
             r.tokens.append(tok)
-            if tok in engine.eos_ids or len(r.tokens) >= r.max_new_tokens:
+            if (tok in engine.eos_ids and not r.ignore_eos) or len(r.tokens) >= r.max_new_tokens:
                 fin.append(s.id)
             else:
                 chosen[s.id] = tok
@@ -107,11 +123,18 @@ def serve(engine, lora, requests: list[Request], policy: Policy, table: dict | N
             r.latency = t - r.arrival
             lora.seq_adapter.pop(i, None)
             done.append(r)
+            if held:  # closed loop: this client sends its next request now
+                nxt = held.pop(0)
+                nxt.arrival = t
+                pending.append(nxt)
         if running:
+            m = lora.merged
+            mode = "unmerged" if m is None else "merged" if all(r.adapter == m for r in running.values()) else "mixture"
+            modes[mode] += 1
             batch.step(chosen)
     lora.merge(None)
     return {"wall_s": time.perf_counter() - t0, "requests": done, "switch_s": list(lora.switch_s),
-            "calls": dict(lora.calls)}
+            "calls": dict(lora.calls), "mode_steps": dict(modes)}
 
 
 def _admit(policy: Policy, lora, queue, running, now) -> list[Request]:
@@ -188,4 +211,5 @@ def summarize(res: dict, slo_s: float) -> dict:
     return {"throughput_tok_s": toks / res["wall_s"], "requests": len(rs), "mean_latency_s": float(lat.mean()),
             "p50_latency_s": float(np.percentile(lat, 50)), "p99_latency_s": float(np.percentile(lat, 99)),
             "mean_ttft_s": float(ttft.mean()), "slo_attainment": float((lat <= slo_s).mean()),
-            "switches": len(res["switch_s"]), "switch_ms_mean": 1e3 * float(np.mean(res["switch_s"] or [0.0]))}
+            "switches": len(res["switch_s"]), "switch_ms_mean": 1e3 * float(np.mean(res["switch_s"] or [0.0])),
+            "mode_steps": res.get("mode_steps", {})}
