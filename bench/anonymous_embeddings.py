@@ -36,6 +36,11 @@ if __name__ == "__main__":
     ap.add_argument("--sigmas", type=float, nargs="*", default=None, help="gaussian sigmas (the first is the headline)")
     ap.add_argument("--no-mixture", action="store_true", help="leave out the mixture arm")
     ap.add_argument("--name", default="anonymous_embeddings", help="result file name")
+    ap.add_argument("--space", choices=("style", "lm"), default="style", help="device feature space")
+    ap.add_argument("--history", type=int, default=100, help="style space: replies per user a device embeds")
+    ap.add_argument("--static", choices=("mean", "table"), default="mean", help="the static-ID arm's embedding")
+    ap.add_argument("--dim", type=int, default=0, help="embedding dimension (0: the preset's)")
+    ap.add_argument("--n-eval", type=int, default=0, help="held-out examples per user (0: the preset's)")
     ap.add_argument("--oracle", action="store_true", help="the identity oracles (no LM): anonymous_embeddings_oracle")
     a = ap.parse_args()
     check_out_dir(a.out)
@@ -52,6 +57,9 @@ if __name__ == "__main__":
     cfg = quick_config(a.seed) if a.quick else BenchConfig(seeds=tuple(range(a.seed, a.seed + a.seeds)))
     if a.epochs:
         cfg = replace(cfg, cloud=replace(cfg.cloud, epochs=a.epochs))
+    cfg = replace(cfg, space=a.space, history=a.history, static=a.static, dim=a.dim or cfg.dim)
+    if a.n_eval:
+        cfg = replace(cfg, data=replace(cfg.data, n_eval=a.n_eval))
     if a.no_mixture:
         cfg = replace(cfg, skip_mixture=True)
     if a.sigmas:

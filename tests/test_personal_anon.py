@@ -201,3 +201,59 @@ def test_summary_keys_gain_intervals_and_contrast():
     assert d["gain_recovered"] == pytest.approx(0.5) and d["gain_recovered_contrast"] == pytest.approx(0.75)
     assert d["static_gain"]["diff"] == pytest.approx(0.5) and d["static_gain_contrast"]["diff"] == 1.0
     assert d["anonymous_gain_contrast"]["ci95"][0] > 0
+
+
+def test_style_history_is_the_training_period_only_evenly_spaced():
+    from edgecloud.personal.anon import style
+
+    cfg = data.DataConfig(users=3, n_train=5, n_eval=2, min_replies=20)
+    chosen, by = data.select_users(cfg, synthetic_convs(n_users=3, per_user=30))
+    texts, users = style.history(cfg, chosen, by, 10)
+    assert users.tolist() == [0] * 10 + [1] * 10 + [2] * 10
+    for u, s in enumerate(chosen):
+        tr, ho = data.split_user(by[s], cfg)
+        mine = texts[10 * u:10 * u + 10]
+        assert set(mine) <= {e.reply for e in tr} and not set(mine) & {e.reply for e in ho}
+        assert mine[0] == tr[0].reply and mine[-1] == tr[-1].reply  # spread over the whole period
+    texts, users = style.history(cfg, chosen, by, 1000)  # capped by what the device has
+    assert np.bincount(users).tolist() == [24, 24, 24]
+
+
+def test_static_mean_arm_is_the_users_exact_mean_and_configs_are_checked():
+    from edgecloud.personal.anon import bench
+
+    g = torch.Generator().manual_seed(0)
+    users = torch.arange(3).repeat_interleave(20)
+    feats = torch.randn(60, 10, generator=g) + 4 * torch.nn.functional.one_hot(users, 10)  # users far apart
+    basis = device.fit_basis(feats, 4, 2, "m")
+    cfg = bench.BenchConfig(data=data.DataConfig(users=4), anchors=2)
+    dists = bench.fit_users("gaussian", 0.0, cfg, feats, users, 3, basis, radius=float("inf"))
+    for u in range(3):
+        want = basis.coords(feats[users == u]).mean(0)
+        torch.testing.assert_close(dists[u].mean, want)  # not pulled inside the radius
+        z = device.sample_many(dists, torch.tensor([u, u]), basis, g)
+        torch.testing.assert_close(z, want.expand(2, -1))  # no noise: the same vector on every upload
+    clipped = bench.fit_users("gaussian", 0.0, cfg, feats, users, 3, basis)
+    assert all(float(d.mean.norm()) == pytest.approx(cfg.radius) for d in clipped)  # all were outside: pulled in
+    for bad, msg in (({"space": "bow"}, "space="), ({"static": "id"}, "static="), ({"history": 2}, "history=")):
+        with pytest.raises(UserError, match=msg):
+            bench.BenchConfig(data=data.DataConfig(users=4), anchors=2, **bad)
+
+
+def test_style_head_learns_a_planted_style_map_and_no_embedding_is_chance():
+    from edgecloud.personal.anon import critic
+
+    g = torch.Generator().manual_seed(0)
+    users = torch.arange(8).repeat_interleave(50)
+    means = torch.randn(8, 6, generator=g) * 2
+    z = means[users]  # static embeddings: the user's mean
+    texts = z @ torch.randn(6, 6, generator=g) + 0.5 * torch.randn(400, 6, generator=g)  # style follows the user
+    w = critic.train(texts, z, critic.CriticConfig(steps=200, batch=64, lr=0.05), seed=0)
+    # each request: its own user's text among 4 texts by other users
+    ev_u = torch.arange(8)
+    cands = torch.stack([texts[(users == u).nonzero()[-1, 0]] for u in range(8)])
+    cc = torch.stack([cands[torch.tensor([u] + [(u + k) % 8 for k in (1, 2, 3)])] for u in range(8)])
+    assert sum(critic.hits(w, cc, means[ev_u])) >= 7
+    assert critic.hits(w, cc, torch.zeros(8, 6)) == pytest.approx([0.25] * 8)  # all tie: a random pick's hit rate
+    with pytest.raises(UserError, match="critic"):
+        critic.CriticConfig(batch=1)

@@ -195,18 +195,41 @@ def _host_port(server: str) -> tuple[str, int]:
     return host, int(p)
 
 
+_SPACE = typer.Option("style", help="Feature space: style (MiniLM of the messages, the bench's) or lm (the "
+                                    "cloud LM's lower-layer features).")
+
+
+def _anon_space_fingerprint(space: str, lm) -> str:
+    from edgecloud.errors import UserError
+    from edgecloud.personal.anon import style
+
+    if space not in ("style", "lm"):
+        raise UserError(f"--space {space!r}: choose style or lm")
+    return f"{lm.fingerprint}+{style.ENCODER}" if space == "style" else lm.fingerprint
+
+
+def _anon_message_features(space: str, lm, examples, cfg, n_top: int):
+    """(per-message features, the basis's model fingerprint) in the chosen space."""
+    from edgecloud.personal.anon import features, style
+
+    fp = _anon_space_fingerprint(space, lm)
+    if space == "style":
+        return style.embed([e.reply for e in examples]), fp
+    return features.message_features(lm, examples, cfg, n_top), fp
+
+
 @app.command("anon-basis")
 def anon_basis(out: str = typer.Option(..., help="Write the shared basis (safetensors) here."),
                users: int = typer.Option(32, min=2), n_train: int = typer.Option(32, min=2),
                dim: int = typer.Option(16, min=1, help="Embedding dimension (rank of the basis)."),
                anchors: int = typer.Option(4, min=2, help="Shared anchors of the mixture regime."),
                n_top: int = typer.Option(1, min=1, help="Trainable top layers of the cloud model."),
-               seed: int = typer.Option(0)) -> None:
+               space: str = _SPACE, seed: int = typer.Option(0)) -> None:
     """Cloud: fit the public basis (PCA + k-means anchors) on its pool of anonymous texts (no user labels)."""
     import os
 
     from edgecloud.llm.models import load_model
-    from edgecloud.personal.anon import data, device, features
+    from edgecloud.personal.anon import data, device
     from edgecloud.results import check_out_file
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -215,7 +238,8 @@ def anon_basis(out: str = typer.Option(..., help="Write the shared basis (safete
     chosen, _ = data.select_users(cfg)
     pool = [e for u in range(len(chosen)) for e in data.user_periods(cfg, u)[0]]  # ids dropped: just texts
     lm = load_model()
-    b = device.fit_basis(features.message_features(lm, pool, cfg, n_top), dim, anchors, lm.fingerprint, seed)
+    feats, fp = _anon_message_features(space, lm, pool, cfg, n_top)
+    b = device.fit_basis(feats, dim, anchors, fp, seed)
     b.save(out)
     print(f"basis {b.fingerprint()}: dim {dim}, {anchors} anchors, {len(pool)} pooled messages -> {out}")
 
@@ -228,21 +252,22 @@ def anon_fit(basis: str = typer.Option(..., help="The cloud's basis file."),
                                       "dependent)."),
              sigma: float = typer.Option(0.5, min=0.0), radius: float = typer.Option(1.0, min=1e-9),
              alpha: float = typer.Option(1.0, min=0.0), users: int = typer.Option(32, min=2),
-             n_train: int = typer.Option(32, min=2), n_top: int = typer.Option(1, min=1)) -> None:
+             n_train: int = typer.Option(32, min=2, help="Own training-period messages the device fits from."),
+             n_top: int = typer.Option(1, min=1), space: str = _SPACE) -> None:
     """Device: fit this user's distribution from its own training-period messages (nothing leaves the device)."""
     import os
 
     from edgecloud.llm.models import load_model
-    from edgecloud.personal.anon import data, device, features
+    from edgecloud.personal.anon import data, device
     from edgecloud.results import check_out_file
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     check_out_file(out)
     lm = load_model()
-    b = device.Basis.load(basis, lm.fingerprint)
     cfg = _anon_data(users, n_train, 1)
     own = data.user_periods(cfg, user)[0]
-    d = device.fit(features.message_features(lm, own, cfg, n_top), b, kind, sigma, radius, alpha)
+    b = device.Basis.load(basis, _anon_space_fingerprint(space, lm))
+    d = device.fit(_anon_message_features(space, lm, own, cfg, n_top)[0], b, kind, sigma, radius, alpha)
     d.save(out)
     print(f"{kind} distribution from {len(own)} messages, sigma {sigma} -> {out}")
 
@@ -350,7 +375,9 @@ def anon_train(store: str = typer.Option(..., help="The upload store of anon-ser
     lm = load_model()
     for p in lm.model.parameters():
         p.requires_grad_(False)
-    b = device.Basis.load(basis, lm.fingerprint)
+    b = device.Basis.load(basis)
+    if b.model_fingerprint.split("+")[0] != lm.fingerprint:
+        raise UserError(f"{basis}: basis made for model {b.model_fingerprint}, this cloud runs {lm.fingerprint}")
     z = torch.tensor([r["embedding"] for r in recs], dtype=torch.float32)
     if z.shape[1] != b.dim:
         raise UserError(f"--store {store}: embeddings of dimension {z.shape[1]}, the basis has {b.dim}")

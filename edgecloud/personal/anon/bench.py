@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from edgecloud.errors import UserError
-from edgecloud.personal.anon import attack, cloud, data, device, features
+from edgecloud.personal.anon import attack, cloud, critic, data, device, features
 
 
 @dataclass(frozen=True)
@@ -35,8 +35,19 @@ class BenchConfig:
     skip_mixture: bool = False  # leave out the mixture arm (a short run of the headline arms only)
     contrast: bool = True  # also rank candidates by NLL(c | z) - NLL(c | mean upload) (cloud.evaluate)
     model: str = "smollm2-135m"
+    space: str = "style"  # style: MiniLM of the device's whole history (.style); lm: LM features of n_train replies
+    history: int = 100  # style space: training-period replies per user the device embeds
+    style_head: bool = True  # style space: also rank by the discriminative style head (.critic), trained per arm
+    critic_cfg: critic.CriticConfig = field(default_factory=critic.CriticConfig)
+    static: str = "mean"  # mean: the user's fixed mean in the shared space; table: a learned free vector per user
 
     def __post_init__(self):
+        if self.space not in ("style", "lm"):
+            raise UserError(f"space={self.space!r}: choose style (MiniLM of the history) or lm (LM features)")
+        if self.static not in ("mean", "table"):
+            raise UserError(f"static={self.static!r}: choose mean (the user's mean embedding) or table (learned)")
+        if self.history < 8:
+            raise UserError(f"history={self.history}: a device needs at least 8 of its replies to fit a distribution")
         if self.dim < 1 or self.anchors < 2:
             raise UserError(f"dim={self.dim}, anchors={self.anchors}: need dim >= 1 and anchors >= 2")
         if self.anchors >= self.data.users:
@@ -67,9 +78,20 @@ def _log(msg: str) -> None:
 
 
 def fit_users(kind: str, sigma: float, cfg: BenchConfig, feats: torch.Tensor, users: torch.Tensor, n_users: int,
-              basis: device.Basis) -> list[device.Distribution]:
-    return [device.fit(feats[users == u], basis, kind, sigma=sigma, radius=cfg.radius, alpha=cfg.alpha)
+              basis: device.Basis, radius: float | None = None) -> list[device.Distribution]:
+    r = cfg.radius if radius is None else radius
+    return [device.fit(feats[users == u], basis, kind, sigma=sigma, radius=r, alpha=cfg.alpha)
             for u in range(n_users)]
+
+
+def device_features(cfg: BenchConfig, train: features.Packed, tr_users: torch.Tensor, fingerprint: str):
+    """(message features, their users, space fingerprint): what each device summarizes itself by."""
+    if cfg.space == "lm":
+        return features.reply_features(train), tr_users, fingerprint
+    from edgecloud.personal.anon import style
+
+    f, u = style.history_features(cfg.data, cfg.history)
+    return f, u, f"{fingerprint}+{style.ENCODER}"
 
 
 def embed_time_ms(dist: device.Distribution, basis: device.Basis, n: int = 2000) -> float:
@@ -82,8 +104,9 @@ def embed_time_ms(dist: device.Distribution, basis: device.Basis, n: int = 2000)
 
 
 def run(cfg: BenchConfig, log=_log, on_seed=None) -> dict:
-    """Every arm for every seed; ``on_seed(summary)`` is called after each seed (the full bench writes partial
-    results then, so a run cut short still leaves its finished seeds)."""
+    """Every arm for every seed; ``on_seed(summary)`` is called after each seed, and during the first seed after
+    each arm once the headline arms are in (the full bench writes partial results then, so a run cut short still
+    leaves what it finished)."""
     from edgecloud.llm.models import load_model
 
     torch.set_num_threads(1)
@@ -98,25 +121,35 @@ def run(cfg: BenchConfig, log=_log, on_seed=None) -> dict:
     U = len(ds.user_ids)
     tr_users = torch.tensor([e.user for e in ds.train])
     ev_users = torch.tensor([e.user for e in ds.eval])
-    msg_feats = features.reply_features(train)
+    msg_feats, msg_users, space_fp = device_features(cfg, train, tr_users, lm.fingerprint)
+    log(f"device features ({cfg.space} space): {tuple(msg_feats.shape)} from {len(msg_users)} messages")
     hmean, hstd = cloud.hidden_stats(train)
     vocab = cloud.vocabulary(train, evals)
     log(f"vocabulary of the slice: {len(vocab)} tokens")
+    cand_feats = None
+    if cfg.style_head and cfg.space == "style":
+        from edgecloud.personal.anon import style
+
+        cand_feats = style.candidate_features(ds)
+        log(f"candidate style features: {tuple(cand_feats.shape)}")
     per_seed = []
     for seed in cfg.seeds:
-        basis = device.fit_basis(msg_feats, cfg.dim, cfg.anchors, lm.fingerprint, seed=seed)
+        basis = device.fit_basis(msg_feats, cfg.dim, cfg.anchors, space_fp, seed=seed)
         rows = {}
         for name, kind, sigma in arms(cfg):
             ta = time.time()
-            model = cloud.CloudModel(lm, cfg.cloud, cfg.dim, hmean, hstd, n_users=U if kind == "static" else 0,
-                                     seed=seed)
-            dists = fit_users(kind, sigma, cfg, msg_feats, tr_users, U, basis) if kind in ("gaussian", "mixture") \
-                else None
+            table = kind == "static" and cfg.static == "table"
+            model = cloud.CloudModel(lm, cfg.cloud, cfg.dim, hmean, hstd, n_users=U if table else 0, seed=seed)
+            dists = None
+            if kind in ("gaussian", "mixture"):
+                dists = fit_users(kind, sigma, cfg, msg_feats, msg_users, U, basis)
+            elif kind == "static" and not table:  # the user's own mean, never pulled in, never noised: an identifier
+                dists = fit_users("gaussian", 0.0, cfg, msg_feats, msg_users, U, basis, radius=float("inf"))
 
             def embed(idx, users, gen, kind=kind, model=model, dists=dists, basis=basis):
                 if kind == "none":
                     return torch.zeros(len(users), cfg.dim)
-                if kind == "static":
+                if dists is None:
                     return model.table(users)
                 return device.sample_many(dists, users, basis, gen)
 
@@ -126,6 +159,8 @@ def run(cfg: BenchConfig, log=_log, on_seed=None) -> dict:
                 with torch.no_grad():
                     ref = embed(None, tr_users, torch.Generator().manual_seed(seed + 31)).mean(0, keepdim=True)
             ev = cloud.evaluate(model, evals, ev_users, embed, seed, vocab, ref=ref)
+            if cand_feats is not None:
+                ev |= critic_eval(cfg, basis, msg_feats, msg_users, cand_feats, ev_users, embed, seed)
             gen = torch.Generator().manual_seed(seed + 104729)
             later_users = torch.arange(U).repeat_interleave(cfg.attack_uploads)
             with torch.no_grad():
@@ -135,16 +170,32 @@ def run(cfg: BenchConfig, log=_log, on_seed=None) -> dict:
                    "attack_top1": attack.classifier_top1(z_win, tr_users.numpy(), z_later, later_users.numpy(), seed),
                    **{f"link_{k}": v for k, v in attack.linker(z_later, later_users.numpy(), U, seed).items()},
                    "train": tr, "wall_s": round(time.time() - ta, 1)}
-            if dists is not None:
+            if dists is not None and kind != "static":
                 row["embed_ms"] = embed_time_ms(dists[0], basis)
             rows[name] = row
+            head = f"gaussian s={cfg.headline_sigma:g}"
+            if on_seed is not None and not per_seed and {"none", "static", head} <= rows.keys():
+                on_seed(summarize(cfg, ds, [rows], time.time() - t0))  # the first seed's arms so far
             log(f"seed {seed} {name}: acc {ev['acc']:.3f} contrast {ev.get('acc_contrast', ev['acc']):.3f} "
+                f"style head {ev.get('acc_critic', float('nan')):.3f} "
                 f"loss {ev['lm_loss']:.3f} attack {row['attack_top1']:.3f} "
                 f"link {row['link_top1']:.3f} ({row['wall_s']} s)")
         per_seed.append(rows)
         if on_seed is not None:
             on_seed(summarize(cfg, ds, per_seed, time.time() - t0))
     return summarize(cfg, ds, per_seed, time.time() - t0)
+
+
+def critic_eval(cfg: BenchConfig, basis, msg_feats, msg_users, cand_feats, ev_users, embed, seed: int) -> dict:
+    """The style head of one arm: trained on the arm's uploads (each history message with a fresh embedding),
+    then every held-out request (a fresh embedding) ranks its candidates."""
+    gen = torch.Generator().manual_seed(seed + 271)
+    with torch.no_grad():
+        z_up, z_req = embed(None, msg_users, gen), embed(None, ev_users, gen)
+    w = critic.train(basis.coords(msg_feats), z_up.detach(), cfg.critic_cfg, seed)
+    cc = basis.coords(cand_feats.reshape(-1, cand_feats.shape[-1])).view(*cand_feats.shape[:2], -1)
+    h = critic.hits(w, cc, z_req.detach())
+    return {"acc_critic": sum(h) / len(h), "hits_critic": h}
 
 
 def _ms(vals: list[float]) -> dict:
@@ -181,6 +232,8 @@ def summarize(cfg: BenchConfig, ds, per_seed: list[dict], wall: float) -> dict:
             row[k] = _ms([r[k] for r in rs])
         # the none arm has no identity to contrast: its contrast accuracy is its plain accuracy
         row["acc_contrast"] = _ms([r.get("acc_contrast", r["acc"]) for r in rs])
+        if "acc_critic" in rs[0]:
+            row["acc_critic"] = _ms([r["acc_critic"] for r in rs])
         row["gain_recovered"] = _ms([g for g in gains if g is not None]) if any(g is not None for g in gains) \
             else None
         if "embed_ms" in rs[0]:
@@ -209,6 +262,7 @@ def summarize(cfg: BenchConfig, ds, per_seed: list[dict], wall: float) -> dict:
                                                   by["static"]["acc_contrast"]["mean"]),
         "static_gain_contrast": paired_gain(per_seed, "static", key="hits_contrast"),
         "anonymous_gain_contrast": paired_gain(per_seed, head["arm"], key="hits_contrast"),
+        **critic_summary(per_seed, by, head),
         "acc_mixture": mixture["acc"]["mean"] if mixture else None,
         "attack_top1_mixture": mixture["attack_top1"]["mean"] if mixture else None,
         "best_private_arm": best["arm"] if best else None,
@@ -221,6 +275,30 @@ def summarize(cfg: BenchConfig, ds, per_seed: list[dict], wall: float) -> dict:
         "config": asdict(cfg),
         "bench_wall_s": round(wall, 1),
     }
+
+
+def critic_summary(per_seed: list[dict], by: dict, head: dict) -> dict:
+    """The style head's accuracies, gains over none (paired intervals) and the fraction of the static gain the
+    anonymous arm recovers; empty when the run had no style head."""
+    if "acc_critic" not in by["none"]:
+        return {}
+    acc = {k: by[k]["acc_critic"]["mean"] for k in ("none", "static", head["arm"])}
+    return {"acc_no_embedding_critic": acc["none"], "acc_static_id_critic": acc["static"],
+            "acc_anonymous_critic": acc[head["arm"]],
+            "gain_recovered_critic": gain_recovered(acc[head["arm"]], acc["none"], acc["static"]),
+            "static_gain_critic": paired_critic(per_seed, "static"),
+            "anonymous_gain_critic": paired_critic(per_seed, head["arm"])}
+
+
+def paired_critic(per_seed: list[dict], arm: str) -> dict:
+    from edgecloud.personal.anon.oracle import paired_diff
+
+    return paired_diff(np.mean([s[arm]["hits_critic"] for s in per_seed], 0),
+                       np.mean([s["none"]["hits_critic"] for s in per_seed], 0))
+
+
+def _frac(x: float | None) -> str:
+    return "—" if x is None else f"{x:.2f}"
 
 
 def _ci(g: dict | None) -> str:
@@ -246,13 +324,17 @@ def to_result(d: dict, name: str = "anonymous_embeddings"):
                     f"embedding, paired bootstrap 95% interval over held-out examples: static ID "
                     f"{_ci(d.get('static_gain'))}, {d['anonymous_arm']} {_ci(d.get('anonymous_gain'))}; "
                     f"contrast ranking: static ID {_ci(d.get('static_gain_contrast'))}, {d['anonymous_arm']} "
-                    f"{_ci(d.get('anonymous_gain_contrast'))}.\n")
+                    f"{_ci(d.get('anonymous_gain_contrast'))}; style head: static ID {_ci(d.get('static_gain_critic'))}"
+                    f", {d['anonymous_arm']} {_ci(d.get('anonymous_gain_critic'))}, static-ID gain recovered "
+                    f"{_frac(d.get('gain_recovered_critic'))}.\n")
     rows = [{"arm": a["arm"], "acc": pm(a["acc"]), "accc": pm(a["acc_contrast"]) if "acc_contrast" in a else "—",
              "loss": pm(a["lm_loss"]), "ppl": f"{a['ppl']['mean']:.1f}",
              "attack": pm(a["attack_top1"]), "link": pm(a["link_top1"]), "ari": f"{a['link_ari']['mean']:.3f}",
-             "gain": pm(a["gain_recovered"]) if a.get("gain_recovered") else "—"} for a in d["arms"]]
-    res.table(rows, ["arm", "acc", "accc", "loss", "ppl", "attack", "link", "ari", "gain"],
-              ["arm", "reply-selection acc ↑", "acc, contrast ranking ↑", "held-out LM loss ↓", "ppl ↓",
+             "gain": pm(a["gain_recovered"]) if a.get("gain_recovered") else "—",
+             "head": pm(a["acc_critic"]) if "acc_critic" in a else "—"} for a in d["arms"]]
+    res.table(rows, ["arm", "acc", "accc", "head", "loss", "ppl", "attack", "link", "ari", "gain"],
+              ["arm", "reply-selection acc ↑", "acc, contrast ranking ↑", "acc, style head ↑", "held-out LM loss ↓",
+               "ppl ↓",
                "attack top-1 (classifier) ↓",
                "attack top-1 (k-means linker) ↓", "linker ARI", "static-ID gain recovered"])
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
