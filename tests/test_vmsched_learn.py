@@ -666,3 +666,52 @@ def test_training_md_commands_rebuild_the_shipped_configs():
         sets = [cmd[i + 1] for i, x in enumerate(cmd) if x == "--set"]
         assert make_config(args["--agent"], int(args["--seed"]), int(args["--pms"]), int(args["--episodes"]),
                            sets) == cfg
+
+
+def test_guarded_policy_defers_to_balance_fit_on_near_ties(trace):
+    """GuardedQPolicy: margin 0 is the plain network, an infinite margin is Balance-Fit, and in between each row
+    takes Balance-Fit's action exactly where the network's own action leads it by less than the margin in Q."""
+    from edgecloud.vmsched.agents.policy import GuardedQPolicy, QPolicy, to_tensors
+    from edgecloud.vmsched.policies import BalanceFit
+
+    torch.manual_seed(1)
+    net = build_qnet(default_config("spane-numa"))
+    d = _decisions(trace, 5)
+    own, bf = QPolicy(net, "n")(d), BalanceFit()(d)
+    assert np.array_equal(GuardedQPolicy(net, "g", 0.0)(d), own)
+    assert np.array_equal(GuardedQPolicy(net, "g", float("inf"))(d), bf)
+    with torch.no_grad():
+        q = net(*to_tensors(d)).numpy()
+    rows = np.arange(len(own))
+    gap = q[rows, own] - q[rows, bf]
+    margin = float(np.median(gap[gap > 0]))  # some rows on each side
+    got = GuardedQPolicy(net, "g", margin)(d)
+    want = [bf[i] if gap[i] < margin else own[i] for i in rows]
+    assert np.array_equal(got, want) and 0 < np.sum(got != own) < np.sum(own != bf)
+    with pytest.raises(UserError, match="margin=-0.1 must be >= 0"):
+        GuardedQPolicy(net, "g", -0.1)
+
+
+def test_spane_runs_the_guard_of_the_n_asked(tmp_path, monkeypatch):
+    """A guard file makes `spane` at that N the named model under GuardedQPolicy; other N and model names are
+    untouched; a corrupt or inconsistent guard file is one clear error."""
+    from edgecloud.vmsched import checkpoint as ck
+    from edgecloud.vmsched.agents.policy import GuardedQPolicy
+
+    cfg = default_config("spane-numa")
+    save_model(tmp_path / "spane-numa", build_qnet(cfg), cfg)
+    monkeypatch.setattr(ck, "MODELS_DIR", tmp_path)
+    monkeypatch.setattr(ck, "SHIPPED", {"spane-numa": "spane-numa"})
+    (tmp_path / ck.GUARD_FILE).write_text(json.dumps({"by_n": {"3": {"model": "spane-numa", "margin": 0.05},
+                                                                 "4": {"model": "spane-numa", "margin": "inf"}}}))
+    pol = ck.load_policy("spane", 3)
+    assert isinstance(pol, GuardedQPolicy) and pol.margin == 0.05 and pol.name == "spane"
+    assert ck.load_policy("spane", 4).margin == float("inf")
+    assert type(ck.load_policy("spane", 5)) is not GuardedQPolicy
+    assert type(ck.load_policy("spane-numa", 3)) is not GuardedQPolicy  # a model name is never guarded
+    (tmp_path / ck.GUARD_FILE).write_text(json.dumps({"by_n": {"3": {"model": "nope", "margin": 0.05}}}))
+    with pytest.raises(UserError, match="names model 'nope'"):
+        ck.load_policy("spane", 3)
+    (tmp_path / ck.GUARD_FILE).write_text("{not json")
+    with pytest.raises(UserError, match="spane-guard.json is corrupt"):
+        ck.load_policy("spane", 3)
