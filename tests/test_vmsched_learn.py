@@ -406,7 +406,7 @@ def test_shipped_per_n_models_record_their_n():
     for n in range(1, 65):
         if PER_N.format(n=n) not in SHIPPED:
             continue
-        d = shipped_dir("spane", n)
+        d = shipped_dir(PER_N.format(n=n))  # `spane` at N may run a guard on another model (spane-guard.json)
         assert d.name == PER_N.format(n=n)
         doc = json.loads((d / "config.json").read_text())
         assert doc["supported_pms"] == [n, n] and doc["config"]["n_pms"] == n and doc["meta"]["test_n_pms"] == n
@@ -715,3 +715,21 @@ def test_spane_runs_the_guard_of_the_n_asked(tmp_path, monkeypatch):
     (tmp_path / ck.GUARD_FILE).write_text("{not json")
     with pytest.raises(UserError, match="spane-guard.json is corrupt"):
         ck.load_policy("spane", 3)
+
+
+def test_shipped_guards_won_on_select_and_balance_fit_guard_is_balance_fit(trace):
+    """Every shipped guard entry names a shipped model and beat the unguarded `spane` of its N on the select split
+    (bench/spane_guard.py); an infinite margin acts exactly as Balance-Fit."""
+    from edgecloud.vmsched.checkpoint import GUARD_FILE, MODELS_DIR, SHIPPED
+    from edgecloud.vmsched.policies import BalanceFit
+
+    path = MODELS_DIR / GUARD_FILE
+    if not path.exists():
+        pytest.skip("no guard shipped")
+    for n, g in json.loads(path.read_text())["by_n"].items():
+        assert g["model"] in SHIPPED and g["unguarded"] in SHIPPED and g["select"] < g["select_unguarded"]
+        pol = load_policy("spane", int(n))
+        assert pol.margin == float(g["margin"])
+        if g["margin"] == "inf":
+            d = _decisions(trace, int(n))
+            assert np.array_equal(pol(d), BalanceFit()(d))
