@@ -406,7 +406,7 @@ def test_shipped_per_n_models_record_their_n():
     for n in range(1, 65):
         if PER_N.format(n=n) not in SHIPPED:
             continue
-        d = shipped_dir("spane", n)
+        d = shipped_dir(PER_N.format(n=n))  # `spane` at N may run a guard on another model (spane-guard.json)
         assert d.name == PER_N.format(n=n)
         doc = json.loads((d / "config.json").read_text())
         assert doc["supported_pms"] == [n, n] and doc["config"]["n_pms"] == n and doc["meta"]["test_n_pms"] == n
@@ -666,3 +666,70 @@ def test_training_md_commands_rebuild_the_shipped_configs():
         sets = [cmd[i + 1] for i, x in enumerate(cmd) if x == "--set"]
         assert make_config(args["--agent"], int(args["--seed"]), int(args["--pms"]), int(args["--episodes"]),
                            sets) == cfg
+
+
+def test_guarded_policy_defers_to_balance_fit_on_near_ties(trace):
+    """GuardedQPolicy: margin 0 is the plain network, an infinite margin is Balance-Fit, and in between each row
+    takes Balance-Fit's action exactly where the network's own action leads it by less than the margin in Q."""
+    from edgecloud.vmsched.agents.policy import GuardedQPolicy, QPolicy, to_tensors
+    from edgecloud.vmsched.policies import BalanceFit
+
+    torch.manual_seed(1)
+    net = build_qnet(default_config("spane-numa"))
+    d = _decisions(trace, 5)
+    own, bf = QPolicy(net, "n")(d), BalanceFit()(d)
+    assert np.array_equal(GuardedQPolicy(net, "g", 0.0)(d), own)
+    assert np.array_equal(GuardedQPolicy(net, "g", float("inf"))(d), bf)
+    with torch.no_grad():
+        q = net(*to_tensors(d)).numpy()
+    rows = np.arange(len(own))
+    gap = q[rows, own] - q[rows, bf]
+    margin = float(np.median(gap[gap > 0]))  # some rows on each side
+    got = GuardedQPolicy(net, "g", margin)(d)
+    want = [bf[i] if gap[i] < margin else own[i] for i in rows]
+    assert np.array_equal(got, want) and 0 < np.sum(got != own) < np.sum(own != bf)
+    with pytest.raises(UserError, match="margin=-0.1 must be >= 0"):
+        GuardedQPolicy(net, "g", -0.1)
+
+
+def test_spane_runs_the_guard_of_the_n_asked(tmp_path, monkeypatch):
+    """A guard file makes `spane` at that N the named model under GuardedQPolicy; other N and model names are
+    untouched; a corrupt or inconsistent guard file is one clear error."""
+    from edgecloud.vmsched import checkpoint as ck
+    from edgecloud.vmsched.agents.policy import GuardedQPolicy
+
+    cfg = default_config("spane-numa")
+    save_model(tmp_path / "spane-numa", build_qnet(cfg), cfg)
+    monkeypatch.setattr(ck, "MODELS_DIR", tmp_path)
+    monkeypatch.setattr(ck, "SHIPPED", {"spane-numa": "spane-numa"})
+    (tmp_path / ck.GUARD_FILE).write_text(json.dumps({"by_n": {"3": {"model": "spane-numa", "margin": 0.05},
+                                                                 "4": {"model": "spane-numa", "margin": "inf"}}}))
+    pol = ck.load_policy("spane", 3)
+    assert isinstance(pol, GuardedQPolicy) and pol.margin == 0.05 and pol.name == "spane"
+    assert ck.load_policy("spane", 4).margin == float("inf")
+    assert type(ck.load_policy("spane", 5)) is not GuardedQPolicy
+    assert type(ck.load_policy("spane-numa", 3)) is not GuardedQPolicy  # a model name is never guarded
+    (tmp_path / ck.GUARD_FILE).write_text(json.dumps({"by_n": {"3": {"model": "nope", "margin": 0.05}}}))
+    with pytest.raises(UserError, match="names model 'nope'"):
+        ck.load_policy("spane", 3)
+    (tmp_path / ck.GUARD_FILE).write_text("{not json")
+    with pytest.raises(UserError, match="spane-guard.json is corrupt"):
+        ck.load_policy("spane", 3)
+
+
+def test_shipped_guards_won_on_select_and_balance_fit_guard_is_balance_fit(trace):
+    """Every shipped guard entry names a shipped model and beat the unguarded `spane` of its N on the select split
+    (bench/spane_guard.py); an infinite margin acts exactly as Balance-Fit."""
+    from edgecloud.vmsched.checkpoint import GUARD_FILE, MODELS_DIR, SHIPPED
+    from edgecloud.vmsched.policies import BalanceFit
+
+    path = MODELS_DIR / GUARD_FILE
+    if not path.exists():
+        pytest.skip("no guard shipped")
+    for n, g in json.loads(path.read_text())["by_n"].items():
+        assert g["model"] in SHIPPED and g["unguarded"] in SHIPPED and g["select"] < g["select_unguarded"]
+        pol = load_policy("spane", int(n))
+        assert pol.margin == float(g["margin"])
+        if g["margin"] == "inf":
+            d = _decisions(trace, int(n))
+            assert np.array_equal(pol(d), BalanceFit()(d))

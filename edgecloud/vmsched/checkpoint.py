@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from edgecloud import atomic
 from edgecloud.errors import UserError
 from edgecloud.vmsched.agents.config import DQNConfig
-from edgecloud.vmsched.agents.policy import QPolicy
+from edgecloud.vmsched.agents.policy import GuardedQPolicy, QPolicy
 from edgecloud.vmsched.agents.qnet import EnsembleQNet, build_qnet
 from edgecloud.vmsched.policies import register_policy, register_prefix
 
@@ -39,6 +39,9 @@ SHIPPED = {"spane-paper": "spane-paper", "spane-numa": "spane-numa", "mlpdqn": "
     d.name: d.name for d in sorted(MODELS_DIR.glob(PER_N.format(n="*"))) if (d / "config.json").exists()}
 ALIASES = {"spane": "spane-numa"}  # the fallback at an N without a per-N model (and when no N is given)
 BY_N = {"spane": PER_N}  # aliases that prefer the per-N model of the N asked when one is shipped
+# Per-N guards of ``spane`` ({"by_n": {N: {"model", "margin"}}}, written by bench/spane_guard.py --ship): at such an
+# N the alias runs that model through GuardedQPolicy (Balance-Fit where the network leads it by < margin in Q).
+GUARD_FILE = "spane-guard.json"
 
 
 def save_model(path: Path, net: torch.nn.Module, cfg: DQNConfig, meta: dict | None = None,
@@ -125,10 +128,32 @@ def supported_pms(cfg: DQNConfig) -> list[int]:
     return [1, max(MAX_PMS, cfg.n_pms, *cfg.train_pms, *cfg.valid_pms)]
 
 
-def resolve(name: str, n_pms: int | None = None) -> str:
-    """The shipped model a policy name means at ``n_pms`` PMs: an alias in BY_N goes to the per-N model of that N
-    when one is shipped, else (and for every other alias) to ALIASES; a model name stays itself."""
+def guard(name: str, n_pms: int | None) -> dict | None:
+    """The guard of an alias at ``n_pms`` (``{"model", "margin"}`` from GUARD_FILE), or None: the plain model."""
     key = name.strip().lower()
+    path = MODELS_DIR / GUARD_FILE
+    if key not in BY_N or n_pms is None or not path.exists():
+        return None
+    try:
+        g = json.loads(path.read_text())["by_n"].get(str(n_pms))
+        if g is not None:
+            g = {"model": str(g["model"]), "margin": float(g["margin"])}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError, UnicodeDecodeError) as e:
+        raise UserError(f"{path} is corrupt ({e!r}); restore it from git or rerun bench/spane_guard.py --ship"
+                        ) from None
+    if g is not None and (g["model"] not in SHIPPED or not g["margin"] >= 0):
+        raise UserError(f"{path}: N={n_pms} names model {g['model']!r} with margin {g['margin']}; the model must be "
+                        f"shipped ({', '.join(SHIPPED)}) and the margin >= 0")
+    return g
+
+
+def resolve(name: str, n_pms: int | None = None) -> str:
+    """The shipped model a policy name means at ``n_pms`` PMs: an alias with a guard at that N goes to the guard's
+    model; an alias in BY_N to the per-N model of that N when one is shipped, else (and for every other alias) to
+    ALIASES; a model name stays itself."""
+    key = name.strip().lower()
+    if (g := guard(key, n_pms)) is not None:
+        return g["model"]
     if key in BY_N and n_pms is not None and BY_N[key].format(n=n_pms) in SHIPPED:
         return BY_N[key].format(n=n_pms)
     return ALIASES.get(key, key)
@@ -160,7 +185,8 @@ def load_policy(name: str, n_pms: int | None = None) -> QPolicy | None:
                         f"run on N={n_pms} (use --pms {net.fixed_n}, or spane / spane-numa, which work for any N)")
     if n_pms is not None and not lo <= n_pms <= hi:
         raise UserError(f"policy '{label}' supports N={lo}..{hi} PMs, not N={n_pms}; use --pms in that range")
-    return QPolicy(net, label)
+    g = guard(key, n_pms) if not key.lower().startswith("checkpoint:") else None
+    return GuardedQPolicy(net, label, g["margin"]) if g and g["margin"] > 0 else QPolicy(net, label)
 
 
 def _factory(name: str, seed: int, n_pms: int | None) -> QPolicy:
