@@ -48,8 +48,12 @@ class RecConfig:
     v1_k: int = 5             # retrieved trips in the names_v1 prompt (the public v1's top-k context)
     rrf: float = 60.0         # reciprocal-rank-fusion constant
     # per preference words seen in training: (words, base "time" | "length", major-road factor, anchor discount),
-    # chosen on validation (tune.tune_profiles); other words: travel time, factor 1, ``discount``
-    profiles: tuple[tuple[str, str, float, float], ...] = ()
+    # chosen leave-one-out on the training trips (tune.tune_profiles; the default is seed 0's choice); other words
+    # (the held-out preference, a user's own): travel time, factor 1, ``discount``
+    profiles: tuple[tuple[str, str, float, float], ...] = (
+        ("get there as fast as possible", "time", 1.0, 0.7), ("take the shortest distance", "length", 1.0, 0.7),
+        ("avoid major roads and highways, quiet streets", "time", 3.0, 0.7),
+        ("stick to the roads I know", "time", 1.0, 0.5))
 
     def __post_init__(self):
         for f in ("k", "k_open", "scope"):

@@ -62,9 +62,10 @@ def _f1(g: RoadGraph, rec: Recommender, anchors: list[int], t: Trip, cache: dict
 def tune_retrieval(g: RoadGraph, trips: list[Trip], cfg: TuneConfig = TuneConfig(),
                    base: RecConfig = RecConfig()) -> tuple[RecConfig, dict]:
     """Grid search of the graph-only retrieval stage on validation requests; returns the best config and a report."""
+    base = replace(base, profiles=())  # the grid tunes the shared knobs; profiles come last, on top of them
     index_trips, val = split(trips, cfg.val_per_driver)
     if not val:
-        return base, {"seen": [], "open": [], "val_requests": 0}
+        return base, {"seen": [], "open": [], "profiles": [], "val_requests": 0}
     idx = TripIndex(index_trips, dense=cfg.dense)
     cache: dict = {}
     retrieved = {k: [idx.top(request(t).query(g), k or len(index_trips), t.driver) for t in val] for k in cfg.ks}
