@@ -74,12 +74,30 @@ def main() -> None:
     r.markdown += "\nPaired bootstrap 95% intervals of the edge-F1 difference (points x 100 = percentage points):\n"
     r.table([{"comparison": k, **v} for k, v in d["paired_bootstrap_95ci"].items()],
             ["comparison", "n", "diff", "lo", "hi", "goal", "met"])
+    c = d["ceiling"]
+    if c:
+        r.markdown += ("\nThe ceiling: oracles that know each test trip's hidden preference model (not the driver's "
+                       "noise), edge F1 with bootstrap 95% intervals, beside the methods:\n")
+        ci = lambda x: f"[{x['oracle_preference_lo']:.3f}, {x['oracle_preference_hi']:.3f}]"  # noqa: E731
+        r.table([{k: x[k] for k in x if not k.endswith(("_lo", "_hi"))} | {"oracle_pref_ci": ci(x)}
+                 for x in c["table"]],
+            ["pref", "n", "oracle_preference", "oracle_pref_ci", "oracle_vote", "oracle_fresh_noise", "noise_floor",
+             "dijkstra_fastest", "dijkstra_shortest", "retrieval_anchors", "pathgpt", "llm_no_context"])
+        r.markdown += "\nIs each goal attainable at all? Oracle minus baseline, paired bootstrap 95% intervals:\n"
+        r.table([{"comparison": k, **x} for k, x in c["goals"].items()],
+                ["comparison", "n", "diff", "lo", "hi", "goal", "attainable"])
+        r.markdown += ("\nShare of the attainable gap closed: (method - better Dijkstra) / (oracle - better Dijkstra),"
+                       " means on the requests each method answered:\n")
+        r.table([{"part": p, "method": m, **x} for p, ms in c["gap_closed"].items() for m, x in ms.items()],
+                ["part", "method", "n", "f1", "base", "ceiling", "closed"])
     v = d["validation"]
     r.markdown += (f"\nValidation (training trips only: {v['val_requests']} seen-driver requests against "
                    f"{v['index_trips']} index trips), best 8 of {len(v['seen'])} retrieval settings:\n")
     r.table(sorted(v["seen"], key=lambda x: -x["f1"])[:8], ["k", "scope", "min_uses", "discount", "f1", "n"])
     r.markdown += "\nRequests without history (leave one seen preference out of the index):\n"
     r.table(v["open"], ["k_open", "f1", "n"])
+    r.markdown += "\nPer-preference cost profiles (preference words seen in training only):\n"
+    r.table(v["profiles"], ["pref", "base", "major", "discount", "f1", "f1_default", "n"])
     if "keep" in v:
         r.markdown += "\nThe LLM's keep share (keep = 1: no LLM filtering):\n"
         r.table(v["keep"], ["keep", "f1", "n"])

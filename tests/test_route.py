@@ -277,10 +277,66 @@ def test_validation_split_and_tuning_never_touch_test_trips(g, trips):
     chosen, rep = tune_retrieval(g, trips, cfg)
     best = max(rep["seen"], key=lambda r: r["f1"])
     assert (chosen.k, chosen.discount) == (best["k"], best["discount"]) and len(rep["seen"]) == 4
-    rec = Recommender(g, TripIndex(index_trips, dense=False), None, chosen)
+    from dataclasses import replace
+
+    rec = Recommender(g, TripIndex(index_trips, dense=False), None, replace(chosen, profiles=()))
     direct = np.mean([prf(rec.run("retrieval_anchors", request(t)).edges, t.edges)[2] for t in val])
     assert direct == pytest.approx(best["f1"])
     assert chosen.k_open == max(rep["open"], key=lambda r: r["f1"])["k_open"]
+    # profiles: only the preference words of training trips, each the best of its grid, the default when no better
+    from edgecloud.route.trips import HELDOUT, PREFS
+
+    words = {w for w, *_ in chosen.profiles}
+    assert PREFS[HELDOUT] not in words and words == {PREFS[t.pref] for t in train}
+    for r in rep["profiles"]:
+        assert r["f1"] >= r["f1_default"] and r["n"] == sum(t.pref == r["pref"] for t in train)
+        if r["f1"] == r["f1_default"]:
+            assert (r["base"], r["major"], r["discount"]) == ("time", 1.0, chosen.discount)
+
+
+def test_profile_cost_and_bad_profile(g):
+    """A learned profile routes on its own cost: (length, 1, any discount) with no anchors = Dijkstra shortest;
+    (time, 3) = travel time with major roads x3 (the hand-built weight); unknown words fall back to travel time."""
+    from edgecloud.route.recommend import RecConfig, Recommender, Request, TripIndex
+
+    rec = Recommender(g, TripIndex([], dense=False), None,
+                      RecConfig(profiles=(("short", "length", 1.0, 0.5), ("quiet", "time", 3.0, 1.0))))
+    o, t = 0, g.n_nodes // 2
+    assert rec.run("dijkstra_profile", Request(o, t, "short")).edges == g.route(o, t, g.length)
+    assert rec.connect(o, t, [], "quiet") == g.route(o, t, g.time * np.where(g.major, 3.0, 1.0))
+    assert rec.run("dijkstra_profile", Request(o, t, "anything else")).edges == g.route(o, t, g.time)
+    with pytest.raises(UserError, match="RecConfig.profiles"):
+        RecConfig(profiles=(("x", "scenic", 1.0, 0.5),))
+
+
+def test_oracles_against_the_generator(g):
+    """The oracle knowing the driver's own noise reproduces every trip (F1 = 1: the ground truth is deterministic);
+    the noise-free preference oracle of a 'fastest' driver is Dijkstra over travel time; draws are seeded."""
+    from edgecloud.route.metrics import prf
+    from edgecloud.route.oracle import OracleConfig, oracle_f1
+    from edgecloud.route.trips import TripConfig, generate, hidden_cost
+
+    cfg = TripConfig(drivers_per_pref=1, trips_per_driver=2, test_per_driver=1)
+    drivers, trips = generate(g, cfg, seed=5)
+    for t in trips:
+        assert prf(g.route(t.origin, t.dest, hidden_cost(g, drivers[t.driver], cfg)), t.edges)[2] == 1.0
+    t = next(t for t in trips if t.pref == "fastest")
+    ocfg = OracleConfig(draws=2)
+    a = oracle_f1(g, t, drivers[t.driver], cfg, np.random.default_rng(1), ocfg)
+    assert a["oracle_preference"] == pytest.approx(prf(g.route(t.origin, t.dest, g.time), t.edges)[2])
+    assert a == oracle_f1(g, t, drivers[t.driver], cfg, np.random.default_rng(1), ocfg)
+    assert all(0.0 <= v <= 1.0 for v in a.values())
+
+
+def test_gap_closed_hand_case():
+    from edgecloud.route.oracle import gap_closed
+
+    f1 = {"oracle": {0: 1.0, 1: 0.8}, "d1": {0: 0.5, 1: 0.5}, "d2": {0: 0.6, 1: 0.6}, "m": {0: 0.8, 1: 0.7},
+          "partial": {1: 0.7}}
+    out = gap_closed(f1, "oracle", ("d1", "d2"))
+    assert out["m"]["closed"] == pytest.approx((0.75 - 0.6) / (0.9 - 0.6)) and out["d2"]["closed"] == 0.0
+    assert out["partial"]["n"] == 1 and out["partial"]["closed"] == pytest.approx((0.7 - 0.6) / (0.8 - 0.6))
+    assert "oracle" not in out
 
 
 def test_keep_tuning_row_one_is_the_no_llm_row(g, trips):

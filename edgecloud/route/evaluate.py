@@ -9,8 +9,9 @@ import numpy as np
 
 from edgecloud.route.graph import RoadGraph, load_helsinki
 from edgecloud.route.metrics import length_jaccard, prf
+from edgecloud.route.oracle import ORACLES, OracleConfig, gap_closed, oracle_f1
 from edgecloud.route.recommend import METHODS, Answer, RecConfig, Recommender, Request, TripIndex
-from edgecloud.route.trips import HELDOUT, PREFS, Trip, TripConfig, generate, roads_of
+from edgecloud.route.trips import HELDOUT, PREFS, Trip, TripConfig, generate, make_drivers, roads_of
 
 ALL = METHODS + ["names_v1"]
 LLM = ["llm_no_context", "pathgpt", "names_v1"]
@@ -27,6 +28,7 @@ class BenchConfig:
     v1_requests: int = 5          # names_v1 (never a valid path; only its validity matters) on this many requests
     boot: int = 2000              # paired-bootstrap resamples for the confidence intervals
     probe: bool = True            # run the preference probe (the measured cause of the LLM's weakness)
+    oracle: OracleConfig = OracleConfig()
 
 
 def request_of(t: Trip) -> Request:
@@ -128,6 +130,39 @@ def comparisons(rows: dict, boot: int, seed: int, subject: str = "pathgpt",
     return out
 
 
+def ceiling(rows: dict, oracle: dict, boot: int, seed: int) -> dict:
+    """The oracles per preference and overall (bootstrap CIs), whether each goal is attainable at all (oracle -
+    baseline, paired CIs) and the share of the attainable gap (oracle - better Dijkstra) each method closes."""
+    if not oracle:
+        return {}
+    f = {m: {r["i"]: r["f1"] for r in v} for m, v in {**rows, **oracle}.items()}
+    pref_of = {r["i"]: r["pref"] for r in oracle[ORACLES[0]]}
+    table, goals, closed = [], {}, {}
+    for part in [*PREFS, "all", "seen"]:
+        on = sorted(i for i, p in pref_of.items() if part_of({"pref": p}, part))
+        if not on:
+            continue
+        row = {"pref": part + (" (held out)" if part == HELDOUT else ""), "n": len(on)}
+        for m in ORACLES:
+            c = paired_ci([f[m][i] for i in on], np.zeros(len(on)), boot, seed)
+            row |= {m: c["diff"], f"{m}_lo": c["lo"], f"{m}_hi": c["hi"]}
+        for m in (*DIJKSTRA, "retrieval_anchors", "pathgpt", "llm_no_context"):
+            got = [f[m][i] for i in on if i in f[m]]
+            row[m] = float(np.mean(got)) if got else None
+        table.append(row)
+        sub = {m: {i: v[i] for i in on if i in v} for m, v in f.items()}
+        best = max(DIJKSTRA, key=lambda m: np.mean(list(sub[m].values())))
+        for top in ("oracle_preference", "oracle_vote"):
+            for base, goal in (("llm_no_context", GOALS["llm_no_context"]), (best, GOALS["dijkstra"])):
+                both = sorted(set(sub[top]) & set(sub[base]))
+                if both:
+                    c = paired_ci([sub[top][i] for i in both], [sub[base][i] for i in both], boot, seed)
+                    goals[f"{part}: {top} - {base}"] = {**c, "goal": goal, "attainable": c["diff"] >= goal}
+            if part in ("all", "seen", HELDOUT):
+                closed[f"{part} vs {top}"] = gap_closed({m: sub[m] for m in (*rows, top)}, top, DIJKSTRA)
+    return {"table": table, "goals": goals, "gap_closed": closed}
+
+
 def build(cfg: BenchConfig, seed: int = 0, engine=None,
           rec_cfg: RecConfig = RecConfig()) -> tuple[RoadGraph, list[Trip], Recommender]:
     """The graph, the seed's trips and a recommender over the training trips (shared by the bench's map)."""
@@ -151,6 +186,11 @@ def run(cfg: BenchConfig, seed: int = 0, engine=None, progress=None, built=None)
         for m in CHEAP + ([] if rec.needs_llm(request_of(t)) else ["pathgpt"]):
             rows[m].append({"i": i, "pref": t.pref, **score(g, rec.run(m, request_of(t)), t)})
     answered = {r["i"] for r in rows["pathgpt"]}
+    # the oracles: what knowing the hidden preference model (not the driver's noise) would score
+    drivers, orng, oracle = make_drivers(g, TripConfig(), seed), np.random.default_rng([seed, 17]), {}
+    for i, t in enumerate(tests):
+        for m, f in oracle_f1(g, t, drivers[t.driver], TripConfig(), orng, cfg.oracle).items():
+            oracle.setdefault(m, []).append({"i": i, "pref": t.pref, "f1": f})
     # the LLM rows: requests taken round-robin over the preferences, so a time-capped run stays balanced
     llm = [i for i in round_robin(tests) if cfg.llm_per_pref == 0 or
            sum(tests[j].pref == tests[i].pref for j in range(i)) < cfg.llm_per_pref]
@@ -189,6 +229,8 @@ def run(cfg: BenchConfig, seed: int = 0, engine=None, progress=None, built=None)
                                   **comparisons(paired, cfg.boot, seed, "retrieval_anchors", ("retrieval_only",))},
         "f1_on_llm_requests": {m: float(np.mean([r["f1"] for r in rows[m] if r["i"] in on_llm])) if on_llm else None
                                for m in ALL if m != "names_v1"},
+        **{f"f1_{m}": float(np.mean([r["f1"] for r in oracle[m]])) if tests else None for m in ORACLES},
+        "ceiling": ceiling(paired, oracle, cfg.boot, seed),
         "rec_config": asdict(rec.cfg), "heldout_preference": HELDOUT, "graph": {"nodes": g.n_nodes, "edges": g.n_edges,
                                                                           "named_roads": len(g.names)},
         "llm_preference_probe": preference_probe(rec) if cfg.probe else None,

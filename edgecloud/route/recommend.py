@@ -25,8 +25,8 @@ from edgecloud.errors import UserError
 from edgecloud.route.graph import RoadGraph
 from edgecloud.route.trips import PREFS, Trip, roads_of
 
-METHODS = ["dijkstra_fastest", "dijkstra_shortest", "retrieval_only", "retrieval_anchors", "llm_no_context",
-           "pathgpt"]
+METHODS = ["dijkstra_fastest", "dijkstra_shortest", "dijkstra_profile", "retrieval_only", "retrieval_anchors",
+           "llm_no_context", "pathgpt"]
 SYSTEM = "You recommend driving routes in central Helsinki. Answer with road names separated by commas."
 
 
@@ -47,6 +47,13 @@ class RecConfig:
     v1_tokens: int = 16       # free-text tokens for names_v1
     v1_k: int = 5             # retrieved trips in the names_v1 prompt (the public v1's top-k context)
     rrf: float = 60.0         # reciprocal-rank-fusion constant
+    # per preference words seen in training: (words, base "time" | "length", major-road factor, anchor discount),
+    # chosen leave-one-out on the training trips (tune.tune_profiles; the default is seed 0's choice); other words
+    # (the held-out preference, a user's own): travel time, factor 1, ``discount``
+    profiles: tuple[tuple[str, str, float, float], ...] = (
+        ("get there as fast as possible", "time", 1.0, 0.7), ("take the shortest distance", "length", 1.0, 0.7),
+        ("avoid major roads and highways, quiet streets", "time", 3.0, 0.7),
+        ("stick to the roads I know", "time", 1.0, 0.5))
 
     def __post_init__(self):
         for f in ("k", "k_open", "scope"):
@@ -57,6 +64,10 @@ class RecConfig:
         for f in ("discount", "keep"):
             if not 0 < getattr(self, f) <= 1:
                 raise UserError(f"RecConfig.{f} = {getattr(self, f)} must be in (0, 1]")
+        for words, base, major, disc in self.profiles:
+            if base not in ("time", "length") or major <= 0 or not 0 < disc <= 1:
+                raise UserError(f"RecConfig.profiles[{words!r}] = ({base}, {major}, {disc}): base must be time or "
+                                f"length, major factor > 0, discount in (0, 1]")
 
 
 @dataclass
@@ -140,13 +151,23 @@ class Recommender:
     def candidates(self, o: int, t: int) -> list[str]:
         return sorted({self.g.name[e] for e in np.flatnonzero(self.inside(o, t, self.cfg.detour)) if self.g.name[e]})
 
-    def connect(self, o: int, t: int, edges) -> list[int]:
-        """Dijkstra over travel time with ``edges`` discounted: a valid path through (or near) the anchors."""
-        w = self.g.time.copy()
+    def profile(self, pref_text: str | None) -> tuple[str, float, float]:
+        """(base, major factor, anchor discount) for these preference words; travel time when none was learned."""
+        for words, base, major, disc in self.cfg.profiles:
+            if words == pref_text:
+                return base, major, disc
+        return "time", 1.0, self.cfg.discount
+
+    def connect(self, o: int, t: int, edges, pref_text: str | None = None) -> list[int]:
+        """Dijkstra over the preference's learned cost (travel time by default) with ``edges`` discounted: a valid
+        path through (or near) the anchors."""
+        base, major, disc = self.profile(pref_text)
+        g = self.g
+        w = (g.time if base == "time" else g.length) * np.where(g.major, major, 1.0)
         e = np.asarray(list(edges), dtype=int)
         if len(e):
-            w[e] *= self.cfg.discount
-        return self.g.route(o, t, w)
+            w[e] *= disc
+        return g.route(o, t, w)
 
     def resolve(self, names: list[str]) -> tuple[list[str], list[int], int]:
         """Names -> (known names, their edges, count of unknown names)."""
@@ -258,10 +279,12 @@ class Recommender:
             return Answer(g.route(o, t, g.time))
         if method == "dijkstra_shortest":
             return Answer(g.route(o, t, g.length))
+        if method == "dijkstra_profile":
+            return Answer(self.connect(o, t, [], req.pref_text))
         if method == "retrieval_only":
             top = self.retrieve(req, 1)
             anchors = top[0].edges if top else []
-            return Answer(self.connect(o, t, anchors), roads_of(g, anchors))
+            return Answer(self.connect(o, t, anchors, req.pref_text), roads_of(g, anchors))
         if method in ("retrieval_anchors", "pathgpt"):
             ctx = self.retrieve(req)
             anchors = self.anchor_edges(o, t, ctx)
@@ -270,7 +293,7 @@ class Recommender:
                 ranked = self.rank_anchor_roads(req, ctx, anchors, roads)
                 roads = ranked[: self.kept(len(roads))]
                 anchors = self.filter_anchors(anchors, roads)
-            return Answer(self.connect(o, t, anchors), roads)
+            return Answer(self.connect(o, t, anchors, req.pref_text), roads)
         cands = self.candidates(o, t)
         if method == "llm_no_context":
             chosen, _ = self.llm_choose(self.prompt(req, []), cands)

@@ -30,6 +30,9 @@ class TuneConfig:
     min_uses: tuple[int, ...] = (1, 2)
     k_opens: tuple[int, ...] = (0, 1, 3, 5)
     keeps: tuple[float, ...] = (0.5, 0.7, 0.85, 1.0)
+    bases: tuple[str, ...] = ("time", "length")        # per-preference profile grid (tune_profiles)
+    majors: tuple[float, ...] = (1.0, 2.0, 3.0, 4.0)
+    profile_discounts: tuple[float, ...] = (0.2, 0.3, 0.5, 0.7, 1.0)
     keep_requests: int = 8        # LLM rankings for the keep choice (one per seen driver, in driver order)
     dense: bool = True            # MiniLM in the validation indexes too (False: BM25 only, for fast tests)
 
@@ -50,18 +53,19 @@ def request(t: Trip, with_driver: bool = True) -> Request:
 
 
 def _f1(g: RoadGraph, rec: Recommender, anchors: list[int], t: Trip, cache: dict) -> float:
-    key = (t.origin, t.dest, frozenset(anchors), rec.cfg.discount)
+    key = (t.origin, t.dest, frozenset(anchors), rec.profile(PREFS[t.pref]))
     if key not in cache:
-        cache[key] = prf(rec.connect(t.origin, t.dest, anchors), t.edges)[2]
+        cache[key] = prf(rec.connect(t.origin, t.dest, anchors, PREFS[t.pref]), t.edges)[2]
     return cache[key]
 
 
 def tune_retrieval(g: RoadGraph, trips: list[Trip], cfg: TuneConfig = TuneConfig(),
                    base: RecConfig = RecConfig()) -> tuple[RecConfig, dict]:
     """Grid search of the graph-only retrieval stage on validation requests; returns the best config and a report."""
+    base = replace(base, profiles=())  # the grid tunes the shared knobs; profiles come last, on top of them
     index_trips, val = split(trips, cfg.val_per_driver)
     if not val:
-        return base, {"seen": [], "open": [], "val_requests": 0}
+        return base, {"seen": [], "open": [], "profiles": [], "val_requests": 0}
     idx = TripIndex(index_trips, dense=cfg.dense)
     cache: dict = {}
     retrieved = {k: [idx.top(request(t).query(g), k or len(index_trips), t.driver) for t in val] for k in cfg.ks}
@@ -91,8 +95,35 @@ def tune_retrieval(g: RoadGraph, trips: list[Trip], cfg: TuneConfig = TuneConfig
                 fs.append(_f1(g, rec, rec.anchor_edges(t.origin, t.dest, ctx), t, cache))
         opened.append({"k_open": ko, "f1": float(np.mean(fs)), "n": len(fs)})
     chosen = replace(chosen, k_open=max(opened, key=lambda r: r["f1"])["k_open"])
-    return chosen, {"seen": seen, "open": opened, "val_requests": len(val), "index_trips": len(index_trips),
-                    "chosen": asdict(chosen)}
+    chosen, profiles = tune_profiles(g, TripIndex(index_trips + val, dense=cfg.dense), chosen, cfg, cache)
+    return chosen, {"seen": seen, "open": opened, "profiles": profiles, "val_requests": len(val),
+                    "index_trips": len(index_trips), "chosen": asdict(chosen)}
+
+
+def tune_profiles(g: RoadGraph, idx: TripIndex, chosen: RecConfig, cfg: TuneConfig,
+                  cache: dict) -> tuple[RecConfig, list[dict]]:
+    """Per preference words seen in training: the base cost (travel time or length), a factor on major roads and the
+    anchor discount that maximise F1 with the chosen retrieval stage's anchors, leave-one-out over every training
+    trip (each against the driver's other training trips: ~45 requests per preference, where the 2-per-driver split
+    has 10). The default (time, 1, the chosen discount) is tried first and kept unless another is strictly better."""
+    rows, profiles = [], []
+    probe = Recommender(g, idx, None, chosen)
+    for p in dict.fromkeys(t.pref for t in idx.trips):
+        v = [t for t in idx.trips if t.pref == p]
+        k = chosen.k or len(idx.trips)
+        ctx = [[x for x in idx.top(request(t).query(g), k + 1, t.driver) if x is not t][:k] for t in v]
+        anchors = [probe.anchor_edges(t.origin, t.dest, c) for t, c in zip(v, ctx)]
+        grid = [("time", 1.0, chosen.discount)] + [(b, m, d) for b in cfg.bases for m in cfg.majors
+                                                   for d in cfg.profile_discounts]
+        scored = []
+        for b, m, d in grid:
+            rec = Recommender(g, idx, None, replace(chosen, profiles=((PREFS[p], b, m, d),)))
+            scored.append((float(np.mean([_f1(g, rec, a, t, cache) for a, t in zip(anchors, v)])), (b, m, d)))
+        best = max(scored, key=lambda s: s[0])  # first of the ties: the default
+        profiles.append((PREFS[p], *best[1]))
+        rows.append({"pref": p, "base": best[1][0], "major": best[1][1], "discount": best[1][2], "f1": best[0],
+                     "f1_default": scored[0][0], "n": len(v)})
+    return replace(chosen, profiles=tuple(profiles)), rows
 
 
 def tune_keep(g: RoadGraph, trips: list[Trip], rec_cfg: RecConfig, engine, cfg: TuneConfig = TuneConfig(),
