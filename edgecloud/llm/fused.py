@@ -95,7 +95,7 @@ class FusedLlama:
     @staticmethod
     def kind(rows: int, q: int) -> str:
         """Which GEMM layout the layers of a pass of ``rows`` sequences x ``q`` new tokens use (see :meth:`ops`)."""
-        return "xw" if q > 1 or rows < 8 else "packed"
+        return "packed" if q > 1 or rows >= 8 else "xw"
 
     @staticmethod
     def lm_kind(rows: int) -> str:
