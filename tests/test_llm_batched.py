@@ -206,7 +206,7 @@ def test_fused_prefill_equals_transformers(engine, prompts):
     assert torch.allclose(engine.logits_for([42], cache)[-1], engine.logits_for([42], ref)[-1], atol=2e-4)
 
 
-@pytest.mark.parametrize("lens", [(7, 64, 130, 200), (300, 299, 12), (1, 2, 33, 90, 91, 5, 150, 17)])
+@pytest.mark.parametrize("lens", [(7, 64, 130, 200), (300, 299, 12), (1, 2, 33, 90, 91, 150, 17)])
 def test_batched_prefill_equals_single_on_corpus(engine, lens):
     """Several prompt sets of corpus text: a left-padded batched prefill and three decode steps give, per sequence,
     the single path's logits to 1e-4 (both prefill through the same prepacked GEMMs, which are row-independent)."""
@@ -225,3 +225,19 @@ def test_batched_prefill_equals_single_on_corpus(engine, lens):
         ref = [first] + [engine.logits_for([f[r]], cache)[-1] for f in feed]
         for g, want in zip(got, ref):
             assert torch.allclose(g[r], want, atol=1e-4), (lens, r, float((g[r] - want).abs().max()))
+
+
+@pytest.mark.parametrize("b,L,block", [(1, 1500, 64), (2, 130, 64), (1, 37, 16), (1, 5, 64), (3, 200, 48)])
+def test_causal_gqa_attention_equals_sdpa(b, L, block):
+    """The block-causal GQA attention of a maskless prefill is SDPA's causal GQA attention (to 1e-5)."""
+    import torch.nn.functional as F
+
+    from edgecloud.llm.fused import causal_gqa_attention
+
+    torch.manual_seed(L)
+    hk, g, d = 3, 3, 64
+    q, k, v = torch.randn(b, hk * g, L, d), torch.randn(b, hk, L, d), torch.randn(b, hk, L, d)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=d ** -0.5, enable_gqa=True)
+    qg = (q * d ** -0.5).view(b, hk, g, L, d).transpose(2, 3).reshape(b, hk, L * g, d)  # rows (position, head)
+    got = causal_gqa_attention(qg, k, v, block).view(b, hk, L, g, d).transpose(2, 3).reshape(b, hk * g, L, d)
+    assert torch.allclose(got, ref, atol=1e-5)
