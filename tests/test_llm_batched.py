@@ -207,7 +207,8 @@ def test_fused_prefill_equals_transformers(engine, prompts):
 
 
 @pytest.mark.parametrize("lens", [pytest.param((7, 64, 130, 200), marks=pytest.mark.slow),
-                                  pytest.param((300, 299, 12), marks=pytest.mark.slow), (1, 2, 33, 90, 91, 150, 17)])
+                                  pytest.param((300, 299, 12), marks=pytest.mark.slow), (1, 2, 33, 90, 91, 150, 17),
+                                  (130, 130, 130)])  # equal lengths: no padding, block-causal attention at 3 rows
 def test_batched_prefill_equals_single_on_corpus(engine, lens):
     """Several prompt sets of corpus text: a left-padded batched prefill and three decode steps give, per sequence,
     the single path's logits to 1e-4 (both prefill through the same prepacked GEMMs, which are row-independent)."""
