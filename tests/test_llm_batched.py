@@ -182,8 +182,10 @@ def test_llm_bench_contract(engine):
 
 
 def test_fused_prefill_equals_transformers(engine, prompts):
-    """``Engine.prefill`` on a fresh cache runs the fused layers (causal SDPA, no mask; ``x @ W`` GEMMs that MKL
-    computes like ``F.linear``): the same cache and logits as transformers' layers, and decoding on from it too."""
+    """``Engine.prefill`` on a fresh cache runs the fused layers (causal attention, no mask; oneDNN's prepacked
+    GEMMs): the same cache and logits as transformers' layers, and decoding on from it too. Tolerances: the prepacked
+    GEMMs sum in another order than MKL's ``F.linear`` (relative error ~4e-6 per GEMM), measured up to 4e-5 on the
+    cache and 9e-5 on logits of ~30 (docs/llm.md); batched == single stays at 1e-4 because both run this path."""
     from unittest import mock
 
     from edgecloud.llm.fused import FusedLlama
@@ -197,8 +199,47 @@ def test_fused_prefill_equals_transformers(engine, prompts):
     with mock.patch.object(FusedLlama, "forward", autospec=True, side_effect=FusedLlama.forward) as spy:
         logits, cache = engine.prefill(ids)
     assert spy.call_count == 1
-    assert torch.allclose(logits, ref_logits, atol=1e-4)
+    assert torch.allclose(logits, ref_logits, atol=2e-4)
     for a, b in zip(cache.layers, ref.layers):
         assert a.keys.shape == b.keys.shape == (1, engine.config.num_key_value_heads, len(ids), a.keys.shape[-1])
-        assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
-    assert torch.allclose(engine.logits_for([42], cache)[-1], engine.logits_for([42], ref)[-1], atol=1e-4)
+        assert torch.allclose(a.keys, b.keys, atol=1e-4) and torch.allclose(a.values, b.values, atol=1e-4)
+    assert torch.allclose(engine.logits_for([42], cache)[-1], engine.logits_for([42], ref)[-1], atol=2e-4)
+
+
+@pytest.mark.parametrize("lens", [pytest.param((7, 64, 130, 200), marks=pytest.mark.slow),
+                                  pytest.param((300, 299, 12), marks=pytest.mark.slow), (1, 2, 33, 90, 91, 150, 17),
+                                  (130, 130, 130)])  # equal lengths: no padding, block-causal attention at 3 rows
+def test_batched_prefill_equals_single_on_corpus(engine, lens):
+    """Several prompt sets of corpus text: a left-padded batched prefill and three decode steps give, per sequence,
+    the single path's logits to 1e-4 (both prefill through the same prepacked GEMMs, which are row-independent)."""
+    from edgecloud.llm.bench import _held_out_text
+
+    text = _held_out_text(engine, sum(lens) + 3)
+    ids, at = {}, 0
+    for r, n in enumerate(lens):
+        ids[r], at = text[at:at + n], at + n
+    b = Batch(engine)
+    got = [b.add(ids, max_new_tokens=4)]
+    feed = [dict.fromkeys(ids, t) for t in (42, 7, 1000)]
+    got += [b.step(f) for f in feed]
+    for r, p in ids.items():
+        first, cache = engine.prefill(p)
+        ref = [first] + [engine.logits_for([f[r]], cache)[-1] for f in feed]
+        for g, want in zip(got, ref):
+            assert torch.allclose(g[r], want, atol=1e-4), (lens, r, float((g[r] - want).abs().max()))
+
+
+@pytest.mark.parametrize("b,L,block", [(1, 1500, 64), (2, 130, 64), (1, 37, 16), (1, 5, 64), (3, 200, 48)])
+def test_causal_gqa_attention_equals_sdpa(b, L, block):
+    """The block-causal GQA attention of a maskless prefill is SDPA's causal GQA attention (to 1e-5)."""
+    import torch.nn.functional as F
+
+    from edgecloud.llm.fused import causal_gqa_attention
+
+    torch.manual_seed(L)
+    hk, g, d = 3, 3, 64
+    q, k, v = torch.randn(b, hk * g, L, d), torch.randn(b, hk, L, d), torch.randn(b, hk, L, d)
+    ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=d ** -0.5, enable_gqa=True)
+    qg = (q * d ** -0.5).view(b, hk, g, L, d).transpose(2, 3).reshape(b, hk, L * g, d)  # rows (position, head)
+    got = causal_gqa_attention(qg, k, v, block).view(b, hk, L, g, d).transpose(2, 3).reshape(b, hk * g, L, d)
+    assert torch.allclose(got, ref, atol=1e-5)

@@ -27,3 +27,8 @@ def test_vllm_unreachable_is_one_line():
 def test_unknown_peer():
     r = CliRunner().invoke(app, ["bench", "--peer", "tgi"])
     assert isinstance(r.exception, UserError) and "choose vllm or llamacpp" in str(r.exception)
+
+
+def test_bad_result_name():
+    r = CliRunner().invoke(app, ["bench", "--name", "../x"])
+    assert isinstance(r.exception, UserError) and "--name '../x'" in str(r.exception)

@@ -25,7 +25,9 @@ def bench_cmd(
     model: str = typer.Option("smollm2-135m", "--model", help="Registry name or a transformers checkpoint dir."),
     seed: int = typer.Option(0, "--seed", help="Seed (the bench is greedy; kept for provenance)."),
     threads: int = typer.Option(0, "--threads", min=0, max=256, help="torch threads (0: idle cores)."),
-    out: Path | None = typer.Option(None, "--out", help="Also write llm_engine.{json,md,png} into this folder."),
+    out: Path | None = typer.Option(None, "--out", help="Also write NAME.{json,md,png} into this folder."),
+    name: str = typer.Option("llm_engine", "--name", help="Result name (file stem) for --out, e.g. "
+                             "llm_engine_2threads for a run at another thread count."),
     peer: str = typer.Option("", "--peer", help="'vllm' (a vLLM OpenAI server at --peer-url, started if vllm is "
                              "importable and none answers) or 'llamacpp' (llama-cpp-python, if importable)."),
     peer_url: str = typer.Option("http://127.0.0.1:8000", "--peer-url", help="The peer server's base URL."),
@@ -40,6 +42,8 @@ def bench_cmd(
 
     if peer not in ("", "vllm", "llamacpp"):
         raise UserError(f"--peer {peer!r}: choose vllm or llamacpp")
+    if not name.replace("_", "").replace("-", "").isalnum():
+        raise UserError(f"--name {name!r}: use letters, digits, '_' or '-' (it is a file name)")
     if out is not None:
         check_out_dir(out)
     check_peer(peer, peer_url)  # an absent peer fails now, not after the measurement
@@ -67,17 +71,19 @@ def bench_cmd(
     if peer:
         res["prefill_ratio_vs_peer"] = res["prefill_tok_s"] / res["peer_prefill_tok_s"]
         res["decode_ratio_vs_peer"] = res["decode_tok_s_batch1"] / res["peer_decode_tok_s_batch1"]
-    result = engine_result(res, seed)
+    result = engine_result(res, seed, name)
     if out is not None:
         result.write(out)
     print(result.to_json() if as_json else result.markdown)
 
 
-def engine_result(res: dict, seed: int):
+def engine_result(res: dict, seed: int, name: str = "llm_engine"):
     """The benchmark's numbers as a :class:`~edgecloud.results.Result` (table + plot)."""
     from edgecloud.results import Result
 
-    r = Result("llm_engine", res, seed=seed, title="Batched engine: prefill and decode throughput")
+    peer = f", {res['peer']} peer in the same run" if "peer" in res else ""
+    r = Result(name, res, seed=seed, title=f"Batched engine: prefill and decode throughput at {res['threads']} "
+               f"thread(s){peer}")
     batches = [int(k.removeprefix("decode_tok_s_batch")) for k in res
                if k.startswith("decode_tok_s_batch") and k.removeprefix("decode_tok_s_batch").isdigit()]
     rows = [{"batch": b, "fp32 tok/s": res[f"decode_tok_s_batch{b}"], "speed-up vs batch 1 sequential":

@@ -172,7 +172,8 @@ class Engine:
         """Run the prompt (ids or input embeddings) after whatever ``cache`` holds; returns (last logits, cache).
 
         An empty cache on a model the fused path supports (:meth:`fused`) runs :mod:`edgecloud.llm.fused`: the same
-        maths as transformers' layers (to ~1e-5) with prepacked projections; anything else runs ``model(...)``."""
+        maths as transformers' layers (to ~1e-4: prepacked GEMMs sum in another order) with prepacked projections
+        and block-causal GQA attention; anything else runs ``model(...)``."""
         from transformers import DynamicCache
 
         cache = cache if cache is not None else DynamicCache()
