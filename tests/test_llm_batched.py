@@ -202,3 +202,35 @@ def test_fused_prefill_equals_transformers(engine, prompts):
         assert a.keys.shape == b.keys.shape == (1, engine.config.num_key_value_heads, len(ids), a.keys.shape[-1])
         assert torch.allclose(a.keys, b.keys, atol=1e-5) and torch.allclose(a.values, b.values, atol=1e-5)
     assert torch.allclose(engine.logits_for([42], cache)[-1], engine.logits_for([42], ref)[-1], atol=1e-4)
+
+
+def test_add_after_cached_prefix_equals_full_prefill(engine, prompts):
+    """A sequence joined from a precomputed prefix KV (only the suffix prefilled) computes what the whole prompt
+    computes: next-token logits and later decode steps, on the fused path and on the transformers path."""
+    ids = engine.encode_prompt(prompts[1])
+    p = len(ids) - 9
+    kv = engine.kv_of(ids[:p])
+    for fused in (True, False):
+        engine.use_fused = fused
+        try:
+            full, cached = Batch(engine), Batch(engine)
+            want = full.add({"x": ids, "other": engine.encode_prompt(prompts[2])})["x"]
+            cached.add({"other": engine.encode_prompt(prompts[2])})
+            got = cached.add_after("x", kv, ids[p:])
+            assert torch.allclose(got, want, atol=1e-4)
+            assert cached.seqs["x"].length == len(ids)
+            for t in (5, 77):
+                a, b = full.step({"x": t, "other": 3}), cached.step({"x": t, "other": 3})
+                assert torch.allclose(a["x"], b["x"], atol=1e-4)
+            cached.rollback("x", len(ids) + 1)  # rollback reaches into the suffix, not the cached prefix
+            full.rollback("x", len(ids) + 1)
+            assert torch.allclose(full.step({"x": 9, "other": 4})["x"], cached.step({"x": 9, "other": 4})["x"],
+                                  atol=1e-4)
+        finally:
+            engine.use_fused = True
+    with pytest.raises(UserError, match="empty suffix"):
+        Batch(engine).add_after("y", kv, [])
+    with pytest.raises(UserError, match="does not fit"):
+        Batch(engine).add_after("y", (kv[0][:, :1], kv[1][:, :1]), ids[p:])
+    with pytest.raises(UserError, match="context"):
+        Batch(engine).add_after("y", kv, [1] * engine.context)
