@@ -239,8 +239,8 @@ def start_load(cfg: BenchConfig, core: set[int] | None) -> subprocess.Popen:
     pin = (lambda: os.sched_setaffinity(0, core)) if core else None
     return subprocess.Popen([sys.executable, "-c", "import sys; from edgecloud.rag.bench import cloud_load; "
                              "cloud_load(*map(int, sys.argv[1:]))", str(cfg.articles), str(cfg.seed),
-                             str(cfg.questions), str(cfg.max_new), str(cfg.cloud_kv_mb)], stdout=subprocess.PIPE, env=env, text=True,
-                            preexec_fn=pin)
+                             str(cfg.questions), str(cfg.max_new), str(cfg.cloud_kv_mb)], stdout=subprocess.PIPE,
+                            env=env, text=True, preexec_fn=pin)
 
 
 def load_ready(proc: subprocess.Popen) -> subprocess.Popen:

@@ -30,7 +30,8 @@ def cloud_cmd(port: int = typer.Option(7700, min=0, max=65535), host: str = "127
               precompute: bool = typer.Option(False, help="compute every passage's KV before serving (up to the "
                                               "budget; ~46 KB per token for SmolLM2-135M)")) -> None:
     """Serve the cloud side (public documents) until interrupted."""
-    from edgecloud.rag.node import CloudServer, precompute as fill
+    from edgecloud.rag.node import CloudServer
+    from edgecloud.rag.node import precompute as fill
     from edgecloud.rag.prefix import PassageKV
     from edgecloud.rag.store import load_or_build
 
