@@ -40,8 +40,8 @@ def cloud_cmd(port: int = typer.Option(7700, min=0, max=65535), host: str = "127
     kv = PassageKV(e, kv_cache_mb << 20) if kv_cache_mb else None
     if kv is not None and precompute:
         held = fill(e, store, kv)
-        print(f"passage KV precomputed: {held / 2**20:.0f} MiB for {len(store.passages)} passages "
-              f"({kv.store.stats['evictions']} evicted by the budget)", file=sys.stderr, flush=True)
+        print(f"passage KV precomputed for {len(store.passages)} passages: {held / 2**20:.0f} MiB held, "
+              f"{kv.store.stats['evictions']} evicted by the {kv_cache_mb} MiB budget", file=sys.stderr, flush=True)
 
     async def serve():
         srv = CloudServer(e, store, host, port, kv=kv)
