@@ -152,6 +152,36 @@ def test_rows_visible_during_forward(engine):
     assert current_rows() is None
 
 
+def test_rows_are_per_thread(engine):
+    """Two batches stepping in two threads at once (DRAGON's sides in worker threads) each see their own rows, and
+    neither leaks its rows to the caller afterwards (a process-wide global restored out of order did)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen: dict[str, list] = {}
+    start = threading.Barrier(2)
+
+    def record(*_):
+        rows = current_rows()
+        seen.setdefault(str(rows[0])[0], []).append(rows)
+
+    def run(tag):
+        start.wait()
+        b = Batch(engine)
+        b.add({tag + "1": [1, 2, 3], tag + "2": [4, 5]})
+        for _ in range(3):
+            b.step()
+
+    hook = engine.decoder.layers[0].register_forward_hook(record)
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            list(ex.map(run, ["a", "b"]))
+    finally:
+        hook.remove()
+    assert seen == {t: [[t + "1", t + "2"]] * 4 for t in "ab"}
+    assert current_rows() is None
+
+
 def test_bad_requests_named(engine):
     b = Batch(engine)
     with pytest.raises(UserError, match="request 'q2': empty prompt"):

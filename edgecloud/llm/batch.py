@@ -23,6 +23,7 @@ layer (a per-request LoRA adapter, say) can look up its sequence.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Hashable, Sequence
 from contextlib import contextmanager
@@ -32,22 +33,22 @@ import torch
 
 from edgecloud.errors import UserError
 
-_ACTIVE_ROWS: list[Hashable] | None = None
+_ACTIVE = threading.local()  # per thread: two batches stepping in worker threads at once (DRAGON's two sides in
+# one process, asyncio.to_thread) must neither see nor, restoring out of order, leak each other's rows
 
 
 def current_rows() -> list[Hashable] | None:
-    """The sequence id of each batch row in the forward pass now running (None outside a batched pass)."""
-    return _ACTIVE_ROWS
+    """The sequence id of each batch row in the forward pass now running in this thread (None outside one)."""
+    return getattr(_ACTIVE, "rows", None)
 
 
 @contextmanager
 def _rows(ids: list[Hashable]):
-    global _ACTIVE_ROWS
-    prev, _ACTIVE_ROWS = _ACTIVE_ROWS, list(ids)
+    prev, _ACTIVE.rows = current_rows(), list(ids)
     try:
         yield
     finally:
-        _ACTIVE_ROWS = prev
+        _ACTIVE.rows = prev
 
 
 @dataclass
