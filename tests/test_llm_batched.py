@@ -152,6 +152,36 @@ def test_rows_visible_during_forward(engine):
     assert current_rows() is None
 
 
+def test_rows_are_per_thread(engine):
+    """Two batches stepping in two threads at once (DRAGON's sides in worker threads) each see their own rows, and
+    neither leaks its rows to the caller afterwards (a process-wide global restored out of order did)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    seen: dict[str, list] = {}
+    start = threading.Barrier(2)
+
+    def record(*_):
+        rows = current_rows()
+        seen.setdefault(str(rows[0])[0], []).append(rows)
+
+    def run(tag):
+        start.wait()
+        b = Batch(engine)
+        b.add({tag + "1": [1, 2, 3], tag + "2": [4, 5]})
+        for _ in range(3):
+            b.step()
+
+    hook = engine.decoder.layers[0].register_forward_hook(record)
+    try:
+        with ThreadPoolExecutor(2) as ex:
+            list(ex.map(run, ["a", "b"]))
+    finally:
+        hook.remove()
+    assert seen == {t: [[t + "1", t + "2"]] * 4 for t in "ab"}
+    assert current_rows() is None
+
+
 def test_bad_requests_named(engine):
     b = Batch(engine)
     with pytest.raises(UserError, match="request 'q2': empty prompt"):
@@ -243,3 +273,35 @@ def test_causal_gqa_attention_equals_sdpa(b, L, block):
     qg = (q * d ** -0.5).view(b, hk, g, L, d).transpose(2, 3).reshape(b, hk, L * g, d)  # rows (position, head)
     got = causal_gqa_attention(qg, k, v, block).view(b, hk, L, g, d).transpose(2, 3).reshape(b, hk * g, L, d)
     assert torch.allclose(got, ref, atol=1e-5)
+
+
+def test_add_after_cached_prefix_equals_full_prefill(engine, prompts):
+    """A sequence joined from a precomputed prefix KV (only the suffix prefilled) computes what the whole prompt
+    computes: next-token logits and later decode steps, on the fused path and on the transformers path."""
+    ids = engine.encode_prompt(prompts[1])
+    p = len(ids) - 9
+    kv = engine.kv_of(ids[:p])
+    for fused in (True, False):
+        engine.use_fused = fused
+        try:
+            full, cached = Batch(engine), Batch(engine)
+            want = full.add({"x": ids, "other": engine.encode_prompt(prompts[2])})["x"]
+            cached.add({"other": engine.encode_prompt(prompts[2])})
+            got = cached.add_after("x", kv, ids[p:])
+            assert torch.allclose(got, want, atol=1e-4)
+            assert cached.seqs["x"].length == len(ids)
+            for t in (5, 77):
+                a, b = full.step({"x": t, "other": 3}), cached.step({"x": t, "other": 3})
+                assert torch.allclose(a["x"], b["x"], atol=1e-4)
+            cached.rollback("x", len(ids) + 1)  # rollback reaches into the suffix, not the cached prefix
+            full.rollback("x", len(ids) + 1)
+            assert torch.allclose(full.step({"x": 9, "other": 4})["x"], cached.step({"x": 9, "other": 4})["x"],
+                                  atol=1e-4)
+        finally:
+            engine.use_fused = True
+    with pytest.raises(UserError, match="empty suffix"):
+        Batch(engine).add_after("y", kv, [])
+    with pytest.raises(UserError, match="does not fit"):
+        Batch(engine).add_after("y", (kv[0][:, :1], kv[1][:, :1]), ids[p:])
+    with pytest.raises(UserError, match="context"):
+        Batch(engine).add_after("y", kv, [1] * engine.context)

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from edgecloud.collab.wire import Connection, PeerGone, Trace
+from edgecloud.errors import UserError
 from edgecloud.llm.engine import Engine
 from edgecloud.llm.models import LoadedModel
 from edgecloud.rag.mix import Side, accept_distribution, combine, draft, scored_mixture, verify
@@ -30,12 +31,14 @@ def tiny():
     return Engine(LoadedModel(LlamaForCausalLM(cfg).eval(), None, "tiny", "tiny", Path(".")), threads=1)
 
 
-def _sides(e, seed=0):
+def _sides(e, seed=0, cloud_kv=None):
+    """Device (2 documents), cloud (2) and union sides; ``cloud_kv``: the cloud's documents from a passage cache."""
     g = torch.Generator().manual_seed(seed)
     ctx = [torch.randint(0, 64, (int(n),), generator=g).tolist() for n in (5, 9, 7, 12)]
     scores = torch.rand(4, generator=g).tolist()
     prompt = torch.randint(0, 64, (6,), generator=g).tolist()
-    dev, cl, uni = Side(e, ctx[:2], scores[:2]), Side(e, ctx[2:], scores[2:]), Side(e, ctx, scores)
+    cl = Side(e, ctx[2:], scores[2:], kv=cloud_kv, prefix=[len(c) for c in ctx[2:]])
+    dev, uni = Side(e, ctx[:2], scores[:2]), Side(e, ctx, scores)
     for s in (dev, cl, uni):
         s.start(prompt)
     return dev, cl, uni
@@ -140,11 +143,11 @@ def test_acceptance_rule_is_exact():
 
 
 async def _protocol(e, mode_window, sequence, seed, greedy=True, kill_after=None, first_ahead=False, max_new=12,
-                    gen_seed=None):
+                    gen_seed=None, cloud_kv=None):
     """The cloud drafts, the device aggregates; ``first_ahead``: the aggregator sends its position-0 distribution
     in a ``ready`` first and the drafter decides the first token from the union itself. ``seed`` picks the
     documents and (unless ``gen_seed``) the sampling."""
-    dev, cl, _ = _sides(e, seed)
+    dev, cl, _ = _sides(e, seed, cloud_kv)
     seed = seed if gen_seed is None else gen_seed
     result = {}
 
@@ -414,3 +417,80 @@ def test_ttft_floor_by_aggregation_side():
     assert ttft_floor(ans("cloud", 1.5, 1.2)) == pytest.approx(1.5)
     assert ttft_floor(ans("cloud", 1.0, 1.4)) == pytest.approx(1.5)
     assert ttft_floor(SimpleNamespace(agg="device", rtt_s=0.0, timeline={})) is None
+
+
+# ---------------------------------------------------------------- the cloud's passage KV cache
+def _kv_engine(e, fp="tiny-a"):
+    """``e`` under a model fingerprint (PassageKV keys by it)."""
+    from dataclasses import replace
+
+    return Engine(replace(e.lm, fingerprint=fp), threads=1)
+
+
+def test_passage_cache_is_exact_and_keyed(tiny):
+    """Documents whose passage prefix comes from the cache give the same per-document distributions, mixture and
+    document scores as a full prefill (to 1e-5 in log-probability), through decode steps and a rollback; a second
+    question over the same passage hits, another passage text or another model fingerprint misses."""
+    from edgecloud.rag.prefix import PassageKV
+
+    e = _kv_engine(tiny)
+    g = torch.Generator().manual_seed(3)
+    ctx = [torch.randint(0, 64, (int(n),), generator=g).tolist() for n in (30, 41)]
+    scores = [0.3, 0.5]
+    kv = PassageKV(e, 1 << 20)
+    for question in ([7, 8, 9], [11, 12]):
+        seqs = [c + question for c in ctx]
+        full = Side(e, seqs, scores)
+        cached = Side(e, seqs, scores, kv=kv, prefix=[len(c) for c in ctx])
+        for s in (full, cached):
+            s.start([])
+        for t in [3, 17, 60, 5]:
+            assert float((full.logp - cached.logp).abs().max()) < 1e-5
+            assert float((full.dist()[1] - cached.dist()[1]).abs().max()) < 1e-5
+            for s in (full, cached):
+                s.advance(t)
+        for s in (full, cached):
+            s.rollback(1)
+            s.advance(44)
+        assert float((full.logp - cached.logp).abs().max()) < 1e-5
+        assert local_generate(full, 6, True, 0, 2, [3, 44]) == local_generate(cached, 6, True, 0, 2, [3, 44])
+    assert kv.stats["misses"] == 2 and kv.stats["hits"] == 2  # second question: both passages from the cache
+    edited = [ctx[0][:-1] + [(ctx[0][-1] + 1) % 64]]
+    assert kv.key(edited[0]) != kv.key(ctx[0])
+    kv.kv(edited[0])
+    assert kv.stats["misses"] == 3  # an edited passage is another entry, never the stale one
+    other = PassageKV(_kv_engine(tiny, "tiny-b"), 1 << 20)
+    assert other.key(ctx[0]) != kv.key(ctx[0])  # keys carry the model fingerprint
+
+
+def test_passage_cache_respects_its_byte_budget(tiny):
+    from edgecloud.rag.prefix import PassageKV
+
+    e = _kv_engine(tiny)
+    per_token = 2 * e.n_layers * e.config.num_key_value_heads * 16 * 4  # K and V, fp32, head_dim 16
+    kv = PassageKV(e, 50 * per_token)
+    g = torch.Generator().manual_seed(4)
+    passages = [torch.randint(0, 64, (20,), generator=g).tolist() for _ in range(6)]
+    kv.precompute(passages)
+    assert kv.bytes_used <= 50 * per_token and kv.bytes_used == 40 * per_token  # two 20-token entries fit
+    assert kv.store.stats["evictions"] == 4
+    kv.kv(passages[-1])
+    assert kv.stats["hits"] == 1  # the most recent survive (LRU)
+    kv.kv(passages[0])
+    assert kv.stats["misses"] == 7
+    with pytest.raises(UserError, match="budget"):
+        PassageKV(e, 0)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_greedy_protocol_with_cached_cloud_identical_to_centralized(tiny, seed):
+    """The cloud side prefilling from its passage cache: DRAGON's greedy output is still centralized REPLUG's."""
+    from edgecloud.rag.prefix import PassageKV
+
+    e = _kv_engine(tiny)
+    _, _, uni = _sides(e, seed)
+    ref = local_generate(uni, 12, True, seed)
+    kv = PassageKV(e, 1 << 20)
+    res = asyncio.run(asyncio.wait_for(_protocol(e, 3, False, seed, cloud_kv=kv), 60))
+    assert res["tokens"] == ref
+    assert kv.stats["misses"] == 2 and kv.stats["tokens_reused"] == 0

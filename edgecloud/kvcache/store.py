@@ -130,6 +130,11 @@ class KVStore:
             return False
         return True
 
+    @property
+    def mem_used(self) -> int:
+        """Bytes held in the memory tier (never above ``mem_bytes``)."""
+        return self._used
+
     def clear_memory(self) -> None:
         with self._lock:
             self._mem.clear()

@@ -13,7 +13,8 @@ the price is padding slots, kept small by trimming columns that no sequence uses
 Continuous batching: :meth:`Batch.add` prefills newcomers on their own and splices their KV into the running
 cache between decode steps; :meth:`Batch.remove` drops finished sequences. Nothing already in flight is
 recomputed. :meth:`Batch.rollback` cuts one sequence back to fewer tokens (speculative decoding rejects drafted
-tokens): its later slots are masked out, and its next token reuses the freed positions.
+tokens): its later slots are masked out, and its next token reuses the freed positions. :meth:`Batch.add_after`
+joins a sequence whose prefix KV is already computed (a cached static passage) and prefills only the rest.
 
 Per-sequence metadata during a forward pass: :attr:`Batch.row_ids` lists which sequence each batch row belongs to
 while :meth:`Batch.add` / :meth:`Batch.step` run the model (``current_rows()`` returns it), so a wrapper around a
@@ -22,6 +23,7 @@ layer (a per-request LoRA adapter, say) can look up its sequence.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Hashable, Sequence
 from contextlib import contextmanager
@@ -31,22 +33,22 @@ import torch
 
 from edgecloud.errors import UserError
 
-_ACTIVE_ROWS: list[Hashable] | None = None
+_ACTIVE = threading.local()  # per thread: two batches stepping in worker threads at once (DRAGON's two sides in
+# one process, asyncio.to_thread) must neither see nor, restoring out of order, leak each other's rows
 
 
 def current_rows() -> list[Hashable] | None:
-    """The sequence id of each batch row in the forward pass now running (None outside a batched pass)."""
-    return _ACTIVE_ROWS
+    """The sequence id of each batch row in the forward pass now running in this thread (None outside one)."""
+    return getattr(_ACTIVE, "rows", None)
 
 
 @contextmanager
 def _rows(ids: list[Hashable]):
-    global _ACTIVE_ROWS
-    prev, _ACTIVE_ROWS = _ACTIVE_ROWS, list(ids)
+    prev, _ACTIVE.rows = current_rows(), list(ids)
     try:
         yield
     finally:
-        _ACTIVE_ROWS = prev
+        _ACTIVE.rows = prev
 
 
 @dataclass
@@ -227,6 +229,45 @@ class Batch:
                                      ttft_s=ttft)
             res[i] = logits[r]
         return res
+
+    @torch.inference_mode()
+    def add_after(self, seq_id: Hashable, prefix_kv: tuple[torch.Tensor, torch.Tensor], suffix: Sequence[int],
+                  max_new_tokens: int = 32, temperature: float = 0.0, seed: int = 0) -> torch.Tensor:
+        """Join a sequence whose first ``P`` tokens' keys/values are already computed (``prefix_kv``: stacked
+        (layers, kv_heads, P, head_dim) at positions 0..P-1, e.g. a cached static passage, :meth:`Engine.kv_of`):
+        only ``suffix`` is prefilled, at positions P.., attending causally over the prefix and itself. The same
+        maths as prefilling prefix + suffix in one pass (a causal prefix's KV does not depend on what follows it;
+        tested to 1e-5 in log-probability). Returns the next-token logits."""
+        if seq_id in self.seqs:
+            raise UserError(f"request {seq_id!r}: a sequence with this id is already in the batch")
+        pk, pv = prefix_kv
+        want = self.engine.new_kv(1, 1)[0].shape
+        if pk.dim() != 4 or pk.shape != pv.shape or (pk.shape[0], pk.shape[1], pk.shape[3]) != \
+                (want[0], want[2], want[4]):
+            raise UserError(f"request {seq_id!r}: prefix KV of shape {tuple(pk.shape)}/{tuple(pv.shape)} does not fit "
+                            f"this model (layers, kv_heads, tokens, head_dim) = ({want[0]}, {want[2]}, P, {want[4]})")
+        p, s = pk.shape[2], len(suffix)
+        _check_prompts(self.engine, [range(p + s)], [seq_id])
+        if s == 0:
+            raise UserError(f"request {seq_id!r}: empty suffix after the cached prefix; give at least one token")
+        n = p + s
+        k, v = self.engine.new_kv(1, n + max(16, max_new_tokens + 1))
+        k[:, 0, :, :p], v[:, 0, :, :p] = pk, pv
+        tok = torch.as_tensor([list(suffix)], dtype=torch.long)
+        pos = torch.arange(p, n).unsqueeze(0)
+        mask = torch.ones(1, n, dtype=torch.long)
+        t0 = time.perf_counter()
+        fused = self.engine.fused()
+        with _rows([seq_id]):
+            if fused is not None:
+                allowed = torch.ones(s, n, dtype=torch.bool).tril(p)[None, None]  # suffix row i sees slots <= p + i
+                logits = fused.logits(fused.forward(tok, pos, k, v, p, allowed))
+            else:
+                logits = self._run_hf(tok, mask, pos, p, k, v)
+        self._splice([seq_id], mask, k, v)
+        self.seqs[seq_id] = Sequence_(seq_id, n, max_new_tokens, temperature, seed, n, logits=logits[0],
+                                      ttft_s=time.perf_counter() - t0)
+        return logits[0]
 
     def _splice(self, ids: list[Hashable], mask: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Join newcomers (their mask (b, n) and KV buffers) to the batch, left-padding the narrower side."""

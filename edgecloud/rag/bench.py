@@ -26,7 +26,8 @@ from edgecloud.collab.link import LinkConfig
 from edgecloud.errors import UserError
 from edgecloud.rag.corpus import make_split
 from edgecloud.rag.mix import Side, combine, draft, scored_mixture, target_logprobs, verify
-from edgecloud.rag.node import Device, RagConfig, Scheduler, contexts_for
+from edgecloud.rag.node import Device, RagConfig, Scheduler, contexts_for, prefixes
+from edgecloud.rag.prefix import PassageKV
 from edgecloud.rag.protocol import local_generate
 from edgecloud.rag.store import load_or_build
 from edgecloud.results import Result
@@ -47,6 +48,7 @@ class BenchConfig:
     chi2_samples: int = 5000
     float64_check: bool = True  # replay the exactness comparison with the model in float64 (isolates rounding)
     pin_cores: bool = True  # device process on one core, cloud process on another (when the machine has two)
+    cloud_kv_mb: int = 1024  # the cloud's passage KV cache (MiB; 0 = off); the device never caches (docs/dragon.md)
     seed: int = 0
 
     @classmethod
@@ -180,8 +182,8 @@ def start_cloud(cfg: BenchConfig, core: set[int] | None = None) -> tuple[subproc
     env = dict(os.environ, EDGECLOUD_THREADS="1")
     pin = (lambda: os.sched_setaffinity(0, core)) if core else None
     proc = subprocess.Popen([sys.executable, "-m", "edgecloud", "rag", "cloud", "--port", "0", "--articles",
-                             str(cfg.articles), "--seed", str(cfg.seed)], stdout=subprocess.PIPE, env=env, text=True,
-                            preexec_fn=pin)
+                             str(cfg.articles), "--seed", str(cfg.seed), "--kv-cache-mb", str(cfg.cloud_kv_mb)],
+                            stdout=subprocess.PIPE, env=env, text=True, preexec_fn=pin)
     line = proc.stdout.readline()
     if "listening" not in line:
         proc.kill()
@@ -217,16 +219,18 @@ def ttft_floor(a) -> float | None:
     return max(dev, cloud + a.rtt_s / 2)
 
 
-def cloud_load(articles: int, seed: int, questions: int, max_new: int) -> None:
+def cloud_load(articles: int, seed: int, questions: int, max_new: int, kv_mb: int = 0) -> None:
     """An equal cloud-side load for the contended device-only baseline: the cloud's work for the bench's questions
-    (its retrieval + prefill + decode) in a loop, forever. Run as a process pinned to the cloud's core; the bench
-    stops and continues it (SIGSTOP/SIGCONT) around each contended measurement."""
+    (its retrieval + prefill, from its passage KV cache when the cloud has one, + decode) in a loop, forever. Run as
+    a process pinned to the cloud's core; the bench stops and continues it (SIGSTOP/SIGCONT) around each contended
+    measurement."""
     e, sp, _, cl = load_all(articles, seed)
     rc = RagConfig(max_new=max_new, seed=seed)
     qs = [f"What do you know about {t}?" for t, _, _ in sp.held_out[:questions]]
+    kv = PassageKV(e, kv_mb << 20) if kv_mb else None
     print("loaded", flush=True)
     while True:
-        local_latency(e, [cl], qs, rc)
+        local_latency(e, [cl], qs, rc, kv=kv)
 
 
 def start_load(cfg: BenchConfig, core: set[int] | None) -> subprocess.Popen:
@@ -235,8 +239,8 @@ def start_load(cfg: BenchConfig, core: set[int] | None) -> subprocess.Popen:
     pin = (lambda: os.sched_setaffinity(0, core)) if core else None
     return subprocess.Popen([sys.executable, "-c", "import sys; from edgecloud.rag.bench import cloud_load; "
                              "cloud_load(*map(int, sys.argv[1:]))", str(cfg.articles), str(cfg.seed),
-                             str(cfg.questions), str(cfg.max_new)], stdout=subprocess.PIPE, env=env, text=True,
-                            preexec_fn=pin)
+                             str(cfg.questions), str(cfg.max_new), str(cfg.cloud_kv_mb)], stdout=subprocess.PIPE,
+                            env=env, text=True, preexec_fn=pin)
 
 
 def load_ready(proc: subprocess.Popen) -> subprocess.Popen:
@@ -275,8 +279,10 @@ def latency(e, dev, cfg: BenchConfig, rc: RagConfig, questions: list[str], refs:
     rows, answers, identical, device_only, device_only_contended = [], [], [], {}, {}
     sched = Scheduler()  # one device, one scheduler, learning live as the link changes under it
     try:
-        asyncio.run(_ask_all(Device(e, dev, ("127.0.0.1", port), rc, Scheduler()), questions[:1], "dragon-cloud"))
-        for rtt in cfg.rtts_ms:  # (above: warm-up, untimed: the cloud's first retrieval loads MiniLM's kernels)
+        # warm-up, untimed: the cloud's first retrieval loads MiniLM's kernels, and its passage KV cache gets the
+        # bench's passages (the steady state of a cloud that precomputed its public corpus; `cloud_cached` says)
+        asyncio.run(_ask_all(Device(e, dev, ("127.0.0.1", port), rc, Scheduler()), questions, "dragon-cloud"))
+        for rtt in cfg.rtts_ms:
             # device-only RAG in the same cell, just before the modes: TTFT is compared with what the device does
             # alone at the same moment (on a shared machine, minutes apart can differ by 20%)
             device_only[rtt] = local_latency(e, [dev], questions, rc)
@@ -291,7 +297,8 @@ def latency(e, dev, cfg: BenchConfig, rc: RagConfig, questions: list[str], refs:
                         answers.append({"rtt_ms": rtt, "mode": mode, "question": i, "agg": a.agg, "rtt_s": a.rtt_s,
                                         "dev_prefill_s": a.timeline.get("device_prefilled_s"),
                                         "cloud_ready_s": a.timeline.get("cloud_ready_s"),
-                                        "ttft_floor_s": ttft_floor(a), "ttft_s": a.ttft_s})
+                                        "ttft_floor_s": ttft_floor(a), "ttft_s": a.ttft_s,
+                                        "cloud_cached_docs": a.timeline.get("cloud_cached_docs")})
                     tl = [a.timeline for a in res]
                     rows.append({"rtt_ms": rtt, "mode": mode,
                                  "per_token_s": float(np.mean([a.per_token_s for a in res])),
@@ -300,6 +307,7 @@ def latency(e, dev, cfg: BenchConfig, rc: RagConfig, questions: list[str], refs:
                                  "cloud_ready_s": _mean_of(t.get("cloud_ready_s") for t in tl),
                                  "ttft_floor_s": _mean_of(ttft_floor(a) for a in res),
                                  "cloud_bound": sum(_cloud_bound(a) for a in res),
+                                 "cloud_cached": sum(a.timeline.get("cloud_cached_docs") or 0 for a in res),
                                  "step_dev_s": float(np.mean([a.step_s["device"] for a in res])),
                                  "step_cloud_s": float(np.mean([a.step_s["cloud"] for a in res])),
                                  "acceptance": float(np.mean([a.acceptance for a in res])),
@@ -337,15 +345,19 @@ async def _ask_all(d: Device, questions, mode):
     return out
 
 
-def local_latency(e, stores: list, questions: list[str], rc: RagConfig, decode: bool = True) -> dict:
+def local_latency(e, stores: list, questions: list[str], rc: RagConfig, decode: bool = True,
+                  kv: PassageKV | None = None) -> dict:
     """Centralized RAG in this one process over ``stores``' documents (no link): TTFT (retrieval + one batched
     prefill + first token) and time per output token after the first. Device-only = [dev], cloud-only = [cloud]
-    (its compute; over a link add the RTT to TTFT), centralized = [dev, cloud] (the union, one batch)."""
+    (its compute; over a link add the RTT to TTFT), centralized = [dev, cloud] (the union, one batch). ``kv``:
+    passages' KV from this cache (warm it first: a miss computes and stores the passage, at full cost)."""
     ttft, tpot = [], []
     for q in questions:
         t0 = time.perf_counter()
-        parts = [contexts_for(e, st, q, rc.k)[:2] for st in stores]
-        side = Side(e, [c for p in parts for c in p[0]], [s for p in parts for s in p[1]], rc.tau)
+        parts = [contexts_for(e, st, q, rc.k) for st in stores]
+        ctx = [c for p in parts for c in p[0]]
+        side = Side(e, ctx, [s for p in parts for s in p[1]], rc.tau, kv=kv,
+                    prefix=prefixes(e, ctx, [d for p in parts for d in p[2]], kv))
         side.start([])
         draft(side.dist()[1], True, None)
         t1 = time.perf_counter()
@@ -399,6 +411,10 @@ def run(cfg: BenchConfig, part: str = "all") -> Result:
             lat = latency(e, dev, cfg, rc, questions, toks, cores[1] if cores else None)
             local = {name: local_latency(e, st, questions, rc)
                      for name, st in (("device_only", [dev]), ("cloud_only", [cl]), ("centralized", [dev, cl]))}
+            for name, st in (("device_only", [dev]), ("cloud_only", [cl])):  # with each side's own passages'
+                kv = PassageKV(e, max(cfg.cloud_kv_mb, 256) << 20)  # KV cached (second pass: all hits), for honesty
+                local_latency(e, st, questions, rc, decode=False, kv=kv)
+                local[f"{name}_passages_cached"] = local_latency(e, st, questions, rc, kv=kv)
             data = {"greedy_identical_to_centralized": lat["greedy_identical"],
                     "greedy_answers_compared": lat["greedy_answers"], **data,
                     **latency_summary(lat["rows"], local, lat["device_only_by_rtt"], cfg.rtts_ms,
@@ -408,7 +424,7 @@ def run(cfg: BenchConfig, part: str = "all") -> Result:
                              "per_token_s": v["per_token_s"]} for k, v in local.items()], None))
             tables.append((data["ttft_breakdown"], None))
             tables.append((lat["rows"], ["rtt_ms", "mode", "per_token_s", "ttft_s", "ttft_floor_s", "dev_prefill_s",
-                                         "cloud_ready_s", "cloud_bound",
+                                         "cloud_ready_s", "cloud_bound", "cloud_cached",
                                          "step_dev_s", "step_cloud_s", "acceptance", "agg", "window", "bytes"]))
     finally:
         if old_aff:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 import typer
 
@@ -23,16 +24,27 @@ def _engine_split(articles: int, seed: int):
 @app.command("cloud")
 def cloud_cmd(port: int = typer.Option(7700, min=0, max=65535), host: str = "127.0.0.1",
               articles: int = typer.Option(40, min=2, help="articles of the dump to use (split device/cloud)"),
-              seed: int = 0) -> None:
+              seed: int = 0,
+              kv_cache_mb: int = typer.Option(1024, min=0, help="byte budget (MiB) of the public passages' KV cache "
+                                              "(LRU, filled on first use); 0 = no cache, full prefill per question"),
+              precompute: bool = typer.Option(False, help="compute every passage's KV before serving (up to the "
+                                              "budget; ~46 KB per token for SmolLM2-135M)")) -> None:
     """Serve the cloud side (public documents) until interrupted."""
     from edgecloud.rag.node import CloudServer
+    from edgecloud.rag.node import precompute as fill
+    from edgecloud.rag.prefix import PassageKV
     from edgecloud.rag.store import load_or_build
 
     e, sp = _engine_split(articles, seed)
     store = load_or_build("cloud", sp.cloud)
+    kv = PassageKV(e, kv_cache_mb << 20) if kv_cache_mb else None
+    if kv is not None and precompute:
+        held = fill(e, store, kv)
+        print(f"passage KV precomputed for {len(store.passages)} passages: {held / 2**20:.0f} MiB held, "
+              f"{kv.store.stats['evictions']} evicted by the {kv_cache_mb} MiB budget", file=sys.stderr, flush=True)
 
     async def serve():
-        srv = CloudServer(e, store, host, port)
+        srv = CloudServer(e, store, host, port, kv=kv)
         p = await srv.start()
         print(f"cloud listening on {host}:{p}", flush=True)
         await asyncio.Event().wait()

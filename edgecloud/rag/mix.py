@@ -64,10 +64,16 @@ class Side:
     """One side's documents decoding in step, as one batch on the shared batched engine (one model call per token
     for all of them). ``contexts``: token ids per document (may hold a single no-retrieval prompt)."""
 
-    def __init__(self, engine, contexts: list[list[int]], scores, tau: float = 0.05, reweight: bool = True):
+    def __init__(self, engine, contexts: list[list[int]], scores, tau: float = 0.05, reweight: bool = True,
+                 kv=None, prefix: list[int] | None = None):
         if not contexts:
             raise UserError("a side needs at least one context (an empty one means no retrieval)")
         self.e, self.contexts, self.reweight = engine, contexts, reweight
+        # static-prefix KV reuse (the cloud's passages, :mod:`edgecloud.rag.prefix`): ``prefix[i]`` tokens of
+        # context i come from ``kv`` (a PassageKV); 0 = prefill it all
+        self.kv, self.prefix = kv, list(prefix) if prefix is not None else [0] * len(contexts)
+        if len(self.prefix) != len(contexts):
+            raise UserError(f"a side with {len(contexts)} contexts got {len(self.prefix)} prefix lengths")
         self.prior = torch.tensor([float(s) / tau for s in scores], dtype=torch.float64)
         self.batch: Batch | None = None
         self.lens: list[int] = []
@@ -77,7 +83,8 @@ class Side:
     def start(self, prompt_ids: list[int]) -> None:
         """Prefill every document + prompt, each on its own, into one batch. One left-padded pass would compute
         every document at the longest one's length (retrieved passages here differ up to 2x: 154 vs 320 tokens),
-        and prefill is the bulk of time to first token; decode steps still run all documents as one batch."""
+        and prefill is the bulk of time to first token; decode steps still run all documents as one batch. With a
+        passage KV cache only each document's suffix after its cached prefix is prefilled."""
         self.prompt = list(prompt_ids)
         seqs = [list(ctx) + self.prompt for ctx in self.contexts]
         for ids in seqs:
@@ -86,7 +93,11 @@ class Side:
         self.batch = Batch(self.e)
         logits = {}
         for i, ids in enumerate(seqs):
-            logits |= self.batch.add({i: ids})
+            p = self.prefix[i] if self.kv is not None else 0
+            if p:  # only the suffix after the cached passage is prefilled: exact (a causal prefix's KV)
+                logits[i] = self.batch.add_after(i, self.kv.kv(ids[:p]), ids[p:])
+            else:
+                logits |= self.batch.add({i: ids})
         self.logp = _rows_logp(logits, len(seqs))
         self.logw = self.prior.clone()
         self.n, self.hist = 0, []

@@ -20,7 +20,9 @@ from dataclasses import asdict, dataclass
 
 from edgecloud.collab.wire import Connection, PeerGone, ProtocolError, Trace
 from edgecloud.errors import UserError
+from edgecloud.llm.prompts import IM_END, chat_head
 from edgecloud.rag.mix import Side
+from edgecloud.rag.prefix import PassageKV, prefix_len
 from edgecloud.rag.protocol import Inbox, Outcome, local_generate, run_aggregator, run_drafter
 from edgecloud.rag.store import Store
 
@@ -55,17 +57,42 @@ def contexts_for(engine, store: Store | None, question: str, k: int) -> tuple[li
     return ctx, [float(s) for s in scores], docs
 
 
-def make_side(engine, store: Store | None, question: str, cfg: RagConfig) -> Side:
-    ctx, scores, _ = contexts_for(engine, store, question, cfg.k)
-    side = Side(engine, ctx, scores, cfg.tau, cfg.reweight)
+def passage_prefix(engine, text: str) -> str:
+    """The part of a document's prompt that depends on the passage alone: the chat head and system turn up to the
+    ``<|im_end|>`` closing the passage (plain-text models: the system text). Cacheable (:mod:`edgecloud.rag.prefix`)."""
+    head = chat_head(SYSTEM + text, engine.lm.chat)
+    return head[: head.index(IM_END) + len(IM_END)] if engine.lm.chat else SYSTEM + text
+
+
+def make_side(engine, store: Store | None, question: str, cfg: RagConfig, kv: PassageKV | None = None) -> Side:
+    """Retrieve, build the per-document prompts and prefill them; with ``kv`` (the cloud's passage KV cache) each
+    document's passage prefix comes from the cache and only the question turn is prefilled."""
+    ctx, scores, docs = contexts_for(engine, store, question, cfg.k)
+    side = Side(engine, ctx, scores, cfg.tau, cfg.reweight, kv=kv, prefix=prefixes(engine, ctx, docs, kv))
     side.start([])
     return side
 
 
+def prefixes(engine, ctx: list[list[int]], docs: list, kv: PassageKV | None) -> list[int] | None:
+    """Cacheable prefix length of each document's prompt (None without a cache or without documents)."""
+    if kv is None or not docs:
+        return None
+    out = [prefix_len(engine, c, passage_prefix(engine, d.text)) for c, d in zip(ctx, docs)]
+    kv.stats["unaligned"] += out.count(0)
+    return out
+
+
+def precompute(engine, store: Store, kv: PassageKV) -> int:
+    """Fill ``kv`` with the passage prefixes of ``store`` (in store order, up to the budget); returns bytes held."""
+    return kv.precompute(engine.encode_prompt(passage_prefix(engine, p.text)) for p in store.passages)
+
+
 # ---------------------------------------------------------------- cloud
 class CloudServer:
-    def __init__(self, engine, store: Store, host: str = "127.0.0.1", port: int = 0, idle_timeout: float = 600.0):
+    def __init__(self, engine, store: Store, host: str = "127.0.0.1", port: int = 0, idle_timeout: float = 600.0,
+                 kv: PassageKV | None = None):
         self.engine, self.store, self.host, self.port = engine, store, host, port
+        self.kv = kv  # the public passages' KV cache (None: every document prefilled in full)
         self.idle_timeout = idle_timeout
         self.step_s: list[float] = []
         self.server = None
@@ -102,7 +129,9 @@ class CloudServer:
     async def _query(self, conn: Connection, msg: dict) -> None:
         try:
             cfg = RagConfig(**msg["config"])
-            side = make_side(self.engine, self.store, str(msg["question"]), cfg)
+            hits = self.kv.stats["hits"] if self.kv else 0
+            side = make_side(self.engine, self.store, str(msg["question"]), cfg, self.kv)
+            hits = (self.kv.stats["hits"] - hits) if self.kv else 0
         except (UserError, TypeError, KeyError) as e:
             await conn.send("error_query", message=f"{type(e).__name__}: {e}")
             return
@@ -110,8 +139,8 @@ class CloudServer:
         if msg["agg"] == "cloud" and msg.get("first_at_device"):  # the device decides the first token itself
             first["logw"], logq = side.dist()
             tensors = {"logq": logq}
-        await conn.send("ready", tensors, docs=len(side.contexts), step_s=_mean(self.step_s[-32:]), t=time.time(),
-                        **first)
+        await conn.send("ready", tensors, docs=len(side.contexts), cached=hits, step_s=_mean(self.step_s[-32:]),
+                        t=time.time(), **first)
         inbox, out = Inbox(conn), Outcome()
         try:
             if msg["agg"] == "device":
@@ -299,6 +328,7 @@ class Device:
             finally:
                 inbox.stop()
             cloud_ready = float((inbox.preamble_msg or {}).get("t", 0.0))
+            cloud_cached = (inbox.preamble_msg or {}).get("cached")
             t_start = max(t_start, cloud_ready)
             acc = out.accepted / max(1, len(out.tokens) - out.decided)  # of the verified tokens
             cloud_step = float(end["step_s"])
@@ -308,7 +338,7 @@ class Device:
                 self.sched.update(agg, 0.0, _mean(out.step_s), float(end["step_s"]), acc)  # RTT: by _ping
             breakdown = {"device_prefilled_s": t_ready - t0, "cloud_ready_s": cloud_ready - t0 if cloud_ready
                          else None, "first_token_s": (out.commit_times[0] - t0) if out.commit_times else None,
-                         "last_token_s": t_last - t0}
+                         "last_token_s": t_last - t0, "cloud_cached_docs": cloud_cached}
         except (PeerGone, ProtocolError) as e:
             breakdown, agg = {}, agg or "device"
             fallback = f"cloud lost ({e}); answered from the device's own documents after {len(out.tokens)} tokens"
