@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from edgecloud.errors import UserError
@@ -25,26 +26,42 @@ BASELINES = ("slora", "punica", "dlora")
 
 
 def combine(paths: list[Path]) -> tuple[dict, int]:
-    """Merge part results: the lowest seed's runs are the headline, every seed's ratios give the spread."""
+    """Merge part results: the lowest seed's runs are the headline, every seed's ratios give the spread.
+
+    An input may also be an earlier combined report (it has ``parts``): its headline runs, every seed's ratios and
+    its parts' provenance are carried over, so a new skew can be added without re-measuring (or keeping) old parts.
+    """
     parts = []
     for p in paths:
         try:
-            parts.append(json.loads(Path(p).read_text()))
+            parts.append(json.loads(Path(p).read_text()) | {"_path": str(p)})
         except (OSError, ValueError) as e:
             raise UserError(f"--combine {p}: not a readable bench result ({e})") from None
     seed0 = min(p["provenance"]["seed"] for p in parts)
     head = {"runs": {}, "saturation": {}}
-    parts_meta, per_seed = [], {}
+    parts_meta, per_seed, seen = [], {}, {}
     parts = sorted(parts, key=lambda p: p["provenance"]["seed"])
     for p in parts:
         seed, skews = p["provenance"]["seed"], p["skews"]
-        parts_meta.append({"seed": seed, "skews": skews, "calibration": p["calibration"],
-                           "valora_cost_model": p["valora_cost_model"], "mode_step_ms": p["mode_step_ms"],
-                           "commit": p["provenance"].get("commit"), "wall_s": p["provenance"].get("wall_s")})
-        r = ratios(p, skews)
-        for k, v in r.items():
-            for s, x in v.items():
-                per_seed.setdefault(k, {}).setdefault(s, {})[str(seed)] = x
+        if "parts" in p:  # an earlier combined report
+            metas = p["parts"]
+            for k, v in p["per_seed"].items():
+                for s, by_seed in v.items():
+                    per_seed.setdefault(k, {}).setdefault(s, {}).update(by_seed)
+        else:
+            metas = [{"seed": seed, "skews": skews, "calibration": p["calibration"],
+                      "valora_cost_model": p["valora_cost_model"], "mode_step_ms": p["mode_step_ms"],
+                      "commit": p["provenance"].get("commit"), "wall_s": p["provenance"].get("wall_s")}]
+            for k, v in ratios(p, skews).items():
+                for s, x in v.items():
+                    per_seed.setdefault(k, {}).setdefault(s, {})[str(seed)] = x
+        for m in metas:
+            for s in m["skews"]:
+                if (m["seed"], str(s)) in seen:
+                    raise UserError(f"--combine {p['_path']}: seed {m['seed']} skew {s} is also in "
+                                    f"{seen[m['seed'], str(s)]}; give each (seed, skew) once")
+                seen[m["seed"], str(s)] = p["_path"]
+        parts_meta += metas
         if seed == seed0:
             for k in ("runs", "saturation"):
                 head[k].update(p[k])
@@ -60,7 +77,7 @@ def combine(paths: list[Path]) -> tuple[dict, int]:
                                               / head["runs"][f"{s}/{p}"]["mean_latency_s"]
                                               for s in head["skews"] for p in POLICIES if p != "valora"}
     head["per_seed"] = per_seed
-    head["parts"] = parts_meta
+    head["parts"] = sorted(parts_meta, key=lambda m: (m["seed"], [str(s) for s in m["skews"]]))
     return head, seed0
 
 
@@ -156,4 +173,5 @@ if __name__ == "__main__":
     try:
         main()
     except UserError as e:
-        raise SystemExit(f"error: {e}") from None
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -141,3 +141,58 @@ def test_mode_step_costs_runs_every_mode_and_restores():
     c = bench.mode_step_costs(bench.BenchConfig(clients=5), e, lm, names, None, rounds=2)
     assert set(c) == {"none_step_ms", "unmerged_step_ms", "mixture_step_ms"} and min(c.values()) > 0
     assert lm.merged is None and not lm.original and lm.seq_adapter == {}
+
+
+def _bench_script():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("valora_bench", Path(__file__).parents[1] / "bench/valora.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _part(seed, skew):
+    """A part result as bench/valora.py writes it, with latencies/throughputs that depend on (seed, skew, policy)."""
+    pols = ("sequential", "slora", "punica", "dlora", "valora")
+    x = seed + (0.9 if skew == "zipf" else float(skew))
+    return {"provenance": {"seed": seed, "commit": f"c{seed}{skew}", "wall_s": 300.0}, "skews": [skew],
+            "calibration": {str(skew): {"rate_req_s": x}}, "valora_cost_model": {"mixture_cost": x},
+            "mode_step_ms": {"none_step_ms": x},
+            "runs": {f"{skew}/{p}": {"mean_latency_s": 2 + x + 0.3 * j, "throughput_tok_s": 10 + x * j}
+                     for j, p in enumerate(pols)},
+            "saturation": {f"{skew}/{p}": {"tok_s": 20 + x * j} for j, p in enumerate(pols)},
+            "modes_match_reference": True, "chooser_vs_oracle": 1.03, "adapters": 16, "requests": 60,
+            "max_new_tokens": 16, "switch_cost": {}, "paper_latency_ratio_vs_baselines": [0.11, 0.8],
+            "adapter_names": ["a"], "load": 0.7, "clients": 16, "sat_requests": 48, "slo_s": 2.0}
+
+
+def test_combine_takes_an_earlier_report_as_input(tmp_path):
+    """Adding skews to a combined report (without its parts) gives exactly the report of all parts at once, keeps
+    every part's provenance, and a (seed, skew) given twice is a UserError naming it."""
+    import json
+
+    vb = _bench_script()
+
+    def files(specs):
+        out = []
+        for seed, skew in specs:
+            f = tmp_path / f"p{seed}_{skew}.json"
+            f.write_text(json.dumps(_part(seed, skew)))
+            out.append(f)
+        return out
+
+    old = [(0, 0.2), (1, 0.2), (0, 0.8), (1, 0.8)]
+    new = [(0, 0.5), (0, "zipf")]
+    report, _ = vb.combine(files(old))
+    (tmp_path / "report.json").write_text(json.dumps(report | {"provenance": {"seed": 0}}))
+    grown, seed = vb.combine([tmp_path / "report.json", *files(new)])
+    at_once, _ = vb.combine(files(old + new))
+    assert seed == 0 and grown == at_once
+    assert grown["skews"] == ["0.2", "0.5", "0.8", "zipf"]
+    assert {(m["seed"], str(m["skews"][0]), m["commit"]) for m in grown["parts"]} == {
+        (s, str(k), f"c{s}{k}") for s, k in old + new}
+    assert grown["per_seed"]["mean_latency_ratio_vs_best_baseline"]["0.8"].keys() == {"0", "1"}
+    with pytest.raises(UserError, match="seed 1 skew 0.8"):
+        vb.combine([tmp_path / "report.json", *files([(1, 0.8)])])
