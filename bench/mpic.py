@@ -179,13 +179,16 @@ def plot_fidelity(out: dict):
 
 def load_run(path: Path) -> dict:
     """A saved run (this script's JSON or `kvcache bench --json`); its provenance is kept as measured_provenance,
-    the new file's provenance then names the command that re-rendered it (or added the peer to it)."""
+    the new file's provenance then names the command that re-rendered it (or added the peer to it); an earlier
+    re-render's provenance goes to ``rendered_by`` (the vLLM numbers keep the command that measured them)."""
     try:
         out = json.loads(Path(path).read_text())
         out["config"], out["model"], out["threads"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"--from-json {path}: not a saved MPIC bench run ({type(e).__name__}: {e})") from None
     render = out.pop("provenance", None)
+    if out.get("measured_provenance") and render and render != out["measured_provenance"]:
+        out["rendered_by"] = [*out.get("rendered_by", []), render]  # earlier additions (the peer) keep theirs
     out["measured_provenance"] = out.get("measured_provenance") or render
     return out
 
