@@ -233,3 +233,21 @@ def test_fold_study_makes_the_larger_study_the_headline_and_rejects_another_mode
         fold_into_run(run, {**study, "k": 64}, "s.json")
     with pytest.raises(UserError, match="not a fidelity study"):
         fold_into_run(run, {"rows": []}, "s.json")
+
+
+def test_bench_fidelity_json_needs_a_saved_run_and_a_study(tmp_path):
+    """bench/mpic.py: --fidelity-json alone, or pointing at a file that is not a study: one line, exit 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = {"config": {}, "model": "m", "threads": 1, "k": 32, "requests": 30, "first_token_agreement": 0.9,
+           "provenance": {"command": "x"}}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    (tmp_path / "bad.json").write_text("{}")
+    for args in (["--fidelity-json", str(tmp_path / "bad.json")],
+                 ["--from-json", str(tmp_path / "run.json"), "--fidelity-json", str(tmp_path / "bad.json")]):
+        p = subprocess.run([sys.executable, str(root / "bench" / "mpic.py"), *args, "--out", str(tmp_path / "o")],
+                           capture_output=True, text=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""})
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--fidelity-json" in p.stderr, p.stderr
