@@ -28,10 +28,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--answers", action="store_true", help="instead of the variants: full prefill's and MPIC-k's "
+                    "greedy answers on the --rows study's disagreements, against gold -> mpic_diagnose_answers.*")
     ap.add_argument("--out", default=str(OUT))
     a = ap.parse_args()
     from edgecloud.kvcache.bench import make_workload
-    from edgecloud.kvcache.diagnose import classify, sample, summarize_variants, variants
+    from edgecloud.kvcache.diagnose import answers_on_misses, classify, sample, summarize_variants, variants
     from edgecloud.kvcache.fidelity import FidelityConfig, load_rows
     from edgecloud.llm.engine import Engine
     from edgecloud.llm.models import load_model
@@ -40,6 +42,8 @@ def main() -> None:
         check_out_dir(a.out)
         if a.passkey < 0 or a.squad < 0:
             raise UserError("--passkey and --squad must be >= 0")
+        if a.answers and not a.rows:
+            raise UserError("--answers re-decodes a study's disagreements: give --rows DUMP.json")
         engine = Engine(load_model(a.model), threads=a.threads)
         cfg = FidelityConfig(seed=a.seed)
         reqs = make_workload(engine, cfg.bench_config())
@@ -52,6 +56,8 @@ def main() -> None:
             rows, _ = load_rows(a.rows, order, [f"mpic-{k}" for k in cfg.ks])
             out["classified"] = {"file": Path(a.rows).name, "requests": len(rows),
                                  "by_class": classify(rows, order, cfg.k)}
+        if a.answers:
+            return write_answers(out, answers_on_misses(engine, rows, order, cfg.k), a)
         progress = lambda i, n: print(f"request {i}/{n}", file=sys.stderr, flush=True)  # noqa: E731
         vrows = variants(engine, sample(reqs, a.passkey, a.squad, cfg.seed), cfg.k, progress)
     except UserError as e:
@@ -61,6 +67,27 @@ def main() -> None:
     out["variant_rows"] = vrows
     res = Result("mpic_diagnose", out, seed=a.seed, title="MPIC: why first tokens miss, and linker variants")
     res.markdown = format_md(out, engine)
+    res.write(a.out)
+    print(res.markdown)
+
+
+def write_answers(out: dict, rows: list[dict], a) -> None:
+    out = {**out, "answers": rows}
+    lines = [f"Greedy answers (14 tokens, first line) where MPIC-{out['k']}'s first token differs from full prefill's "
+             f"in the study `{out['classified']['file']}` ({out['classified']['requests']} requests), scored "
+             "against gold (a gold answer occurs in the answer):", "",
+             "| source | disagreements | reference opens with the first passage's first token | full prefill correct | "
+             f"MPIC-{out['k']} correct |", "|---|---|---|---|---|"]
+    for src in sorted({r["source"] for r in rows}):
+        rs = [r for r in rows if r["source"] == src]
+        lines.append(f"| {src} | {len(rs)} | {sum(r['ref_opens_first_passage'] for r in rs)} | "
+                     f"{sum(r['full_correct'] for r in rs)} | {sum(r['mpic_correct'] for r in rs)} |")
+    lines += ["", "| source | gold | full prefill | MPIC |", "|---|---|---|---|"]
+    head = f"mpic-{out['k']}"
+    cell = lambda t: str(t).replace("|", "\\|")  # noqa: E731
+    lines += [f"| {r['source']} | {cell(r['gold'][0])} | {cell(r['full'])} | {cell(r[head])} |" for r in rows]
+    res = Result("mpic_diagnose_answers", out, seed=a.seed, title="MPIC: the answers behind the first-token misses")
+    res.markdown = "\n".join(lines)
     res.write(a.out)
     print(res.markdown)
 

@@ -60,3 +60,17 @@ def test_variants_run_against_full_prefill_on_a_tiny_workload():
     s = summarize_variants(rows)
     assert set(s) == {"mpic-2", "mpic-4", "mpic-2+boundary-16", "mpic-2+recent-16", "anchored mpic-2"}
     assert all(v["n"] == 3 and 0 <= v["agreement"] <= 1 and v["kl_first"] >= 0 for v in s.values())
+
+
+def test_answers_on_misses_decodes_only_the_disagreements():
+    from edgecloud.kvcache.bench import BenchConfig, make_workload
+    from edgecloud.kvcache.diagnose import answers_on_misses, opens_first_passage
+    from tests.test_kvcache_qa import _tiny_items, _tiny_text_engine
+
+    e = _tiny_text_engine()
+    reqs = make_workload(e, BenchConfig(groups=0, passkey=0, min_chunks=3, max_chunks=3), items=_tiny_items())
+    first = reqs[0].segments[1].ids[0]
+    rows = [{"source": "squad", "ref_token": first, "methods": {"mpic-2": {"agree": a}}} for a in (True, False, True)]
+    got = answers_on_misses(e, rows, reqs, k=2, tokens=3)
+    assert len(got) == 1 and got[0]["gold"] == ["w5"] and isinstance(got[0]["full_correct"], bool)
+    assert opens_first_passage(reqs[0].segments, first) and not opens_first_passage(reqs[0].segments, -1)

@@ -160,3 +160,38 @@ def sample(reqs: list, passkey: int, squad: int, seed: int = 0) -> list:
     pk = [r for r in reqs if r.item.source == "passkey"][:passkey]
     sq = [r for r in reqs if r.item.source == "squad"][:squad]
     return pk + sq
+
+
+def opens_first_passage(segments, token: int) -> bool:
+    """Whether ``token`` is the first token of the prompt's first passage (the text right after the system prompt)."""
+    first = next((s for s in segments[1:] if s.kind == "chunk" and s.ids), None)
+    return first is not None and first.ids[0] == token
+
+
+@torch.inference_mode()
+def answers_on_misses(engine: Engine, rows: list[dict], reqs: list, k: int = 32, tokens: int = 14) -> list[dict]:
+    """Greedy answers of full prefill and MPIC-k where the study's first tokens disagree, scored against gold: is the
+    disagreement a loss for MPIC, or is full prefill's own answer the odd one (a copied heading)?"""
+    import tempfile
+
+    from edgecloud.kvcache.mpic import MPIC
+    from edgecloud.kvcache.qa import contains
+    from edgecloud.kvcache.store import KVStore
+
+    out = []
+    with tempfile.TemporaryDirectory(prefix="mpic-diag-") as d:
+        system = MPIC(engine, KVStore(d, engine.lm.fingerprint))
+        for r, q in zip(rows, reqs):
+            if r["methods"][f"mpic-{k}"]["agree"]:
+                continue
+            ids = [t for s in q.segments for t in s.ids]
+            ref, cache = engine.prefill(ids)
+            full = engine.decode_text(engine.greedy(cache, ref, tokens)[0]).strip().split("\n")[0]
+            res = system.prefill(q.segments, MPICk(k))
+            mine = engine.decode_text(engine.greedy(res.cache, res.logits, tokens)[0]).strip().split("\n")[0]
+            out.append({"source": r["source"], "gold": q.item.answers[:2], "full": full, f"mpic-{k}": mine,
+                        "full_correct": bool(contains(full, q.item.answers)),
+                        "mpic_correct": bool(contains(mine, q.item.answers)),
+                        "ref_opens_first_passage": opens_first_passage(q.segments, r["ref_token"])})
+        system.close()
+    return out
