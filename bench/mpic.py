@@ -71,6 +71,8 @@ def main() -> None:
                     "--peer vllm the peer too: the part to run under `timed`")
     ap.add_argument("--no-baselines", action="store_true", help="--ttft: only full, prefix and MPIC-k")
     ap.add_argument("--repeats", type=int, default=2, help="--ttft: time each method this often, keep the fastest")
+    ap.add_argument("--fidelity-json", type=Path, default=None, help="with --from-json: take the headline "
+                    "first_token_agreement (and its CI) from this --fidelity study's JSON (more requests)")
     ap.add_argument("--max-s", type=float, default=0.0, help="--fidelity: stop starting requests after this long")
     ap.add_argument("--dump", default=None, help="--fidelity: also write the raw per-request rows here")
     ap.add_argument("--resume", default=None, help="--fidelity: an earlier --dump; its requests are kept (pooled) "
@@ -81,8 +83,12 @@ def main() -> None:
     try:
         check_out_dir(a.out)
         peer = VLLMPeer(a.peer_url) if a.peer else None  # an absent peer fails here, before any compute
+        if a.fidelity_json and not a.from_json:
+            raise UserError("--fidelity-json folds a study into a saved run: give --from-json RUN.json too")
         if a.from_json:
             out = load_run(a.from_json)
+            if a.fidelity_json:
+                out = fold_study(out, a.fidelity_json)
             cfg = BenchConfig(**{**out["config"], "ks": tuple(out["config"]["ks"])})
             engine = Engine(load_model(out["model"]), threads=out["threads"]) if peer else None
         else:
@@ -173,15 +179,28 @@ def plot_fidelity(out: dict):
 
 def load_run(path: Path) -> dict:
     """A saved run (this script's JSON or `kvcache bench --json`); its provenance is kept as measured_provenance,
-    the new file's provenance then names the command that re-rendered it (or added the peer to it)."""
+    the new file's provenance then names the command that re-rendered it (or added the peer to it); an earlier
+    re-render's provenance goes to ``rendered_by`` (the vLLM numbers keep the command that measured them)."""
     try:
         out = json.loads(Path(path).read_text())
         out["config"], out["model"], out["threads"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"--from-json {path}: not a saved MPIC bench run ({type(e).__name__}: {e})") from None
     render = out.pop("provenance", None)
+    if out.get("measured_provenance") and render and render != out["measured_provenance"]:
+        out["rendered_by"] = [*out.get("rendered_by", []), render]  # earlier additions (the peer) keep theirs
     out["measured_provenance"] = out.get("measured_provenance") or render
     return out
+
+
+def fold_study(out: dict, path: Path) -> dict:
+    from edgecloud.kvcache.fidelity import fold_into_run
+
+    try:
+        study = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"--fidelity-json {path}: cannot read it ({type(e).__name__}: {e})") from None
+    return fold_into_run(out, study, str(path))
 
 
 def write(out: dict, a) -> None:

@@ -214,3 +214,40 @@ def test_fidelity_resume_pools_an_earlier_dump_and_rejects_another_workload(tmp_
     with pytest.raises(UserError, match="--resume"):
         fidelity(e, FidelityConfig(groups=0, passkey=4, ks=(4,), k=4, bf16_max=0, seed=1),
                  resume=str(tmp_path / "head.json"))
+
+
+def test_fold_study_makes_the_larger_study_the_headline_and_rejects_another_model(tmp_path):
+    """The contract key comes from the no-decoding study (its n and Wilson CI beside it); the run's own value is
+    kept; a study of another model or k, or a file that is not a study, is one clear error (exit 2 in the CLI)."""
+    from edgecloud.kvcache.fidelity import fold_into_run
+
+    run = {"model": "m", "k": 32, "requests": 30, "first_token_agreement": 28 / 30}
+    study = {"model": "m", "k": 32, "requests": 206, "first_token_agreement": 187 / 206,
+             "first_token_agreement_ci": [0.86, 0.94], "provenance": {"commit": "abc"}}
+    out = fold_into_run(run, study, "s.json")
+    assert out["first_token_agreement"] == 187 / 206 and out["first_token_agreement_run"] == 28 / 30
+    assert out["first_token_agreement_ci"] == [0.86, 0.94] and out["first_token_agreement_requests"] == 206
+    assert out["first_token_agreement_source"]["provenance"] == {"commit": "abc"} and run["requests"] == 30
+    assert fold_into_run(out, study)["first_token_agreement_run"] == 28 / 30  # folding twice keeps the run's own
+    with pytest.raises(UserError, match="same model and k"):
+        fold_into_run(run, {**study, "k": 64}, "s.json")
+    with pytest.raises(UserError, match="not a fidelity study"):
+        fold_into_run(run, {"rows": []}, "s.json")
+
+
+def test_bench_fidelity_json_needs_a_saved_run_and_a_study(tmp_path):
+    """bench/mpic.py: --fidelity-json alone, or pointing at a file that is not a study: one line, exit 2."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    run = {"config": {}, "model": "m", "threads": 1, "k": 32, "requests": 30, "first_token_agreement": 0.9,
+           "provenance": {"command": "x"}}
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    (tmp_path / "bad.json").write_text("{}")
+    for args in (["--fidelity-json", str(tmp_path / "bad.json")],
+                 ["--from-json", str(tmp_path / "run.json"), "--fidelity-json", str(tmp_path / "bad.json")]):
+        p = subprocess.run([sys.executable, str(root / "bench" / "mpic.py"), *args, "--out", str(tmp_path / "o")],
+                           capture_output=True, text=True, cwd=root, env={"PYTHONPATH": str(root), "PATH": ""})
+        assert p.returncode == 2 and p.stderr.count("\n") == 1 and "--fidelity-json" in p.stderr, p.stderr

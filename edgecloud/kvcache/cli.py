@@ -60,8 +60,13 @@ def format_table(out: dict) -> str:
     if "floor_bf16" in out:
         n_bf16 = out["floor_bf16"].get("requests", out["requests"])
         lines += ["", f"full-bf16 (the float floor) ran on the first {n_bf16} requests."]
+    fta = f"{out['first_token_agreement']:.3f}"
+    if "first_token_agreement_ci" in out:  # folded in from the larger no-decoding study (bench/mpic.py)
+        lo, hi = out["first_token_agreement_ci"]
+        fta += (f" [{lo:.3f}, {hi:.3f}] over {out['first_token_agreement_requests']} requests (the no-decoding "
+                f"study; this run's {out['requests']}: {out['first_token_agreement_run']:.3f})")
     lines += ["", f"MPIC-{out['k']}: accuracy {out['accuracy_mpic']:.3f} vs full prefill {out['accuracy_full']:.3f} "
-              f"(delta {out['accuracy_delta']:+.3f}); first-token agreement {out['first_token_agreement']:.3f}, "
+              f"(delta {out['accuracy_delta']:+.3f}); first-token agreement {fta}, "
               f"top-1 {out['top1_agreement']:.3f}, KL {out['kl']:.4f}; TTFT {out['ttft_ratio_vs_full']:.2f}x full "
               f"prefill, {out['ttft_ratio_vs_prefix']:.2f}x prefix caching. Exact match over "
               f"{out['short_answers']} short answers."]

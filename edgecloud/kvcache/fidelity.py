@@ -228,3 +228,25 @@ def format_fidelity(out: dict) -> str:
             + ("" if m["bf16_agree"] is None else f" (bf16 {'keeps' if m['bf16_agree'] else 'flips'})")
             for m in out["misses"])]
     return "\n".join(lines)
+
+
+def fold_into_run(run: dict, study: dict, study_path: str = "") -> dict:
+    """The full run's ``first_token_agreement`` (the contract key) replaced by the no-decoding study's, which has ~7x
+    the requests, with its Wilson interval and n beside it; the run's own value stays as ``..._run`` (n = 30 cannot
+    tell 0.93 from 0.95). Only a study of the same model and headline k qualifies."""
+    try:
+        got = {k: study[k] for k in ("model", "k", "requests", "first_token_agreement", "first_token_agreement_ci")}
+    except (KeyError, TypeError) as e:
+        raise UserError(f"--fidelity-json {study_path}: not a fidelity study (missing {e}); give the "
+                        f"mpic_fidelity.json that `bench/mpic.py --fidelity` wrote") from None
+    if (got["model"], got["k"]) != (run.get("model"), run.get("k")):
+        raise UserError(f"--fidelity-json {study_path}: study of {got['model']} k={got['k']}, run of "
+                        f"{run.get('model')} k={run.get('k')}; fold a study of the same model and k")
+    out = dict(run)
+    out.setdefault("first_token_agreement_run", run["first_token_agreement"])
+    out.update({"first_token_agreement": got["first_token_agreement"],
+                "first_token_agreement_ci": list(got["first_token_agreement_ci"]),
+                "first_token_agreement_requests": got["requests"],
+                "first_token_agreement_source": {"file": Path(study_path).name if study_path else "",
+                                                 "provenance": study.get("provenance")}})
+    return out
