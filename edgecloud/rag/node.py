@@ -1,9 +1,9 @@
 """The two DRAGON processes: the cloud server (public documents) and the device client (private documents).
 
 Session: ``hello`` both ways (the frame header carries the protocol version; a mismatch is a ProtocolError naming both
-versions), then per question a ``ping``/``pong`` (RTT for the scheduler), ``query`` (question, roles, window),
-``ready`` from the cloud once its documents are prefilled (when it aggregates, carrying its first-position ``(log
-W, log q)`` so the device decides the first token without a round trip), the drafts/verdicts of
+versions), then per question ``query`` (question, roles or ``auto`` with the device's document weight, window),
+``ready`` from the cloud once its documents are prefilled (naming the roles; when it aggregates, carrying its
+first-position ``(log W, log q)`` so the device decides the first token without a round trip), the drafts/verdicts of
 :mod:`edgecloud.rag.protocol`, and an ``end`` each way carrying the sides' measured decode times so no message is
 left in flight. The cloud answers a bad query (prompt over the context, bad field) with an ``error`` message and
 keeps serving. If the cloud is down or goes away mid-answer, the device finishes from the committed prefix with its
