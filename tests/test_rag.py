@@ -275,6 +275,22 @@ def test_scheduler_moves_with_rtt_and_acceptance():
     assert Scheduler(fixed="device").choose() == "device"
 
 
+def test_scheduler_bias_is_the_delta_z_rule_with_weight_shares():
+    """Δz with acceptance a_s = 1 - (1 - w_s) D: the cloud drafts iff log W_c - log W_d > bias, for any D."""
+    import math
+
+    s = Scheduler(rtt=0.3, t_dev=0.1, t_cloud=0.05)
+    for lw_gap in (-3.0, -0.2, 0.0, 0.2, 3.0):
+        w_c = 1 / (1 + math.exp(-lw_gap))  # the cloud's share of the union's document weight
+        for d in (0.1, 0.9):
+            s.acc_cloud_drafts, s.acc_dev_drafts = 1 - (1 - w_c) * d, 1 - w_c * d
+            want = s.choose()  # agg "device" = the cloud drafts
+            if abs(lw_gap - s.bias()) > 0.01:  # off the (rounded) tie
+                assert want == ("device" if lw_gap > s.bias() else "cloud")
+    assert s.bias() < 0  # a faster cloud drafts even at a slightly lower weight
+    assert Scheduler(rtt=0.3, t_dev=0.08, t_cloud=0.08).bias() == pytest.approx(0.0)
+
+
 def test_scored_mixture_static_weights():
     prior = torch.tensor([0.0, 1.0], dtype=torch.float64)
     per = torch.log(torch.tensor([[0.5, 0.5], [0.1, 0.9]], dtype=torch.float64))

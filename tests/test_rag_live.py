@@ -133,3 +133,33 @@ def test_cloud_passage_cache_exact_on_the_real_model(device_side):
             for s in (full, cached):
                 s.advance(t)
         assert kv.stats["misses"] == 2
+
+
+def test_dragon_mode_drafts_from_the_heavier_side_and_stays_exact(device_side):
+    """The scheduler's per-question rule (Scheduler.bias): the side whose retrieved documents carry more REPLUG
+    weight drafts, the cloud decides it from both sides' weights and says so in its ready; either way the greedy
+    answer is centralized REPLUG's over the union. Held-out question 0 is the device's (its documents outweigh the
+    cloud's by e^2.8), question 1 the cloud's (by e^2.8)."""
+    from edgecloud.rag.mix import Side
+    from edgecloud.rag.node import Device, RagConfig, Scheduler, contexts_for, side_logw
+    from edgecloud.rag.protocol import local_generate
+
+    e, sp, dev, cl = device_side
+    cfg = RagConfig(max_new=6)
+    proc, port = _cloud()
+    try:
+        for i in (0, 1):
+            q = f"What do you know about {sp.held_out[i][0]}?"
+            cd, sd, _ = contexts_for(e, dev, q, cfg.k)
+            cc, sc, _ = contexts_for(e, cl, q, cfg.k)
+            heavier = "device" if side_logw(sd, cfg.tau) > side_logw(sc, cfg.tau) else "cloud"
+            a = _ask(Device(e, dev, ("127.0.0.1", port), cfg, Scheduler(rtt=0.3, t_dev=0.08, t_cloud=0.08)), q,
+                     "dragon")
+            assert a.fallback is None
+            assert a.agg == {"device": "cloud", "cloud": "device"}[heavier]  # the heavier side drafts
+            uni = Side(e, cd + cc, sd + sc, cfg.tau)
+            uni.start([])
+            assert a.tokens == local_generate(uni, cfg.max_new, True, 0)
+    finally:
+        proc.kill()
+        proc.wait()

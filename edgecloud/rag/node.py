@@ -1,9 +1,9 @@
 """The two DRAGON processes: the cloud server (public documents) and the device client (private documents).
 
 Session: ``hello`` both ways (the frame header carries the protocol version; a mismatch is a ProtocolError naming both
-versions), then per question a ``ping``/``pong`` (RTT for the scheduler), ``query`` (question, roles, window),
-``ready`` from the cloud once its documents are prefilled (when it aggregates, carrying its first-position ``(log
-W, log q)`` so the device decides the first token without a round trip), the drafts/verdicts of
+versions), then per question ``query`` (question, roles or ``auto`` with the device's document weight, window),
+``ready`` from the cloud once its documents are prefilled (naming the roles; when it aggregates, carrying its
+first-position ``(log W, log q)`` so the device decides the first token without a round trip), the drafts/verdicts of
 :mod:`edgecloud.rag.protocol`, and an ``end`` each way carrying the sides' measured decode times so no message is
 left in flight. The cloud answers a bad query (prompt over the context, bad field) with an ``error`` message and
 keeps serving. If the cloud is down or goes away mid-answer, the device finishes from the committed prefix with its
@@ -17,6 +17,8 @@ import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
+
+import torch
 
 from edgecloud.collab.wire import Connection, PeerGone, ProtocolError, Trace
 from edgecloud.errors import UserError
@@ -64,13 +66,20 @@ def passage_prefix(engine, text: str) -> str:
     return head[: head.index(IM_END) + len(IM_END)] if engine.lm.chat else SYSTEM + text
 
 
-def make_side(engine, store: Store | None, question: str, cfg: RagConfig, kv: PassageKV | None = None) -> Side:
-    """Retrieve, build the per-document prompts and prefill them; with ``kv`` (the cloud's passage KV cache) each
-    document's passage prefix comes from the cache and only the question turn is prefilled."""
-    ctx, scores, docs = contexts_for(engine, store, question, cfg.k)
+def make_side(engine, store: Store | None, question: str, cfg: RagConfig, kv: PassageKV | None = None,
+              retrieved: tuple | None = None) -> Side:
+    """Retrieve (unless ``retrieved``, :func:`contexts_for`'s result, is given), build the per-document prompts and
+    prefill them; with ``kv`` (the cloud's passage KV cache) each document's passage prefix comes from the cache and
+    only the question turn is prefilled."""
+    ctx, scores, docs = retrieved or contexts_for(engine, store, question, cfg.k)
     side = Side(engine, ctx, scores, cfg.tau, cfg.reweight, kv=kv, prefix=prefixes(engine, ctx, docs, kv))
     side.start([])
     return side
+
+
+def side_logw(scores: list[float], tau: float) -> float:
+    """log of a side's total document weight before the answer (log-sum-exp of its REPLUG priors, as :class:`Side`)."""
+    return float(torch.logsumexp(torch.tensor(scores, dtype=torch.float64) / tau, 0))
 
 
 def prefixes(engine, ctx: list[list[int]], docs: list, kv: PassageKV | None) -> list[int] | None:
@@ -132,18 +141,24 @@ class CloudServer:
             hits = self.kv.stats["hits"] if self.kv else 0
             side = make_side(self.engine, self.store, str(msg["question"]), cfg, self.kv)
             hits = (self.kv.stats["hits"] - hits) if self.kv else 0
-        except (UserError, TypeError, KeyError) as e:
+            agg = msg["agg"]
+            if agg == "auto":  # the side whose documents weigh more drafts (Scheduler.bias)
+                lw_c = float(torch.logsumexp(side.logw, 0))
+                agg = "device" if lw_c - float(msg["dev_logw"]) > float(msg["bias"]) else "cloud"
+            if agg not in ("device", "cloud"):
+                raise UserError(f"agg={agg!r}: use device, cloud or auto")
+        except (UserError, TypeError, KeyError, ValueError) as e:
             await conn.send("error_query", message=f"{type(e).__name__}: {e}")
             return
         tensors, first = None, {}
-        if msg["agg"] == "cloud" and msg.get("first_at_device"):  # the device decides the first token itself
+        if agg == "cloud" and msg.get("first_at_device"):  # the device decides the first token itself
             first["logw"], logq = side.dist()
             tensors = {"logq": logq}
-        await conn.send("ready", tensors, docs=len(side.contexts), cached=hits, step_s=_mean(self.step_s[-32:]),
-                        t=time.time(), **first)
+        await conn.send("ready", tensors, agg=agg, docs=len(side.contexts), cached=hits,
+                        step_s=_mean(self.step_s[-32:]), t=time.time(), **first)
         inbox, out = Inbox(conn), Outcome()
         try:
-            if msg["agg"] == "device":
+            if agg == "device":
                 await run_drafter(side, conn, inbox, out, cfg.max_new, msg["window"], cfg.greedy, cfg.seed)
                 await conn.send("end", step_s=_mean(out.step_s))
                 await _drain_until(inbox, "end")
@@ -213,6 +228,15 @@ class Scheduler:
             return self.fixed
         z = self.z()
         return "device" if z["device"] <= z["cloud"] else "cloud"
+
+    def bias(self) -> float:
+        """Per question, the Δz rule from the sides' document weights: the union mixture is ``p = w_d q_d + w_c
+        q_c`` (``w``: each side's share of the document weight), so ``TV(p, q_s) = (1 - w_s) TV(q_d, q_c)`` and a
+        side's drafts are rejected at a rate proportional to the OTHER side's weight share. With that acceptance,
+        ``z_dev < z_cloud`` (the cloud drafts) iff ``(1 - w_c)(rtt + t_c) < w_c (rtt + t_d)``, i.e. iff
+        ``log W_c - log W_d > log((rtt + t_c) / (rtt + t_d))``: this threshold (the unknown ``TV(q_d, q_c)`` cancels).
+        The cloud applies it once both sides' retrieval scores are known (:meth:`CloudServer._query`)."""
+        return math.log((self.rtt + self.t_cloud + 1e-3) / (self.rtt + self.t_dev + 1e-3))
 
     def observe_rtt(self, rtt: float) -> None:
         self._ewma("rtt", rtt)
@@ -287,12 +311,13 @@ class Device:
             self.conn = None
 
     async def ask(self, question: str, mode: str = "dragon") -> Answer:
-        """``mode``: dragon (scheduler picks the side), dragon-device / dragon-cloud (fixed side), token-sync,
-        sequence."""
+        """``mode``: dragon (the side whose documents weigh more drafts, :meth:`Scheduler.bias`; the cloud applies the
+        rule once it has retrieved and says which in its ``ready``), dragon-device / dragon-cloud (fixed side),
+        token-sync, sequence."""
         cfg = self.cfg
         t0 = time.time()  # the question is asked: TTFT counts everything from here (connecting included)
         before = self.trace.totals()
-        agg = {"dragon": None, "dragon-device": "device", "dragon-cloud": "cloud", "token-sync": "device",
+        agg = {"dragon": "auto", "dragon-device": "device", "dragon-cloud": "cloud", "token-sync": "device",
                "sequence": "device"}[mode]
         window = {"token-sync": 1, "sequence": cfg.max_new}.get(mode, cfg.window)
         out, side, rtt, fallback = Outcome(on_commit=self.on_commit), None, 0.0, None
@@ -304,17 +329,25 @@ class Device:
             if self.conn is None:
                 await self.connect()
             rtt = self.rtt  # measured after the last answer (or at connect): no round trip before the query
-            agg = agg or self.sched.choose()
+            if agg == "auto" and self.sched.fixed:
+                agg = self.sched.fixed
             if mode.startswith("dragon"):  # enough drafts in flight to cover the round trip at the measured rate
                 window = self.sched.window(rtt, cfg.window, cfg.max_new)
+            got = contexts_for(self.engine, self.store, question, cfg.k)  # retrieval (fast) before the query: the
+            # cloud needs this side's document weight to pick the drafter
             await self.conn.send("query", question=question, agg=agg, window=window, sequence=mode == "sequence",
-                                 config=asdict(cfg), first_at_device=agg == "cloud")
-            side = make_side(self.engine, self.store, question, cfg)  # overlaps the cloud's retrieval + prefill
+                                 config=asdict(cfg), first_at_device=agg != "device",
+                                 dev_logw=side_logw(got[1], cfg.tau), bias=self.sched.bias())
+            side = make_side(self.engine, self.store, question, cfg, retrieved=got)  # overlaps the cloud's prefill
             t_start = t_ready = time.time()
             # the cloud's ready (or its refusal) is read by the inbox: a drafting device starts without waiting
             inbox = Inbox(self.conn, "ready", lambda m: UserError(f"the cloud refused the question: "
                                                                   f"{m.get('message', m['type'])}"))
             try:
+                if agg == "auto":  # the cloud's choice, in its ready (here well before this side's prefill ends)
+                    agg = (await inbox.wait_preamble())[0].get("agg")
+                    if agg not in ("device", "cloud"):
+                        raise ProtocolError(f"the cloud's ready chose agg={agg!r}: expected device or cloud")
                 if agg == "device":
                     await run_aggregator(side, self.conn, inbox, out, cfg.max_new, cfg.greedy, cfg.seed,
                                          mode == "sequence")
@@ -340,7 +373,7 @@ class Device:
                          else None, "first_token_s": (out.commit_times[0] - t0) if out.commit_times else None,
                          "last_token_s": t_last - t0, "cloud_cached_docs": cloud_cached}
         except (PeerGone, ProtocolError) as e:
-            breakdown, agg = {}, agg or "device"
+            breakdown, agg = {}, "device" if agg == "auto" else agg
             fallback = f"cloud lost ({e}); answered from the device's own documents after {len(out.tokens)} tokens"
             self.conn = None
             if side is None:
