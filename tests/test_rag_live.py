@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -61,18 +62,25 @@ def test_cloud_killed_mid_answer_falls_back_and_says_so(device_side):
     finally:
         proc.kill()
         proc.wait()
-    assert a.fallback and "cloud lost" in a.fallback and "after 3 tokens" in a.fallback
-    # the first 3 tokens are the union's (centralized REPLUG), the rest the device's own mixture from that prefix
+    assert a.fallback and "cloud lost" in a.fallback, a.fallback
+    # The kill lands at the 3rd commit, but verdicts the cloud sent before it died may still be in the socket
+    # buffer (how many depends on the machine's load): the device commits those too — they are the union's — so
+    # the prefix it keeps is n >= 3 tokens, and the message must say exactly which n.
+    m = re.search(r"after (\d+) tokens", a.fallback)
+    assert m, a.fallback
+    n = int(m.group(1))
+    assert 3 <= n < cfg.max_new, a.fallback
+    # the first n tokens are the union's (centralized REPLUG), the rest the device's own mixture from that prefix
     cd, sd, _ = contexts_for(e, dev, q, cfg.k)
     cc, sc, _ = contexts_for(e, cl, q, cfg.k)
     uni = Side(e, cd + cc, sd + sc, cfg.tau)
     uni.start([])
-    assert a.tokens[:3] == local_generate(uni, 3, True, 0)
+    assert a.tokens[:n] == local_generate(uni, n, True, 0)
     own = Side(e, cd, sd, cfg.tau)
     own.start([])
-    for t in a.tokens[:3]:
+    for t in a.tokens[:n]:
         own.advance(t)
-    assert a.tokens == local_generate(own, cfg.max_new, True, 0, 3, a.tokens[:3])
+    assert a.tokens == local_generate(own, cfg.max_new, True, 0, n, a.tokens[:n])
 
     # a cloud that is down: the device answers from its own documents at once, and says so
     d = Device(e, dev, ("127.0.0.1", port), cfg)
