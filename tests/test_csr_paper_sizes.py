@@ -287,3 +287,49 @@ def test_cli_refuses_an_unmeetable_budget_and_a_missing_dictionary_file(tmp_path
     assert isinstance(res.exception, UserError) and "--bits" in str(res.exception)  # before any model loads
     res = CliRunner().invoke(app, ["csr-bench", "--quick", "--dictionaries", str(tmp_path / "none.safetensors")])
     assert isinstance(res.exception, UserError) and "no such file" in str(res.exception)
+
+
+def test_qa_compare_scores_per_question_and_pairs_the_difference(monkeypatch):
+    """Scores every question, method by method, and the paired CSR - KIVI-2 difference is the mean of the per-question
+    differences (an exact oracle), its interval seeded and around it; answers come from a stub, not a model."""
+    import edgecloud.kvcache.csr.cache as cache_mod
+    import edgecloud.kvcache.csr.qa as qa
+    from edgecloud.kvcache.qa import QAItem
+
+    items = [QAItem(f"q{i}", [gold], "passage", [], "g", "squad")
+             for i, gold in enumerate(["red apple", "blue sky", "green tree"])]
+    said = {"fp16": ["red apple", "blue", "green tree"], "kivi2": ["red", "blue sky", "tree"],
+            "csr": ["apple", "sky", "green tree"]}
+    calls = {m: 0 for m in said}
+
+    class Engine:
+        n_layers = 1
+
+        def chat_prompt(self, system, user):
+            return user
+
+        def encode_prompt(self, text):
+            return [1, 2, 3]
+
+    def answer(engine, ids, cache, cfg):
+        calls[cache] += 1
+        return said[cache][calls[cache] - 1]
+
+    monkeypatch.setattr(qa, "load_sets", lambda cfg, seed: {"squad": items})
+    monkeypatch.setattr(qa, "answer", answer)
+    monkeypatch.setattr(cache_mod, "make_cache", lambda spec, n, dicts, engine, seed: spec)
+    monkeypatch.setattr(cache_mod, "cache_bits_per_element", lambda c: {"fp16": 16.0, "kivi2": 4.0, "csr": 2.0}[c])
+    specs = {m: (m, None) for m in said}
+    out = qa.qa_compare(Engine(), specs, qa.QAConfig(squad=3, fanoutqa=0), seed=0, log=lambda m: None)
+    pq = out["per_question"]["squad"]
+    assert pq["fp16"]["f1_vs_fp16"] == [1.0, 1.0, 1.0]
+    assert pq["kivi2"]["f1"] == pytest.approx([2 / 3, 1.0, 2 / 3])
+    assert pq["csr"]["f1"] == pytest.approx([2 / 3, 2 / 3, 1.0])
+    d = out["paired"]["squad"]["csr-kivi2"]["f1"]
+    assert d["mean"] == pytest.approx(sum(c - k for c, k in zip(pq["csr"]["f1"], pq["kivi2"]["f1"])) / 3)
+    assert d["n"] == 3 and d["ci"][0] <= d["mean"] <= d["ci"][1]
+    assert out["summary"]["squad"]["csr"]["bits_per_element"] == 2.0
+    assert out["summary"]["squad"]["kivi2"]["f1"] == pytest.approx(7 / 9)
+    assert qa.paired_difference([0.5, 0.5], [0.5, 0.5])["ci"] == (0.0, 0.0)
+    with pytest.raises(ValueError):
+        qa.paired_difference([1.0], [1.0, 0.0])

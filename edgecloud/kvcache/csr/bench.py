@@ -333,6 +333,17 @@ def prepare(engine: Engine, cfg: BenchConfig, log=print,
     return dicts, info, vectors
 
 
+def contract_specs(cfg: BenchConfig, neural: CSRDictionaries) -> dict[str, tuple[CacheSpec, CSRDictionaries | None]]:
+    """The four settings every report compares (fp16, KIVI-2/4 with their fp16 recent window, CSR at ``cfg.bits``
+    with ``cfg.sink`` fp16 sinks over ``neural``), fp16 first: the perplexity table and the QA run use the same."""
+    csr = CacheSpec("csr", s_keys=neural.cfg_keys.s, s_values=neural.cfg_values.s, coef=cfg.coef, packed=cfg.packed,
+                    sink=cfg.sink, name="csr")
+    return {"fp16": (CacheSpec("fp16", name="fp16"), None),
+            "kivi2": (CacheSpec("kivi", bits=2, group=cfg.group_kivi, residual=cfg.residual, name="kivi2"), None),
+            "kivi4": (CacheSpec("kivi", bits=4, group=cfg.group_kivi, residual=cfg.residual, name="kivi4"), None),
+            "csr": (csr, neural)}
+
+
 def run(cfg: BenchConfig, engine: Engine, log=print, qa: QAConfig | None = None,
         dict_file: Path | None = None) -> dict:
     """The whole comparison on ``engine``: bits/element, perplexity, top-1 agreement and codec time for fp16,
@@ -345,7 +356,8 @@ def run(cfg: BenchConfig, engine: Engine, log=print, qa: QAConfig | None = None,
     sizes = size_sweep(engine, *vectors(), cfg, log) if cfg.sizes else []
     neural, kmeans = dicts["neuraldict"], dicts["kmeans"]
     sk, sv = neural.cfg_keys.s, neural.cfg_values.s
-    base = CacheSpec("csr", s_keys=sk, s_values=sv, coef=cfg.coef, packed=cfg.packed, sink=cfg.sink)
+    main_specs = contract_specs(cfg, neural)
+    base = main_specs["csr"][0]
 
     def at(bits: float, name: str) -> tuple[CacheSpec, CSRDictionaries]:
         k, v = budget(cfg, cfg.atoms, bits)
@@ -353,10 +365,7 @@ def run(cfg: BenchConfig, engine: Engine, log=print, qa: QAConfig | None = None,
 
     k16, v16 = budget(cfg, cfg.atoms, cfg.bits, coef="fp16", packed=False)
     settings: list[tuple[CacheSpec, CSRDictionaries | None]] = [
-        (CacheSpec("fp16", name="fp16"), None),
-        (CacheSpec("kivi", bits=2, group=cfg.group_kivi, residual=cfg.residual, name="kivi2"), None),
-        (CacheSpec("kivi", bits=4, group=cfg.group_kivi, residual=cfg.residual, name="kivi4"), None),
-        (replace(base, name="csr"), neural),
+        *main_specs.values(),
         (replace(base, sink=0, name="csr-nosink"), neural),  # last session's main setting: every token coded
         (replace(base, name="csr-kmeans"), kmeans),
         (replace(base, coder="omp", name="csr-omp"), neural),
@@ -369,7 +378,6 @@ def run(cfg: BenchConfig, engine: Engine, log=print, qa: QAConfig | None = None,
         # KIVI's recent-token window given to CSR too, paid for with 1-bit codes on the older tokens
         (replace(at(1.0, "")[0], residual=cfg.residual, name=f"csr-1bit-r{cfg.residual}"), neural),
     ]
-    named = {sp.name: (sp, d) for sp, d in settings}
     main = ("fp16", "kivi2", "kivi4", "csr", "csr-kmeans")  # the verdict and the contract keys need these
     settings = [(sp, d) for sp, d in settings if not cfg.rows or sp.name in cfg.rows or sp.name in main]
     if cfg.keyprep:  # the same setting over dictionaries of raw keys (cached or trained): keyprep's paired effect
@@ -412,8 +420,7 @@ def run(cfg: BenchConfig, engine: Engine, log=print, qa: QAConfig | None = None,
         "config": asdict(cfg), "eval_tokens": int(windows.numel()),
     }
     if qa is not None:
-        specs = {m: named[m] for m in ("fp16", "kivi2", "kivi4", "csr")}
-        out["qa"] = qa_compare(engine, specs, qa, cfg.seed, log)
+        out["qa"] = qa_compare(engine, main_specs, qa, cfg.seed, log)
         for src, r in out["qa"]["summary"].items():
             for m, v in r.items():
                 out[f"f1_{src}_{m}"] = v["f1"]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,32 +102,46 @@ def load_sets(cfg: QAConfig, seed: int) -> dict[str, list[QAItem]]:
     return sets
 
 
-def qa_compare(engine, specs: dict, cfg: QAConfig, seed: int = 0, log=print) -> dict:
-    """``specs``: method -> (CacheSpec, dictionaries or None), "fp16" first. Answer F1 per set and method."""
+def paired_difference(a: list[float], b: list[float], seed: int = 0) -> dict:
+    """Mean of ``a - b`` over the same questions with its seeded bootstrap 95% interval (paired: one resample of
+    questions for both methods, so the question-to-question spread cancels)."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    return {"mean": sum(d) / len(d), "ci": bootstrap_ci(d, seed=seed), "n": len(d)}
+
+
+def qa_compare(engine, specs: dict, cfg: QAConfig, seed: int = 0, log=print, pairs=(("csr", "kivi2"),)) -> dict:
+    """``specs``: method -> (CacheSpec, dictionaries or None), "fp16" first. Answer F1 per set and method, every
+    question's scores, and the paired differences ``pairs`` (first minus second) per set."""
     from edgecloud.kvcache.csr.cache import cache_bits_per_element, make_cache
 
     sets = load_sets(cfg, seed)
-    summary, answers = {}, {}
+    summary, answers, per_q, paired = {}, {}, {}, {}
     for src, items in sets.items():
-        prompts = [engine.encode_prompt(prompt_for(engine, it)) for it in items]
-        got, bits = {}, {}
-        for method, (spec, dicts) in specs.items():
-            got[method], bits[method] = [], []
-            for ids in prompts:
+        got: dict[str, list[str]] = {m: [] for m in specs}
+        bits: dict[str, list[float]] = {m: [] for m in specs}
+        for i, it in enumerate(items):  # question by question, every method: the log shows progress as it goes
+            t0 = time.perf_counter()
+            ids = engine.encode_prompt(prompt_for(engine, it))
+            for method, (spec, dicts) in specs.items():
                 cache = make_cache(spec, engine.n_layers, dicts, engine, seed=seed)
                 got[method].append(answer(engine, ids, cache, cfg))
                 bits[method].append(cache_bits_per_element(cache))  # this prompt + answer, every byte counted
-        summary[src] = {}
+            log(f"QA {src} {i + 1}/{len(items)} ({len(ids)} tokens, {time.perf_counter() - t0:.0f}s): "
+                + " | ".join(f"{m}: {got[m][-1][:40]!r}" for m in specs))
+        summary[src], per_q[src] = {}, {}
         for method, outs in got.items():
             gold = [f1(a, it.answers) for a, it in zip(outs, items)]
             vs = [f1(a, [b]) if b.strip() else float(not a.strip()) for a, b in zip(outs, got["fp16"])]
+            per_q[src][method] = {"f1": gold, "f1_vs_fp16": vs}
             summary[src][method] = {"f1": sum(gold) / len(gold), "f1_ci": bootstrap_ci(gold, seed=seed),
-                                    "f1_vs_fp16": sum(vs) / len(vs), "n": len(items),
-                                    "bits_per_element": sum(bits[method]) / len(items)}
+                                    "f1_vs_fp16": sum(vs) / len(vs), "f1_vs_fp16_ci": bootstrap_ci(vs, seed=seed),
+                                    "n": len(items), "bits_per_element": sum(bits[method]) / len(items)}
             r = summary[src][method]
             log(f"QA {src} {method}: F1 {r['f1']:.3f}  vs fp16 {r['f1_vs_fp16']:.3f}  "
                 f"{r['bits_per_element']:.2f} bits")
+        paired[src] = {f"{a}-{b}": {k: paired_difference(per_q[src][a][k], per_q[src][b][k], seed)
+                                    for k in ("f1", "f1_vs_fp16")} for a, b in pairs if a in specs and b in specs}
         answers[src] = [{"question": it.question, "gold": it.answers[:3], **{m: got[m][i] for m in got}}
                         for i, it in enumerate(items[:5])]
-    return {"summary": summary, "examples": answers, "config": {"squad": cfg.squad, "fanoutqa": cfg.fanoutqa,
-                                                                 "max_new_tokens": cfg.max_new_tokens}}
+    return {"summary": summary, "paired": paired, "per_question": per_q, "examples": answers,
+            "config": {"squad": cfg.squad, "fanoutqa": cfg.fanoutqa, "max_new_tokens": cfg.max_new_tokens}}
