@@ -73,3 +73,22 @@ def test_cli_kvcache_bad_model_is_one_line():
     r = subprocess.run([sys.executable, "-m", "edgecloud.cli", "kvcache", "bench", "--model", "nope"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "not a known model" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_tune_malloc_reuses_freed_blocks():
+    """The Engine raises glibc's mmap/trim thresholds (so temporary activations reuse freed heap instead of
+    page-faulting fresh mmaps); ``EDGECLOUD_MALLOC=default`` leaves glibc alone. Both checked in fresh processes,
+    since the setting is process-wide and done once."""
+    import os
+    import subprocess
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("glibc mallopt is Linux-only")
+    code = "from edgecloud.llm.engine import tune_malloc\nprint(tune_malloc(), tune_malloc())\n"
+    env = {k: v for k, v in os.environ.items() if k != "EDGECLOUD_MALLOC"}
+    on = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    off = subprocess.run([sys.executable, "-c", code], env={**env, "EDGECLOUD_MALLOC": "default"},
+                         capture_output=True, text=True, check=True)
+    assert on.stdout.split() == ["True", "True"]
+    assert off.stdout.split() == ["False", "False"]

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import math
+import random
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -161,24 +163,69 @@ def run(engine, cfg: EngineBenchConfig, progress=lambda done, total: None) -> di
     return out
 
 
-def peer_vllm(url: str, engine, cfg: EngineBenchConfig) -> dict:
+def _fresh(ids: list[int], shift: int, nonce: random.Random) -> list[int]:
+    """``ids`` rotated by ``shift`` with its first 4 tokens replaced by random ones: vLLM's prefix cache hashes
+    blocks as a chain from the first token, so no block of it can have been cached by an earlier request or run
+    (a rotation alone was served from the cache when an earlier run had used the same offset: 4,000 tok/s)."""
+    shift %= len(ids)
+    out = ids[shift:] + ids[:shift]
+    return [nonce.randrange(1000, 40000) for _ in range(min(4, len(out)))] + out[4:]
+
+
+def peer_vllm(url: str, engine, cfg: EngineBenchConfig, rounds: int = 1) -> dict:
     """Prefill and batch-1 decode tok/s of a running vLLM server on the same token ids as ours.
 
     Prefill: TTFT of a 1-token completion of the ``prefill_tokens`` prompt, best of 2 like ours; each repeat is the
-    prompt rotated by a different offset, so the server's prefix cache (on, in the recipe) never serves it. Decode:
+    prompt rotated and salted (:func:`_fresh`), so the server's prefix cache (on, in the recipe) never serves it;
+    the cache-hit counter read from ``/metrics`` around them is reported (``peer_prefill_cache_hit_tokens``, 0 when
+    nothing was served from cache). Decode:
     streamed tokens after the first over their arrival span, from the same ``decode_prompt_tokens`` prompt and the
-    same ``decode_steps``. A first request (the decode one) warms the server up. UserError when it does not answer."""
+    same ``decode_steps``. A first request (the decode one) warms the server up. UserError when it does not answer.
+
+    ``rounds`` > 1: interleaved rounds, each timing our prefill, the peer's prefill, our batch-1 decode, the peer's
+    decode and our largest batch back to back, so both sides see the same machine state (on a shared VM a single
+    pair moves ~5-10% run to run). The reported rates are medians over rounds (ours replace the ones ``run``
+    measured, so ``batch16_speedup`` is median over median); every round's numbers are kept under ``*_rounds``."""
     from edgecloud.llm.peers import VLLMPeer
 
     ids = _held_out_text(engine, cfg.prefill_tokens)
     dec = _held_out_text(engine, cfg.decode_prompt_tokens + 1, skip=40)[: cfg.decode_prompt_tokens]  # = batch 1's
+    shift = max(1, len(ids) // 7)
+    top = max(cfg.batches)
+    keys = ("prefill_tok_s", "peer_prefill_tok_s", f"decode_tok_s_batch{cfg.batches[0]}",
+            "peer_decode_tok_s_batch1", f"decode_tok_s_batch{top}")
+    per: dict[str, list[float]] = {k: [] for k in keys}
+    nonce = random.Random(time.time_ns())  # fresh prompts in every run: the server's cache outlives a run
+    hits = 0.0
     with VLLMPeer(url) as p:
         p.decode_tok_s(dec, cfg.decode_steps)  # warm-up
-        decode = p.decode_tok_s(dec, cfg.decode_steps)
-        shift = max(1, len(ids) // 7)
-        best = min(p.ttft(ids[r * shift:] + ids[: r * shift]) for r in (1, 2))
-    return {"peer": "vllm", "peer_model": p.root, "peer_url": url, "peer_prefill_tok_s": cfg.prefill_tokens / best,
-            "peer_decode_tok_s_batch1": decode}
+        for _ in range(rounds):
+            if rounds > 1:
+                per["prefill_tok_s"].append(prefill_speed(engine, cfg.prefill_tokens))
+            before = p.prefix_cache_counters().get("prefix_cache_hits", 0.0)
+            best = min(p.ttft(_fresh(ids, k * shift, nonce)) for k in (1, 2))
+            hits += p.prefix_cache_counters().get("prefix_cache_hits", 0.0) - before
+            per["peer_prefill_tok_s"].append(cfg.prefill_tokens / best)
+            if rounds > 1:
+                per[keys[2]].append(decode_speed(engine, cfg.batches[0], cfg.decode_steps, cfg.decode_prompt_tokens))
+            per["peer_decode_tok_s_batch1"].append(p.decode_tok_s(dec, cfg.decode_steps))
+            if rounds > 1:
+                per[keys[4]].append(decode_speed(engine, top, cfg.decode_steps, cfg.decode_prompt_tokens))
+    out = {"peer": "vllm", "peer_model": p.root, "peer_url": url, "rounds": rounds,
+           "peer_prefill_cache_hit_tokens": hits}
+    for k, v in per.items():
+        if v:
+            out[k] = statistics.median(v)
+            if rounds > 1:
+                out[f"{k}_rounds"] = v
+    if rounds > 1:
+        for b in cfg.batches:
+            if f"decode_tok_s_batch{b}" in out:
+                out[f"batch{b}_speedup"] = out[f"decode_tok_s_batch{b}"] / out[keys[2]]
+        out["prefill_ratio_vs_peer_rounds"] = [a / b for a, b in zip(per["prefill_tok_s"], per["peer_prefill_tok_s"])]
+        out["decode_ratio_vs_peer_rounds"] = [a / b for a, b in zip(per[keys[2]], per["peer_decode_tok_s_batch1"])]
+        out[f"batch{top}_speedup_rounds"] = [a / b for a, b in zip(per[keys[4]], per[keys[2]])]
+    return out
 
 
 def start_vllm(model_dir: str, port: int = 8011, wait_s: float = 900.0):

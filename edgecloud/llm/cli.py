@@ -31,6 +31,8 @@ def bench_cmd(
     peer: str = typer.Option("", "--peer", help="'vllm' (a vLLM OpenAI server at --peer-url, started if vllm is "
                              "importable and none answers) or 'llamacpp' (llama-cpp-python, if importable)."),
     peer_url: str = typer.Option("http://127.0.0.1:8000", "--peer-url", help="The peer server's base URL."),
+    rounds: int = typer.Option(1, "--rounds", min=1, max=50, help="With --peer vllm: interleaved rounds (ours, "
+                               "peer, ours, ...) of prefill, batch-1 decode and the largest batch; medians reported."),
 ) -> None:
     """Prefill tok/s and decode tok/s at batch 1, 4, 16 vs batch-1 sequential; bf16 vs fp32; exactness check."""
     from edgecloud.errors import UserError
@@ -46,6 +48,8 @@ def bench_cmd(
         raise UserError(f"--name {name!r}: use letters, digits, '_' or '-' (it is a file name)")
     if out is not None:
         check_out_dir(out)
+    if rounds > 1 and peer != "vllm":
+        raise UserError(f"--rounds {rounds}: interleaved rounds need --peer vllm")
     check_peer(peer, peer_url)  # an absent peer fails now, not after the measurement
     cfg = EngineBenchConfig.quick(seed) if quick else EngineBenchConfig(seed=seed)
     engine = Engine(load_model(model), threads=threads or None)
@@ -55,10 +59,10 @@ def bench_cmd(
         proc = None
         try:
             try:
-                res.update(peer_vllm(peer_url, engine, cfg))
+                res.update(peer_vllm(peer_url, engine, cfg, rounds))
             except UserError:
                 proc, url = start_vllm(str(engine.lm.path))  # none answered: start one if vllm is installed
-                res.update(peer_vllm(url, engine, cfg))
+                res.update(peer_vllm(url, engine, cfg, rounds))
         finally:
             if proc is not None:
                 proc.terminate()
@@ -105,6 +109,16 @@ def engine_result(res: dict, seed: int, name: str = "llm_engine"):
         r.markdown += (f"\nPeer {res['peer']}: prefill {res['peer_prefill_tok_s']:.0f} tok/s, decode "
                        f"{res['peer_decode_tok_s_batch1']:.1f} tok/s at batch 1 (ours / peer: prefill "
                        f"{res['prefill_ratio_vs_peer']:.2f}x, decode {res['decode_ratio_vs_peer']:.2f}x).\n")
+        if res.get("rounds", 1) > 1:
+            top = max(batches)
+
+            def span(k: str) -> str:
+                return ", ".join(f"{x:.2f}" for x in res[k])
+
+            r.markdown += (f"\nMedians over {res['rounds']} interleaved rounds (ours, peer, ours, ... on the same "
+                           f"machine state); per round, ours / peer: prefill {span('prefill_ratio_vs_peer_rounds')}; "
+                           f"batch-1 decode {span('decode_ratio_vs_peer_rounds')}; batch {top} / batch 1: "
+                           f"{span(f'batch{top}_speedup_rounds')}.\n")
     import matplotlib
 
     matplotlib.use("Agg")

@@ -118,7 +118,10 @@ class FusedLlama:
             a is b and va == vb for (a, va), (b, vb) in zip(now, self._stamp))
 
     def _norm(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        hf = h.float()  # transformers' LlamaRMSNorm, op for op
+        """transformers' LlamaRMSNorm as one fused op (the same maths; fp32 for fp32 models, op for op otherwise)."""
+        if h.dtype == torch.float32 and w.dtype == torch.float32:
+            return torch.rms_norm(h, (h.shape[-1],), w, self.eps)
+        hf = h.float()
         return w * (hf * torch.rsqrt(hf.pow(2).mean(-1, keepdim=True) + self.eps)).to(h.dtype)
 
     @staticmethod
@@ -206,23 +209,37 @@ class FusedLlama:
         if grouped:  # cos/sin per (position, query head of a group) row, times the softmax scale
             cq = (cos * self.scale).repeat_interleave(g, 2)
             sq = (sin * self.scale).repeat_interleave(g, 2)
-        for i in range(len(self.ln1)):
+        last = len(self.ln1) - 1
+        for i in range(last + 1):
             x = self._norm(h, self.ln1[i])
             qkv = ops["qkv"][i](x)
-            ks = qkv[..., nq:nq + nk].view(b, q, self.hk, self.hd).transpose(1, 2)
             vs = qkv[..., nq + nk:].view(b, q, self.hk, self.hd).transpose(1, 2)
-            k_buf[i, :, :, start:end] = ks * cos + rotate_half(ks) * sin
             v_buf[i, :, :, start:end] = vs
-            if grouped:  # rows (kv head, position, query head of its group); scale folded into q's cos/sin
+            if i == last and q > 1:
+                # Only the last position's output is returned, and the last layer's keys/values depend on its input
+                # alone: queries, attention, o_proj and the MLP run for that position only (~3% of a prefill).
+                ks = qkv[..., nq:nq + nk].view(b, q, self.hk, self.hd).transpose(1, 2)
+                k_buf[i, :, :, start:end] = ks * cos + rotate_half(ks) * sin
+                qs = qkv[:, -1:, :nq].view(b, 1, self.hq, self.hd).transpose(1, 2)
+                qs = qs * cos[:, :, -1:] + rotate_half(qs) * sin[:, :, -1:]
+                a = F.scaled_dot_product_attention(
+                    qs, k_buf[i, :, :, :end], v_buf[i, :, :, :end], scale=self.scale,
+                    attn_mask=None if bias is None else bias[:, :, -1:], enable_gqa=self.hq != self.hk)
+                h = h[:, -1:]
+                a = a.transpose(1, 2).reshape(b, 1, nq)
+            elif grouped:  # rows (kv head, position, query head of its group); scale folded into q's cos/sin
+                ks = qkv[..., nq:nq + nk].view(b, q, self.hk, self.hd).transpose(1, 2)
+                k_buf[i, :, :, start:end] = ks * cos + rotate_half(ks) * sin
                 qs = qkv[..., :nq].view(b, q, self.hk, g, self.hd).permute(0, 2, 1, 3, 4).reshape(b, self.hk, q * g, -1)
                 qs = qs * cq + rotate_half(qs) * sq
                 a = causal_gqa_attention(qs, k_buf[i, :, :, :end], v_buf[i, :, :, :end], self.attn_block)
                 a = a.view(b, self.hk, q, g, self.hd).transpose(1, 2).reshape(b, q, nq)
-            else:
-                qs = qkv[..., :nq].view(b, q, self.hq, self.hd).transpose(1, 2)
-                qs = qs * cos + rotate_half(qs) * sin
-                a = F.scaled_dot_product_attention(qs, k_buf[i, :, :, :end], v_buf[i, :, :, :end], attn_mask=bias,
-                                                   is_causal=bias is None, scale=self.scale,
+            else:  # queries and keys rotated together (one RoPE per layer)
+                qk = qkv[..., :nq + nk].view(b, q, self.hq + self.hk, self.hd).transpose(1, 2)
+                qk = qk * cos + rotate_half(qk) * sin
+                k_buf[i, :, :, start:end] = qk[:, self.hq:]
+                a = F.scaled_dot_product_attention(qk[:, :self.hq], k_buf[i, :, :, :end], v_buf[i, :, :, :end],
+                                                   attn_mask=bias, is_causal=bias is None, scale=self.scale,
                                                    enable_gqa=self.hq != self.hk).transpose(1, 2).reshape(b, q, nq)
             h = h + ops["o"][i](a)
             gu = ops["gu"][i](self._norm(h, self.ln2[i]))
