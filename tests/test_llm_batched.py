@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -305,3 +307,48 @@ def test_add_after_cached_prefix_equals_full_prefill(engine, prompts):
         Batch(engine).add_after("y", (kv[0][:, :1], kv[1][:, :1]), ids[p:])
     with pytest.raises(UserError, match="context"):
         Batch(engine).add_after("y", kv, [1] * engine.context)
+
+
+def test_fused_path_notices_every_change(engine):
+    """The fused path is reused while the model is untouched and dropped (None or rebuilt) after an in-place weight
+    edit, a projection replaced by a wrapper, a hook on a projection, or a layer replaced: the cheap identity check
+    (``FusedLlama.fresh``) sees what the full walk of the model saw."""
+    fz = engine.fused()
+    assert fz is not None and engine.fused() is fz
+    layer = engine.decoder.layers[1]
+    w = layer.mlp.up_proj.weight
+    with torch.no_grad():
+        w.add_(0.0)  # an in-place edit bumps the version even when the values stay
+    fz2 = engine.fused()
+    assert fz2 is not None and fz2 is not fz
+    proj = layer.self_attn.k_proj
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            return self.inner(x)
+
+    layer.self_attn.k_proj = Wrapped(proj)
+    try:
+        assert engine.fused() is None
+    finally:
+        layer.self_attn.k_proj = proj
+    fz3 = engine.fused()
+    assert fz3 is not None and engine.fused() is fz3
+    hook = layer.mlp.down_proj.register_forward_pre_hook(lambda *a: None)
+    try:
+        assert not fz3.fresh() and engine.fused() is None
+    finally:
+        hook.remove()
+    fz4 = engine.fused()
+    old = engine.decoder.layers[2]
+    engine.decoder.layers[2] = copy.deepcopy(old)
+    try:
+        assert not fz4.fresh()
+        assert engine.fused() is not fz4
+    finally:
+        engine.decoder.layers[2] = old
+    assert engine.fused() is not None

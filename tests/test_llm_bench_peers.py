@@ -86,7 +86,7 @@ def test_peer_rounds_interleave_and_report_medians(monkeypatch):
     monkeypatch.setattr(bench, "prefill_speed", prefill)
     monkeypatch.setattr(bench, "decode_speed", decode)
     monkeypatch.setattr(bench, "_held_out_text", lambda engine, n, skip=0: list(range(n)))
-    out = bench.peer_vllm("http://x", None, bench.EngineBenchConfig(), rounds=3)
+    out = bench.peer_vllm("http://x", None, bench.EngineBenchConfig(settle_s=0.0), rounds=3)
     one = ["prefill", "peer_prefill", "peer_prefill", "decode1", "peer_decode", "decode16"]
     assert calls == ["peer_decode"] + one * 3  # warm-up, then three interleaved rounds
     assert out["prefill_tok_s"] == 400.0 and out["peer_prefill_tok_s"] == 410.0  # medians

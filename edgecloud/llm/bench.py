@@ -33,6 +33,7 @@ class EngineBenchConfig:
     bf16_speed: bool = True  # bf16 speed runs (slow on CPUs without bf16 instructions; perplexity always runs)
     ppl_tokens: int = 512
     ppl_passages: int = 4
+    settle_s: float = 2.0  # pause before each timed call in a peer comparison (see peer_vllm)
     seed: int = 0
 
     @classmethod
@@ -45,6 +46,8 @@ class EngineBenchConfig:
                      "ppl_tokens", "ppl_passages"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} = {getattr(self, name)}: must be at least 1")
+        if self.settle_s < 0:
+            raise UserError(f"settle_s = {self.settle_s}: give a pause of 0 s or more")
         if not self.batches or min(self.batches) < 1:
             raise UserError(f"batches = {self.batches}: give batch sizes of at least 1")
 
@@ -182,6 +185,10 @@ def peer_vllm(url: str, engine, cfg: EngineBenchConfig, rounds: int = 1) -> dict
     streamed tokens after the first over their arrival span, from the same ``decode_prompt_tokens`` prompt and the
     same ``decode_steps``. A first request (the decode one) warms the server up. UserError when it does not answer.
 
+    Every timed call on either side starts after ``settle_s`` of quiet: a vLLM worker keeps its cores busy for a
+    moment after answering (our batch-1 decode measured right after a peer request: 21.5-22.9 tok/s; after a 2 s
+    pause: 23.9-24.5, the same as with no peer), and torch's OpenMP threads spin likewise after ours.
+
     ``rounds`` > 1: interleaved rounds, each timing our prefill, the peer's prefill, our batch-1 decode, the peer's
     decode and our largest batch back to back, so both sides see the same machine state (on a shared VM a single
     pair moves ~5-10% run to run). The reported rates are medians over rounds (ours replace the ones ``run``
@@ -201,15 +208,20 @@ def peer_vllm(url: str, engine, cfg: EngineBenchConfig, rounds: int = 1) -> dict
         p.decode_tok_s(dec, cfg.decode_steps)  # warm-up
         for _ in range(rounds):
             if rounds > 1:
+                time.sleep(cfg.settle_s)
                 per["prefill_tok_s"].append(prefill_speed(engine, cfg.prefill_tokens))
             before = p.prefix_cache_counters().get("prefix_cache_hits", 0.0)
+            time.sleep(cfg.settle_s)
             best = min(p.ttft(_fresh(ids, k * shift, nonce)) for k in (1, 2))
             hits += p.prefix_cache_counters().get("prefix_cache_hits", 0.0) - before
             per["peer_prefill_tok_s"].append(cfg.prefill_tokens / best)
             if rounds > 1:
+                time.sleep(cfg.settle_s)
                 per[keys[2]].append(decode_speed(engine, cfg.batches[0], cfg.decode_steps, cfg.decode_prompt_tokens))
+            time.sleep(cfg.settle_s)
             per["peer_decode_tok_s_batch1"].append(p.decode_tok_s(dec, cfg.decode_steps))
             if rounds > 1:
+                time.sleep(cfg.settle_s)
                 per[keys[4]].append(decode_speed(engine, top, cfg.decode_steps, cfg.decode_prompt_tokens))
     out = {"peer": "vllm", "peer_model": p.root, "peer_url": url, "rounds": rounds,
            "peer_prefill_cache_hit_tokens": hits}

@@ -96,10 +96,28 @@ class FusedLlama:
         self._ops: dict[str, dict] = {}
         self._lm: dict[str, object] = {}
         self._stamp = self._now()
+        self._links, self._hookable = self._structure()
 
     def _now(self) -> list[tuple[torch.Tensor, int]]:
         # the tensors themselves, not id(): a replaced weight's id may be reused by its successor
         return [(w, w._version) for w in [*_sources(self.decoder), self.engine.lm_head.weight]]
+
+    def _structure(self) -> tuple[list[tuple[dict, str, object]], list]:
+        """Every (parent's ``_modules``/``_parameters`` dict, key, child) link from the decoder down to the weights,
+        and every module whose hooks would be bypassed: :meth:`fresh` checks them by identity each pass (~0.1 ms)
+        instead of walking the model with ``getattr`` (~2 ms, 4% of a batch-1 decode step)."""
+        d, links = self.decoder, []
+        hookable = [self.engine.model, d, self.engine.lm_head]
+        links.append((self.engine.lm_head._parameters, "weight", self.engine.lm_head.weight))
+        for key, layer in d.layers._modules.items():
+            links.append((d.layers._modules, key, layer))
+            hookable += [layer, layer.self_attn]
+            for a, b in _PROJ:
+                owner = getattr(layer, a)
+                mod = getattr(owner, b)
+                links += [(layer._modules, a, owner), (owner._modules, b, mod), (mod._parameters, "weight", mod.weight)]
+                hookable.append(mod)
+        return links, hookable
 
     @staticmethod
     def supports(engine) -> bool:
@@ -110,12 +128,14 @@ class FusedLlama:
                 and type(engine.lm_head) is torch.nn.Linear and engine.lm_head.bias is None)
 
     def fresh(self) -> bool:
-        """The model still has the weights these were fused from (no wrapper, no in-place edit since)."""
-        if not _plain(self.engine):
+        """The model still has the weights these were fused from (no wrapper, no hook, no in-place edit since)."""
+        if len(self.decoder.layers._modules) != len(self.ln1) or self.engine.decoder is not self.decoder:
             return False
-        now = self._now()
-        return len(now) == len(self._stamp) and all(
-            a is b and va == vb for (a, va), (b, vb) in zip(now, self._stamp))
+        if any(d.get(k) is not child for d, k, child in self._links):  # a module or weight replaced
+            return False
+        if any(m._forward_hooks or m._forward_pre_hooks for m in self._hookable):
+            return False
+        return all(w._version == v for w, v in self._stamp)  # in-place edits
 
     def _norm(self, h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """transformers' LlamaRMSNorm as one fused op (the same maths; fp32 for fp32 models, op for op otherwise)."""
